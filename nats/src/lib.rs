@@ -1,0 +1,27 @@
+//! The bus contract shared by every service.
+//!
+//! This crate owns the names of the NATS subjects ([`subject`]), the wire
+//! types that travel on them and over the WebSocket and SSE endpoints
+//! ([`wire`]), the JetStream stream and consumer definitions kept as JSON under
+//! `nats/` ([`streams`]), and the small plumbing each binary needs the same way:
+//! connecting to NATS ([`connect`]), logging ([`telemetry`]), signals
+//! ([`shutdown`]), and the health/readiness/metrics listener ([`ops`]).
+//! It owns no business logic: the gateway, streamer and persister do.
+
+pub mod connect;
+pub mod ops;
+pub mod replay;
+pub mod shutdown;
+pub mod streams;
+pub mod subject;
+pub mod telemetry;
+pub mod wire;
+
+/// Runs a service's `main` body and turns a failure into one actionable line
+/// on stderr and exit code 1, instead of a backtrace or a multi-line report.
+pub fn exit_on_error(result: anyhow::Result<()>) {
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,45 @@
+//! Reading back what a subject holds in its stream, in order.
+//!
+//! Used to rebuild a turn after a worker died and to replay frames to a client
+//! that resumes. An ordered consumer is cheap and ephemeral; it is created per
+//! replay, never per socket on the live path.
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt as _;
+
+/// Every message stored on `subject` in `stream`, oldest first, as raw payloads.
+///
+/// # Errors
+/// When the stream is missing or the server does not answer.
+pub async fn payloads(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> anyhow::Result<Vec<bytes::Bytes>> {
+    let stream = js.get_stream(stream).await?;
+    let pending = match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(last) => last.sequence,
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let sequence = message.info().map_err(|e| anyhow::anyhow!(e))?.stream_sequence;
+        out.push(message.payload.clone());
+        if sequence >= pending {
+            break;
+        }
+    }
+    Ok(out)
+}

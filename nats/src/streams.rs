@@ -1,0 +1,155 @@
+//! JetStream stream and consumer definitions, loaded from the JSON files under
+//! `nats/streams/` and `nats/consumers/`.
+//!
+//! The files are in the format `nats stream add --config FILE` and
+//! `nats consumer add STREAM --config FILE` accept, so an operator and the
+//! services build exactly the same streams. They are compiled in, so a binary
+//! never depends on the working directory.
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::pull, stream};
+
+/// Stream of chat turn requests.
+pub const CHAT_REQ: &str = "CHAT_REQ";
+/// Stream of chat token frames (the resume window).
+pub const CHAT_TOK: &str = "CHAT_TOK";
+/// Stream of completed turn records.
+pub const CHAT_DONE: &str = "CHAT_DONE";
+/// Stream of scan requests.
+pub const SCAN_REQ: &str = "SCAN_REQ";
+/// Stream of scan events (the SSE replay source).
+pub const SCAN_EVT: &str = "SCAN_EVT";
+/// Stream of completed scan records.
+pub const SCAN_DONE: &str = "SCAN_DONE";
+/// Stream of dead letters.
+pub const DLQ: &str = "DLQ";
+
+const STREAM_FILES: &[(&str, &str)] = &[
+    (CHAT_REQ, include_str!("../streams/CHAT_REQ.json")),
+    (CHAT_TOK, include_str!("../streams/CHAT_TOK.json")),
+    (CHAT_DONE, include_str!("../streams/CHAT_DONE.json")),
+    (SCAN_REQ, include_str!("../streams/SCAN_REQ.json")),
+    (SCAN_EVT, include_str!("../streams/SCAN_EVT.json")),
+    (SCAN_DONE, include_str!("../streams/SCAN_DONE.json")),
+    (DLQ, include_str!("../streams/DLQ.json")),
+];
+
+/// A durable consumer: the stream it reads and its definition file.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumerDef {
+    /// The stream the consumer reads.
+    pub stream: &'static str,
+    /// The consumer's JSON definition.
+    json: &'static str,
+}
+
+/// The streamer's chat workers.
+pub const STREAMER_CHAT: ConsumerDef = ConsumerDef {
+    stream: CHAT_REQ,
+    json: include_str!("../consumers/CHAT_REQ.streamer-chat.json"),
+};
+/// The streamer's scan workers.
+pub const STREAMER_SCAN: ConsumerDef = ConsumerDef {
+    stream: SCAN_REQ,
+    json: include_str!("../consumers/SCAN_REQ.streamer-scan.json"),
+};
+/// The persister's turn ingest.
+pub const PERSISTER_TURNS: ConsumerDef = ConsumerDef {
+    stream: CHAT_DONE,
+    json: include_str!("../consumers/CHAT_DONE.persister-turns.json"),
+};
+/// The persister's scan ingest.
+pub const PERSISTER_SCANS: ConsumerDef = ConsumerDef {
+    stream: SCAN_DONE,
+    json: include_str!("../consumers/SCAN_DONE.persister-scans.json"),
+};
+
+/// Every stream definition of the contract.
+///
+/// # Errors
+/// When a compiled-in definition is not valid JSON for a stream config.
+pub fn definitions() -> anyhow::Result<Vec<stream::Config>> {
+    STREAM_FILES
+        .iter()
+        .map(|(name, json)| {
+            serde_json::from_str(json).with_context(|| format!("stream definition {name} is invalid"))
+        })
+        .collect()
+}
+
+impl ConsumerDef {
+    /// The consumer's configuration.
+    ///
+    /// # Errors
+    /// When the compiled-in definition is not valid JSON for a pull consumer.
+    pub fn config(&self) -> anyhow::Result<pull::Config> {
+        serde_json::from_str(self.json)
+            .with_context(|| format!("consumer definition for {} is invalid", self.stream))
+    }
+
+    /// Creates the durable consumer, or updates it to the definition, and returns it.
+    ///
+    /// # Errors
+    /// When the stream is missing or the server refuses the definition.
+    pub async fn ensure(
+        &self,
+        js: &jetstream::Context,
+    ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+        let config = self.config()?;
+        let name = config.durable_name.clone().unwrap_or_default();
+        let stream = js
+            .get_stream(self.stream)
+            .await
+            .with_context(|| format!("stream {} is missing", self.stream))?;
+        stream
+            .create_consumer(config)
+            .await
+            .with_context(|| format!("cannot create consumer {name} on {}", self.stream))
+    }
+}
+
+/// Creates every stream of the contract, or updates it to its definition.
+/// Safe to call from every service at every start.
+///
+/// # Errors
+/// When the server refuses a definition (for example JetStream is disabled).
+pub async fn ensure_all(js: &jetstream::Context) -> anyhow::Result<()> {
+    for config in definitions()? {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .with_context(|| format!("cannot create or update stream {name} (is JetStream enabled on the server?)"))?;
+    }
+    Ok(())
+}
+
+/// True when every stream of the contract exists on the server.
+pub async fn all_exist(js: &jetstream::Context) -> bool {
+    for (name, _) in STREAM_FILES {
+        if js.get_stream(*name).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_definition_parses_and_names_its_file() {
+        let defs = definitions().unwrap();
+        assert_eq!(defs.len(), STREAM_FILES.len());
+        for (def, (name, _)) in defs.iter().zip(STREAM_FILES) {
+            assert_eq!(&def.name, name);
+            assert!(!def.subjects.is_empty());
+            assert!(def.duplicate_window <= def.max_age);
+        }
+        for c in [STREAMER_CHAT, STREAMER_SCAN, PERSISTER_TURNS, PERSISTER_SCANS] {
+            let config = c.config().unwrap();
+            assert!(config.durable_name.is_some());
+            assert_eq!(config.ack_policy, jetstream::consumer::AckPolicy::Explicit);
+        }
+    }
+}

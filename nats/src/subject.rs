@@ -1,0 +1,134 @@
+//! Every subject of the contract, spelled once.
+//!
+//! Ids are embedded as single subject tokens, so they are checked: an id that
+//! would put `.`, `*`, `>` or whitespace into a subject is refused rather than
+//! letting one user's id address another subject tree.
+
+/// Wildcard for every chat request.
+pub const CHAT_REQ_ALL: &str = "chat.req.>";
+/// Wildcard for every token frame of every turn.
+pub const CHAT_TOK_ALL: &str = "chat.tok.>";
+/// Wildcard for every completed turn record.
+pub const CHAT_DONE_ALL: &str = "chat.done.>";
+/// Wildcard for every scan request.
+pub const SCAN_REQ_ALL: &str = "scan.req.>";
+/// Wildcard for every scan event.
+pub const SCAN_EVT_ALL: &str = "scan.evt.>";
+/// Wildcard for every completed scan record.
+pub const SCAN_DONE_ALL: &str = "scan.done.>";
+/// Wildcard for every dead letter.
+pub const DLQ_ALL: &str = "dlq.>";
+
+/// An id that cannot be used as a subject token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("id {0:?} is not a valid subject token (empty, too long, or contains '.', '*', '>' or whitespace)")]
+pub struct BadId(pub String);
+
+/// Checks that `id` is safe to embed as one subject token.
+///
+/// # Errors
+/// [`BadId`] when the id is empty, longer than 128 bytes, or contains a
+/// character with meaning in a subject.
+pub fn token(id: &str) -> Result<&str, BadId> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id
+            .chars()
+            .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control());
+    if ok { Ok(id) } else { Err(BadId(id.to_owned())) }
+}
+
+/// `chat.req.<conversation>`: a turn request from the gateway to the streamer.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn chat_req(conversation_id: &str) -> Result<String, BadId> {
+    Ok(format!("chat.req.{}", token(conversation_id)?))
+}
+
+/// `chat.tok.<conversation>.<turn>`: the frames of one turn, in `seq` order.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn chat_tok(conversation_id: &str, turn_id: &str) -> Result<String, BadId> {
+    Ok(format!(
+        "chat.tok.{}.{}",
+        token(conversation_id)?,
+        token(turn_id)?
+    ))
+}
+
+/// `chat.done.<conversation>`: the completed turn record for the persister.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn chat_done(conversation_id: &str) -> Result<String, BadId> {
+    Ok(format!("chat.done.{}", token(conversation_id)?))
+}
+
+/// `chat.cancel.<turn>`: core NATS, tells the worker generating the turn to stop.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn chat_cancel(turn_id: &str) -> Result<String, BadId> {
+    Ok(format!("chat.cancel.{}", token(turn_id)?))
+}
+
+/// `scan.req.<scan>`: a scan job for the streamer's pipeline.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn scan_req(scan_id: &str) -> Result<String, BadId> {
+    Ok(format!("scan.req.{}", token(scan_id)?))
+}
+
+/// `scan.evt.<scan>`: the SSE events of one scan, in `id` order.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn scan_evt(scan_id: &str) -> Result<String, BadId> {
+    Ok(format!("scan.evt.{}", token(scan_id)?))
+}
+
+/// `scan.done.<scan>`: the completed scan record for the persister.
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn scan_done(scan_id: &str) -> Result<String, BadId> {
+    Ok(format!("scan.done.{}", token(scan_id)?))
+}
+
+/// `dlq.<kind>`: a dead letter of the given kind (`chat`, `scan`, `turns`, ...).
+///
+/// # Errors
+/// [`BadId`] for a kind that is not a single subject token.
+pub fn dlq(kind: &str) -> Result<String, BadId> {
+    Ok(format!("dlq.{}", token(kind)?))
+}
+
+/// History requests answered by the persister (core NATS request-reply).
+pub const HISTORY_LIST: &str = "history.list";
+/// One conversation's turns, answered by the persister.
+pub const HISTORY_GET: &str = "history.get";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_embed_ids_as_single_tokens() {
+        assert_eq!(chat_req("c1").unwrap(), "chat.req.c1");
+        assert_eq!(chat_tok("c1", "t1").unwrap(), "chat.tok.c1.t1");
+        assert_eq!(chat_done("c1").unwrap(), "chat.done.c1");
+        assert_eq!(chat_cancel("t1").unwrap(), "chat.cancel.t1");
+        assert_eq!(scan_evt("s1").unwrap(), "scan.evt.s1");
+        assert_eq!(dlq("chat").unwrap(), "dlq.chat");
+    }
+
+    #[test]
+    fn ids_that_would_change_the_subject_tree_are_refused() {
+        for bad in ["", "a.b", "*", ">", "a b", "a\nb", &"x".repeat(129)] {
+            assert!(chat_req(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Answering one chat turn: prompt -> provider stream -> token frames on
+//! `chat.tok.<conv>.<turn>` -> `done` -> the turn record on `chat.done.<conv>`
+//! -> ack. The request is acked only after the record is stored in JetStream,
+//! so a worker that dies at any point leaves the request to be redelivered.
+//!
+//! A redelivered request first looks at what an earlier attempt published: if
+//! it got as far as `done`, the record is rebuilt from those frames (no second
+//! generation); if it got part-way, a `reset` frame continues the `seq` space
+//! and the answer starts over, so the client never sees silent duplication.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, AckKind, context::PublishAckFuture};
+use bus::{
+    streams, subject,
+    wire::{ChatMessage, ChatRequest, DeadLetter, FinishReason, ServerFrame, TurnRecord, Usage},
+};
+use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
+
+use crate::upstream::{self, Event, Upstream};
+
+/// What a worker needs; cloned cheaply into each task.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Core NATS, for cancel subscriptions and dead letters.
+    pub client: async_nats::Client,
+    /// JetStream, for frames and records.
+    pub js: jetstream::Context,
+    /// The provider.
+    pub upstream: Upstream,
+    /// The system prompt.
+    pub system_prompt: String,
+    /// Default token cap.
+    pub max_tokens: u32,
+}
+
+/// How often a long generation tells JetStream it is still working.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+impl Worker {
+    /// Handles one delivery of a `chat.req.*` message, acking, nacking or
+    /// terminating it.
+    pub async fn handle(&self, message: jetstream::Message) {
+        let deliveries = message.info().map(|i| i.delivered).unwrap_or(1) as u64;
+        let request: ChatRequest = match serde_json::from_slice(&message.payload) {
+            Ok(request) => request,
+            Err(error) => {
+                self.dead_letter(&message, &format!("undecodable chat request: {error}"), deliveries)
+                    .await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("turn", turn = %request.turn_id, conversation = %request.conversation_id);
+        let _enter = span.enter();
+        match self.answer(&message, &request, deliveries).await {
+            Ok(()) => {
+                if let Err(error) = message.double_ack().await {
+                    tracing::warn!(%error, "Ack of a finished turn failed; it will be redelivered and rebuilt.");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "Turn failed on the bus; handing it back.");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+
+    async fn dead_letter(&self, message: &jetstream::Message, error: &str, deliveries: u64) {
+        tracing::warn!(subject = %message.subject, error, "Poison chat request; terminating it.");
+        let letter = DeadLetter {
+            subject: message.subject.to_string(),
+            error: error.to_owned(),
+            deliveries,
+            payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            failed_at: Utc::now(),
+        };
+        let subject = subject::dlq("chat").expect("static kind");
+        let published = match serde_json::to_vec(&letter) {
+            Ok(body) => match self.js.publish(subject, body.into()).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        // Only terminate once the dead letter is safely stored.
+        let kind = if published {
+            AckKind::Term
+        } else {
+            AckKind::Nak(Some(Duration::from_secs(5)))
+        };
+        let _ = message.ack_with(kind).await;
+    }
+
+    async fn answer(
+        &self,
+        message: &jetstream::Message,
+        request: &ChatRequest,
+        deliveries: u64,
+    ) -> anyhow::Result<()> {
+        let tok_subject = subject::chat_tok(&request.conversation_id, &request.turn_id)?;
+        let mut turn = Turn::new(request, self.upstream.model());
+        if deliveries > 1 {
+            let earlier = earlier_frames(&self.js, &tok_subject).await?;
+            if turn.rebuild(&earlier) {
+                tracing::info!("Turn was already complete; publishing its record again.");
+                return self.publish_record(request, turn.record(request)).await;
+            }
+            if turn.seq > 0 {
+                turn.seq += 1;
+                let reset = ServerFrame::Reset {
+                    turn_id: request.turn_id.clone(),
+                    seq: turn.seq,
+                    reason: "worker_restarted".into(),
+                };
+                turn.acks.push(self.publish_frame(&tok_subject, &reset).await?);
+                metrics::counter!("streamer_turn_resets_total").increment(1);
+            }
+        }
+
+        let mut cancel = self
+            .client
+            .subscribe(subject::chat_cancel(&request.turn_id)?)
+            .await?;
+        let mut messages = vec![ChatMessage {
+            role: "system".into(),
+            content: self.system_prompt.clone(),
+        }];
+        messages.extend(request.history.iter().cloned());
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: request.content.clone(),
+        });
+        let upstream_request = upstream::Request {
+            messages,
+            model: request.model.clone(),
+            max_tokens: request.max_tokens.unwrap_or(self.max_tokens),
+            temperature: request.temperature,
+        };
+
+        let started = tokio::time::Instant::now();
+        let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
+        let opened = tokio::select! {
+            opened = self.upstream.stream(&upstream_request) => Some(opened),
+            _ = cancel.next() => None,
+        };
+        match opened {
+            None => turn.finish = FinishReason::Cancelled,
+            Some(Err(error)) => turn.fail(error),
+            Some(Ok(mut stream)) => loop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.next() => {
+                        // Dropping the stream below closes the HTTP request.
+                        turn.finish = FinishReason::Cancelled;
+                        break;
+                    }
+                    _ = progress.tick() => {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                    event = stream.next() => match event {
+                        None => break,
+                        Some(Ok(Event::Delta(delta))) => {
+                            if turn.first_token_at.is_none() {
+                                turn.first_token_at = Some(Utc::now());
+                                metrics::histogram!("streamer_upstream_ttft_seconds").record(started.elapsed().as_secs_f64());
+                            }
+                            turn.seq += 1;
+                            turn.text.push_str(&delta);
+                            let frame = ServerFrame::Token { turn_id: request.turn_id.clone(), seq: turn.seq, delta };
+                            turn.acks.push(self.publish_frame(&tok_subject, &frame).await?);
+                            metrics::counter!("streamer_tokens_total").increment(1);
+                        }
+                        Some(Ok(Event::Finish(reason))) => { turn.finish = reason; turn.finish_seen = true; }
+                        Some(Ok(Event::Usage(usage))) => turn.usage = Some(usage),
+                        Some(Ok(Event::Model(model))) => turn.model = model,
+                        Some(Err(upstream::UpstreamError::Truncated)) if turn.saw_finish() => break,
+                        Some(Err(error)) => { turn.fail(error); break; }
+                    }
+                }
+            },
+        }
+        drop(cancel);
+
+        if let Some(error) = &turn.error {
+            let frame = ServerFrame::error(Some(request.turn_id.clone()), "upstream_error", error.clone());
+            turn.acks.push(self.publish_frame(&tok_subject, &frame).await?);
+            self.dead_letter_failed_turn(message, request, error, deliveries).await;
+        }
+        turn.seq += 1;
+        let usage = turn.usage();
+        let done = ServerFrame::Done {
+            turn_id: request.turn_id.clone(),
+            seq: turn.seq,
+            finish_reason: turn.finish,
+            usage,
+        };
+        turn.acks.push(self.publish_frame(&tok_subject, &done).await?);
+        for ack in std::mem::take(&mut turn.acks) {
+            ack.await.context("a frame was not stored")?;
+        }
+        metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str()).increment(1);
+        let record = turn.record(request);
+        self.publish_record(request, record).await
+    }
+
+    async fn dead_letter_failed_turn(&self, message: &jetstream::Message, request: &ChatRequest, error: &str, deliveries: u64) {
+        let letter = DeadLetter {
+            subject: message.subject.to_string(),
+            error: error.to_owned(),
+            deliveries,
+            payload: serde_json::to_string(request).unwrap_or_default(),
+            failed_at: Utc::now(),
+        };
+        if let Ok(body) = serde_json::to_vec(&letter)
+            && let Ok(ack) = self.js.publish(subject::dlq("chat").expect("static kind"), body.into()).await
+        {
+            let _ = ack.await;
+        }
+    }
+
+    async fn publish_frame(&self, subject: &str, frame: &ServerFrame) -> anyhow::Result<PublishAckFuture> {
+        let turn_id = match frame {
+            ServerFrame::Token { turn_id, .. } | ServerFrame::Done { turn_id, .. } | ServerFrame::Reset { turn_id, .. } => turn_id.as_str(),
+            ServerFrame::Error { turn_id, .. } => turn_id.as_deref().unwrap_or(""),
+            _ => "",
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        // Frames without a seq (error) are not deduplicated: they are advisory.
+        if let Some(seq) = frame.seq() {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{turn_id}:{seq}").as_str());
+        }
+        let body = serde_json::to_vec(frame)?;
+        Ok(self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, body.into())
+            .await?)
+    }
+
+    async fn publish_record(&self, request: &ChatRequest, record: TurnRecord) -> anyhow::Result<()> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, request.turn_id.as_str());
+        let body = serde_json::to_vec(&record)?;
+        self.js
+            .publish_with_headers(subject::chat_done(&request.conversation_id)?, headers, body.into())
+            .await?
+            .await
+            .context("the turn record was not stored")?;
+        Ok(())
+    }
+}
+
+async fn earlier_frames(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<ServerFrame>> {
+    Ok(bus::replay::payloads(js, streams::CHAT_TOK, subject)
+        .await?
+        .iter()
+        .filter_map(|p| serde_json::from_slice(p).ok())
+        .collect())
+}
+
+/// The state of one turn being generated.
+struct Turn {
+    seq: u64,
+    text: String,
+    model: String,
+    finish: FinishReason,
+    finish_seen: bool,
+    usage: Option<Usage>,
+    error: Option<String>,
+    first_token_at: Option<DateTime<Utc>>,
+    acks: Vec<PublishAckFuture>,
+    created_at: DateTime<Utc>,
+}
+
+impl Turn {
+    fn new(request: &ChatRequest, model: &str) -> Self {
+        Self {
+            seq: 0,
+            text: String::new(),
+            model: request.model.clone().unwrap_or_else(|| model.to_owned()),
+            finish: FinishReason::Stop,
+            finish_seen: false,
+            usage: None,
+            error: None,
+            first_token_at: None,
+            acks: Vec::new(),
+            created_at: request.created_at,
+        }
+    }
+
+    fn saw_finish(&self) -> bool {
+        self.finish_seen || self.finish != FinishReason::Stop
+    }
+
+    fn fail(&mut self, error: upstream::UpstreamError) {
+        tracing::warn!(%error, kind = error.kind(), "LLM stream failed.");
+        self.finish = FinishReason::Error;
+        self.error = Some(error.to_string());
+    }
+
+    fn usage(&self) -> Usage {
+        // The provider's figure when it gave one; otherwise what we counted.
+        self.usage.unwrap_or(Usage {
+            prompt_tokens: 0,
+            completion_tokens: self.text_tokens(),
+        })
+    }
+
+    fn text_tokens(&self) -> u32 {
+        self.seq.min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Looks at an earlier attempt's frames: returns the finished record when
+    /// that attempt reached `done` (true), else remembers the last `seq` it used.
+    fn rebuild(&mut self, frames: &[ServerFrame]) -> bool {
+        let mut text = String::new();
+        for frame in frames {
+            if let Some(seq) = frame.seq() {
+                self.seq = self.seq.max(seq);
+            }
+            match frame {
+                ServerFrame::Token { delta, .. } => {
+                    if self.first_token_at.is_none() {
+                        self.first_token_at = Some(Utc::now());
+                    }
+                    text.push_str(delta);
+                }
+                ServerFrame::Reset { .. } => text.clear(),
+                ServerFrame::Error { message, .. } => self.error = Some(message.clone()),
+                ServerFrame::Done { finish_reason, usage, .. } => {
+                    self.text = std::mem::take(&mut text);
+                    self.finish = *finish_reason;
+                    self.usage = Some(*usage);
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        self.error = None;
+        false
+    }
+
+    fn record_fields(&self) -> TurnRecord {
+        TurnRecord {
+            turn_id: String::new(),
+            conversation_id: String::new(),
+            user_id: String::new(),
+            request_id: String::new(),
+            model: self.model.clone(),
+            user_text: String::new(),
+            assistant_text: self.text.clone(),
+            finish_reason: self.finish,
+            usage: self.usage(),
+            error: self.error.clone(),
+            created_at: self.created_at,
+            first_token_at: self.first_token_at,
+            completed_at: Utc::now(),
+        }
+    }
+
+    fn record(&self, request: &ChatRequest) -> TurnRecord {
+        TurnRecord {
+            turn_id: request.turn_id.clone(),
+            conversation_id: request.conversation_id.clone(),
+            user_id: request.user_id.clone(),
+            request_id: request.request_id.clone(),
+            user_text: request.content.clone(),
+            ..self.record_fields()
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The streamer's configuration: flags, each also read from its env var.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+/// Default system prompt: the product is a recycling assistant.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a friendly recycling assistant. \
+Explain briefly and concretely how to sort, prepare and dispose of household waste, \
+following Korean separation rules when the user asks about a bin. If unsure, say so.";
+
+/// Everything the streamer needs to run.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "streamer", version, about = "Answers chat turns and runs scan jobs from NATS JetStream.")]
+pub struct Config {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Address of the health, readiness and metrics listener.
+    #[arg(long, env = "STREAMER_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: String,
+    /// OpenAI-compatible API base URL (the part before `/chat/completions`).
+    #[arg(long, env = "LLM_BASE_URL", default_value = "http://127.0.0.1:8090/v1")]
+    pub llm_base_url: String,
+    /// API key sent as `Authorization: Bearer`; unset sends none.
+    #[arg(long, env = "LLM_API_KEY", value_parser = parse_secret, hide_env_values = true)]
+    pub llm_api_key: Option<SecretString>,
+    /// Model name sent to the provider.
+    #[arg(long, env = "LLM_MODEL", default_value = "smollm2-135m-instruct")]
+    pub llm_model: String,
+    /// System prompt put before every conversation.
+    #[arg(long, env = "STREAMER_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
+    pub system_prompt: String,
+    /// Chat turns generated at once by this process.
+    #[arg(long, env = "STREAMER_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Upper bound on the answer's tokens when the request sets none.
+    #[arg(long, env = "LLM_MAX_TOKENS", default_value_t = 512)]
+    pub max_tokens: u32,
+    /// Time allowed to connect to the provider, in milliseconds.
+    #[arg(long, env = "LLM_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub connect_timeout_ms: u64,
+    /// Longest silence allowed between two chunks of a stream (and before the
+    /// response headers), in milliseconds.
+    #[arg(long, env = "LLM_READ_TIMEOUT_MS", default_value_t = 60_000)]
+    pub read_timeout_ms: u64,
+    /// Retries of a failed request before its first token (429, 5xx, network).
+    #[arg(long, env = "LLM_MAX_RETRIES", default_value_t = 3)]
+    pub max_retries: u32,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long, env = "LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// The read timeout.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+}
+
+/// clap value parser for secrets, so `Debug` never prints them.
+///
+/// # Errors
+/// Never; the signature is clap's.
+pub fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(value.to_owned()))
+}

@@ -1,0 +1,160 @@
+//! Starting a streamer in-process against a real nats-server.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bus::wire::{ChatRequest, DeadLetter, ServerFrame, TurnRecord};
+use clap::Parser as _;
+use futures::StreamExt as _;
+use testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestStreamer {
+    pub _nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestStreamer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestStreamer {
+    pub async fn start(llm_base_url: &str) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start().await.expect("nats-server (run scripts/setup.sh)");
+        let config = streamer::Config::parse_from([
+            "streamer",
+            "--nats-url",
+            &nats.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--llm-base-url",
+            llm_base_url,
+            "--read-timeout-ms",
+            "120000",
+            "--max-tokens",
+            "64",
+        ]);
+        let shutdown = CancellationToken::new();
+        let app = streamer::Streamer::build(config).await.expect("streamer builds");
+        tokio::spawn(app.run(shutdown.clone()));
+        let client = nats.client().await.unwrap();
+        let js = jetstream::new(client.clone());
+        Self {
+            _nats: nats,
+            client,
+            js,
+            shutdown,
+        }
+    }
+
+    /// Publishes a chat request the way the gateway does and returns its turn id.
+    pub async fn send(&self, conversation_id: &str, content: &str) -> String {
+        let turn_id = uuid::Uuid::now_v7().to_string();
+        let request = ChatRequest {
+            turn_id: turn_id.clone(),
+            conversation_id: conversation_id.into(),
+            user_id: "user-1".into(),
+            request_id: format!("req-{turn_id}"),
+            content: content.into(),
+            history: vec![],
+            model: None,
+            max_tokens: None,
+            temperature: None,
+            created_at: chrono::Utc::now(),
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, turn_id.as_str());
+        self.js
+            .publish_with_headers(
+                bus::subject::chat_req(conversation_id).unwrap(),
+                headers,
+                serde_json::to_vec(&request).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        turn_id
+    }
+
+    /// Every frame of the turn, read back from the CHAT_TOK stream, once `done` is there.
+    pub async fn frames_until_done(&self, turn_id: &str) -> Vec<ServerFrame> {
+        let subject = format!("chat.tok.*.{turn_id}");
+        let mut sub = self.client.subscribe(subject.clone()).await.unwrap();
+        // Frames published before we subscribed are in the stream; read those first.
+        let stored = self.stored_frames(turn_id).await;
+        if stored.iter().any(|f| matches!(f, ServerFrame::Done { .. })) {
+            return stored;
+        }
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(message) = sub.next().await {
+                let frame: ServerFrame = serde_json::from_slice(&message.payload).unwrap();
+                if matches!(frame, ServerFrame::Done { .. }) {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("done frame within 120 s");
+        self.stored_frames(turn_id).await
+    }
+
+    async fn stored_frames(&self, turn_id: &str) -> Vec<ServerFrame> {
+        let stream = self.js.get_stream(bus::streams::CHAT_TOK).await.unwrap();
+        let subject = format!("chat.tok.*.{turn_id}");
+        let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await else {
+            return vec![];
+        };
+        let mut frames = Vec::new();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        while let Some(Ok(message)) = messages.next().await {
+            frames.push(serde_json::from_slice(&message.payload).unwrap());
+            if message.info().unwrap().stream_sequence >= last.sequence {
+                break;
+            }
+        }
+        frames
+    }
+
+    /// The completed turn record the streamer stored on `chat.done.<conv>`.
+    pub async fn turn_record(&self, conversation_id: &str, turn_id: &str) -> TurnRecord {
+        let stream = self.js.get_stream(bus::streams::CHAT_DONE).await.unwrap();
+        let subject = bus::subject::chat_done(conversation_id).unwrap();
+        testkit::wait_for("the turn record", Duration::from_secs(10), || {
+            let stream = &stream;
+            let subject = &subject;
+            async move {
+                let message = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+                let record: TurnRecord = serde_json::from_slice(&message.payload).ok()?;
+                (record.turn_id == turn_id).then_some(record)
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    pub async fn dead_letter(&self) -> DeadLetter {
+        let stream = self.js.get_stream(bus::streams::DLQ).await.unwrap();
+        testkit::wait_for("a dead letter", Duration::from_secs(10), || {
+            let stream = &stream;
+            async move {
+                let message = stream.get_last_raw_message_by_subject("dlq.chat").await.ok()?;
+                serde_json::from_slice(&message.payload).ok()
+            }
+        })
+        .await
+        .unwrap()
+    }
+}

