@@ -1,1 +1,206 @@
-//! placeholder
+//! The gateway: the stateless edge of the system.
+//!
+//! It owns authentication ([`auth`]), the HTTP API and its JSON errors
+//! ([`error`]), the WebSocket chat sessions ([`ws`]) and serving `web/`.
+//! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
+//! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
+//! come from the `CHAT_TOK` stream, so any gateway node serves any client.
+
+pub mod auth;
+mod config;
+pub mod error;
+mod ws;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    extract::{FromRef, State},
+    handler::HandlerWithoutStateExt as _,
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower_http::{services::ServeDir, trace::TraceLayer};
+
+pub use config::Config;
+use error::ApiError;
+
+/// Shared by every request; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    auth: Arc<auth::Authenticator>,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    conversations: async_nats::jetstream::kv::Store,
+    turns: async_nats::jetstream::kv::Store,
+    limits: Arc<ws::Limits>,
+    /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
+    shutdown: CancellationToken,
+}
+
+impl FromRef<AppState> for Arc<auth::Authenticator> {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+/// Runs the gateway until `shutdown` fires.
+///
+/// # Errors
+/// When startup fails (bad auth configuration, NATS unreachable, port in use).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Gateway::build(config, shutdown.clone())
+        .await?
+        .run(shutdown)
+        .await
+}
+
+/// A gateway that has bound its port and connected, ready to [`Gateway::run`].
+pub struct Gateway {
+    listener: tokio::net::TcpListener,
+    router: Router,
+}
+
+impl Gateway {
+    /// Checks the auth configuration, binds, connects to NATS and creates the
+    /// streams, failing fast with an actionable message.
+    ///
+    /// # Errors
+    /// One line saying what to fix.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let auth = Arc::new(auth::Authenticator::build(&config)?);
+        let listener = bus::ops::bind(&config.listen, "GATEWAY_LISTEN").await?;
+        let client = bus::connect::connect(&config.nats_url, "gateway").await?;
+        let js = async_nats::jetstream::new(client.clone());
+        bus::streams::ensure_all(&js).await?;
+        let conversations = js
+            .get_key_value(bus::streams::KV_CONVERSATIONS)
+            .await
+            .context("KV bucket conversations is missing")?;
+        let turns = js
+            .get_key_value(bus::streams::KV_TURNS)
+            .await
+            .context("KV bucket chat_turns is missing")?;
+        if auth.dev_login() {
+            tracing::warn!(
+                "Dev login is enabled: POST /v1/dev/token mints a token for any user. Never enable it in production."
+            );
+        }
+        let state = AppState {
+            auth,
+            client,
+            js,
+            conversations,
+            turns,
+            limits: Arc::new(ws::Limits::default()),
+            shutdown,
+        };
+        Ok(Self {
+            listener,
+            router: router(state, &config),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` fires, then drains (bounded by [`bus::shutdown::DRAIN`]).
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.listener.local_addr()?, "Gateway listening.");
+        let server = axum::serve(self.listener, self.router.into_make_service())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+        shutdown.cancelled().await;
+        match tokio::time::timeout(bus::shutdown::DRAIN, server).await {
+            Ok(result) => result??,
+            Err(_) => tracing::warn!("Drain timed out; closing remaining connections."),
+        }
+        tracing::info!("Gateway stopped.");
+        Ok(())
+    }
+}
+
+fn router(state: AppState, config: &Config) -> Router {
+    let ready: bus::ops::ReadyFn = {
+        let (client, js) = (state.client.clone(), state.js.clone());
+        Arc::new(move || {
+            let (client, js) = (client.clone(), js.clone());
+            Box::pin(async move {
+                let mut checks = serde_json::Map::new();
+                let ok = bus::ops::nats_checks(&client, &js, &mut checks).await;
+                bus::ops::Readiness {
+                    ready: ok,
+                    status: if ok { "ok" } else { "unavailable" },
+                    checks,
+                }
+            })
+        })
+    };
+    let web = ServeDir::new(&config.web_dir).fallback(bus::ops::not_found.into_service());
+    let api = Router::new()
+        .route("/v1/dev/token", post(dev_token))
+        .route("/v1/chat/ws", get(ws::upgrade))
+        .with_state(state);
+    bus::ops::router(ready)
+        .merge(api)
+        .fallback_service(web)
+        .layer(
+            // The span records the path only: a query may hold ?access_token=.
+            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
+            }),
+        )
+}
+
+#[derive(Debug, Deserialize)]
+struct DevTokenRequest {
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+/// `POST /v1/dev/token {"user_id"?, "ttl_seconds"?}`: only with dev login on.
+async fn dev_token(
+    State(state): State<AppState>,
+    body: Option<Json<DevTokenRequest>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.auth.dev_login() {
+        return Err(ApiError::NotFound(
+            "dev login is not enabled (GATEWAY_DEV_LOGIN)".into(),
+        ));
+    }
+    let request = body.map(|Json(b)| b).unwrap_or(DevTokenRequest {
+        user_id: None,
+        ttl_seconds: None,
+    });
+    let user_id = request.user_id.unwrap_or_else(|| "dev-user".into());
+    if bus::subject::token(&user_id).is_err() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_user_id",
+            message: "user_id must be 1-128 characters without '.', '*', '>' or whitespace".into(),
+        });
+    }
+    let ttl = request
+        .ttl_seconds
+        .unwrap_or(24 * 3600)
+        .clamp(1, 30 * 24 * 3600);
+    let token = state.auth.issue(&user_id, ttl)?;
+    Ok(Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": ttl,
+        "user_id": user_id,
+    })))
+}

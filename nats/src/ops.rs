@@ -28,8 +28,7 @@ pub struct Readiness {
 }
 
 /// A readiness probe: called on every `/readyz`.
-pub type ReadyFn =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Readiness> + Send>> + Send + Sync>;
+pub type ReadyFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Readiness> + Send>> + Send + Sync>;
 
 /// The process-wide Prometheus recorder. Installed on first use; later calls
 /// (another service in the same test process) share it.
@@ -108,9 +107,9 @@ pub async fn serve(
 /// When the address cannot be bound.
 pub async fn bind(addr: &str, env_name: &str) -> anyhow::Result<tokio::net::TcpListener> {
     use anyhow::Context as _;
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (in use or not a local address? set {env_name})"))
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} (in use or not a local address? set {env_name})")
+    })
 }
 
 /// Readiness from NATS: connected and every stream of the contract present.
@@ -120,8 +119,18 @@ pub async fn nats_checks(
     checks: &mut serde_json::Map<String, serde_json::Value>,
 ) -> bool {
     let connected = client.connection_state() == async_nats::connection::State::Connected;
-    checks.insert("nats".into(), json!(if connected { "connected" } else { "disconnected" }));
+    checks.insert(
+        "nats".into(),
+        json!(if connected {
+            "connected"
+        } else {
+            "disconnected"
+        }),
+    );
     let streams = connected && crate::streams::all_exist(js).await;
-    checks.insert("streams".into(), json!(if streams { "present" } else { "missing" }));
+    checks.insert(
+        "streams".into(),
+        json!(if streams { "present" } else { "missing" }),
+    );
     connected && streams
 }

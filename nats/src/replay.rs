@@ -35,7 +35,10 @@ pub async fn payloads(
     let mut out = Vec::new();
     while let Some(message) = messages.next().await {
         let message = message?;
-        let sequence = message.info().map_err(|e| anyhow::anyhow!(e))?.stream_sequence;
+        let sequence = message
+            .info()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .stream_sequence;
         out.push(message.payload.clone());
         if sequence >= pending {
             break;

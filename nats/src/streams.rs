@@ -64,6 +64,36 @@ pub const PERSISTER_SCANS: ConsumerDef = ConsumerDef {
     json: include_str!("../consumers/SCAN_DONE.persister-scans.json"),
 };
 
+/// KV bucket: conversation id -> owner (`ConversationOwner`), for ownership checks.
+pub const KV_CONVERSATIONS: &str = "conversations";
+/// KV bucket: turn id -> `TurnIndex`, for idempotent sends, resume and cancel.
+pub const KV_TURNS: &str = "chat_turns";
+
+/// The KV buckets of the contract. Kept in code rather than JSON because
+/// the JetStream CLI's `nats kv add` takes flags, not a config file.
+pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
+    let week = std::time::Duration::from_secs(7 * 24 * 3600);
+    vec![
+        jetstream::kv::Config {
+            bucket: KV_CONVERSATIONS.into(),
+            description: "Conversation id -> owning user id.".into(),
+            history: 1,
+            max_value_size: 4096,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_TURNS.into(),
+            description: "Turn id -> owner, conversation and request; a week, for idempotent sends, resume and cancel.".into(),
+            history: 1,
+            max_age: week,
+            max_value_size: 4096,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    ]
+}
+
 /// Every stream definition of the contract.
 ///
 /// # Errors
@@ -72,7 +102,8 @@ pub fn definitions() -> anyhow::Result<Vec<stream::Config>> {
     STREAM_FILES
         .iter()
         .map(|(name, json)| {
-            serde_json::from_str(json).with_context(|| format!("stream definition {name} is invalid"))
+            serde_json::from_str(json)
+                .with_context(|| format!("stream definition {name} is invalid"))
         })
         .collect()
 }
@@ -116,9 +147,17 @@ impl ConsumerDef {
 pub async fn ensure_all(js: &jetstream::Context) -> anyhow::Result<()> {
     for config in definitions()? {
         let name = config.name.clone();
-        js.create_or_update_stream(config)
-            .await
-            .with_context(|| format!("cannot create or update stream {name} (is JetStream enabled on the server?)"))?;
+        js.create_or_update_stream(config).await.with_context(|| {
+            format!("cannot create or update stream {name} (is JetStream enabled on the server?)")
+        })?;
+    }
+    for config in key_value_buckets() {
+        if js.get_key_value(&config.bucket).await.is_err() {
+            let bucket = config.bucket.clone();
+            js.create_key_value(config)
+                .await
+                .with_context(|| format!("cannot create KV bucket {bucket}"))?;
+        }
     }
     Ok(())
 }
@@ -146,7 +185,12 @@ mod tests {
             assert!(!def.subjects.is_empty());
             assert!(def.duplicate_window <= def.max_age);
         }
-        for c in [STREAMER_CHAT, STREAMER_SCAN, PERSISTER_TURNS, PERSISTER_SCANS] {
+        for c in [
+            STREAMER_CHAT,
+            STREAMER_SCAN,
+            PERSISTER_TURNS,
+            PERSISTER_SCANS,
+        ] {
             let config = c.config().unwrap();
             assert!(config.durable_name.is_some());
             assert_eq!(config.ack_policy, jetstream::consumer::AckPolicy::Explicit);

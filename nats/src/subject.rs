@@ -21,7 +21,9 @@ pub const DLQ_ALL: &str = "dlq.>";
 
 /// An id that cannot be used as a subject token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("id {0:?} is not a valid subject token (empty, too long, or contains '.', '*', '>' or whitespace)")]
+#[error(
+    "id {0:?} is not a valid subject token (empty, too long, or contains '.', '*', '>' or whitespace)"
+)]
 pub struct BadId(pub String);
 
 /// Checks that `id` is safe to embed as one subject token.
@@ -35,7 +37,11 @@ pub fn token(id: &str) -> Result<&str, BadId> {
         && !id
             .chars()
             .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control());
-    if ok { Ok(id) } else { Err(BadId(id.to_owned())) }
+    if ok {
+        Ok(id)
+    } else {
+        Err(BadId(id.to_owned()))
+    }
 }
 
 /// `chat.req.<conversation>`: a turn request from the gateway to the streamer.

@@ -6,7 +6,8 @@ use tracing_subscriber::{EnvFilter, fmt};
 /// Does nothing if one is already installed (tests run several services in
 /// one process).
 pub fn init(default_filter: &str, json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

@@ -223,6 +223,19 @@ pub struct TurnRecord {
     pub completed_at: DateTime<Utc>,
 }
 
+/// The `chat_turns` KV entry of a turn: who may resume or cancel it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnIndex {
+    /// The owner (JWT `sub`).
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+    /// The client's idempotency key.
+    pub request_id: String,
+    /// When the gateway accepted it.
+    pub created_at: DateTime<Utc>,
+}
+
 /// `dlq.<kind>`: work that failed all its retries or could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

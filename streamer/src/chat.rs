@@ -47,8 +47,12 @@ impl Worker {
         let request: ChatRequest = match serde_json::from_slice(&message.payload) {
             Ok(request) => request,
             Err(error) => {
-                self.dead_letter(&message, &format!("undecodable chat request: {error}"), deliveries)
-                    .await;
+                self.dead_letter(
+                    &message,
+                    &format!("undecodable chat request: {error}"),
+                    deliveries,
+                )
+                .await;
                 return;
             }
         };
@@ -61,8 +65,13 @@ impl Worker {
                 }
             }
             Err(error) => {
-                tracing::warn!(error = format!("{error:#}"), "Turn failed on the bus; handing it back.");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "Turn failed on the bus; handing it back."
+                );
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
@@ -114,7 +123,8 @@ impl Worker {
                     seq: turn.seq,
                     reason: "worker_restarted".into(),
                 };
-                turn.acks.push(self.publish_frame(&tok_subject, &reset).await?);
+                turn.acks
+                    .push(self.publish_frame(&tok_subject, &reset).await?);
                 metrics::counter!("streamer_turn_resets_total").increment(1);
             }
         }
@@ -184,9 +194,15 @@ impl Worker {
         drop(cancel);
 
         if let Some(error) = &turn.error {
-            let frame = ServerFrame::error(Some(request.turn_id.clone()), "upstream_error", error.clone());
-            turn.acks.push(self.publish_frame(&tok_subject, &frame).await?);
-            self.dead_letter_failed_turn(message, request, error, deliveries).await;
+            let frame = ServerFrame::error(
+                Some(request.turn_id.clone()),
+                "upstream_error",
+                error.clone(),
+            );
+            turn.acks
+                .push(self.publish_frame(&tok_subject, &frame).await?);
+            self.dead_letter_failed_turn(message, request, error, deliveries)
+                .await;
         }
         turn.seq += 1;
         let usage = turn.usage();
@@ -196,16 +212,24 @@ impl Worker {
             finish_reason: turn.finish,
             usage,
         };
-        turn.acks.push(self.publish_frame(&tok_subject, &done).await?);
+        turn.acks
+            .push(self.publish_frame(&tok_subject, &done).await?);
         for ack in std::mem::take(&mut turn.acks) {
             ack.await.context("a frame was not stored")?;
         }
-        metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str()).increment(1);
+        metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str())
+            .increment(1);
         let record = turn.record(request);
         self.publish_record(request, record).await
     }
 
-    async fn dead_letter_failed_turn(&self, message: &jetstream::Message, request: &ChatRequest, error: &str, deliveries: u64) {
+    async fn dead_letter_failed_turn(
+        &self,
+        message: &jetstream::Message,
+        request: &ChatRequest,
+        error: &str,
+        deliveries: u64,
+    ) {
         let letter = DeadLetter {
             subject: message.subject.to_string(),
             error: error.to_owned(),
@@ -214,22 +238,34 @@ impl Worker {
             failed_at: Utc::now(),
         };
         if let Ok(body) = serde_json::to_vec(&letter)
-            && let Ok(ack) = self.js.publish(subject::dlq("chat").expect("static kind"), body.into()).await
+            && let Ok(ack) = self
+                .js
+                .publish(subject::dlq("chat").expect("static kind"), body.into())
+                .await
         {
             let _ = ack.await;
         }
     }
 
-    async fn publish_frame(&self, subject: &str, frame: &ServerFrame) -> anyhow::Result<PublishAckFuture> {
+    async fn publish_frame(
+        &self,
+        subject: &str,
+        frame: &ServerFrame,
+    ) -> anyhow::Result<PublishAckFuture> {
         let turn_id = match frame {
-            ServerFrame::Token { turn_id, .. } | ServerFrame::Done { turn_id, .. } | ServerFrame::Reset { turn_id, .. } => turn_id.as_str(),
+            ServerFrame::Token { turn_id, .. }
+            | ServerFrame::Done { turn_id, .. }
+            | ServerFrame::Reset { turn_id, .. } => turn_id.as_str(),
             ServerFrame::Error { turn_id, .. } => turn_id.as_deref().unwrap_or(""),
             _ => "",
         };
         let mut headers = async_nats::HeaderMap::new();
         // Frames without a seq (error) are not deduplicated: they are advisory.
         if let Some(seq) = frame.seq() {
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{turn_id}:{seq}").as_str());
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                format!("{turn_id}:{seq}").as_str(),
+            );
         }
         let body = serde_json::to_vec(frame)?;
         Ok(self
@@ -238,12 +274,23 @@ impl Worker {
             .await?)
     }
 
-    async fn publish_record(&self, request: &ChatRequest, record: TurnRecord) -> anyhow::Result<()> {
+    async fn publish_record(
+        &self,
+        request: &ChatRequest,
+        record: TurnRecord,
+    ) -> anyhow::Result<()> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, request.turn_id.as_str());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            request.turn_id.as_str(),
+        );
         let body = serde_json::to_vec(&record)?;
         self.js
-            .publish_with_headers(subject::chat_done(&request.conversation_id)?, headers, body.into())
+            .publish_with_headers(
+                subject::chat_done(&request.conversation_id)?,
+                headers,
+                body.into(),
+            )
             .await?
             .await
             .context("the turn record was not stored")?;
@@ -251,7 +298,10 @@ impl Worker {
     }
 }
 
-async fn earlier_frames(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<ServerFrame>> {
+async fn earlier_frames(
+    js: &jetstream::Context,
+    subject: &str,
+) -> anyhow::Result<Vec<ServerFrame>> {
     Ok(bus::replay::payloads(js, streams::CHAT_TOK, subject)
         .await?
         .iter()
@@ -328,7 +378,11 @@ impl Turn {
                 }
                 ServerFrame::Reset { .. } => text.clear(),
                 ServerFrame::Error { message, .. } => self.error = Some(message.clone()),
-                ServerFrame::Done { finish_reason, usage, .. } => {
+                ServerFrame::Done {
+                    finish_reason,
+                    usage,
+                    ..
+                } => {
                     self.text = std::mem::take(&mut text);
                     self.finish = *finish_reason;
                     self.usage = Some(*usage);

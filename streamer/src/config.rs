@@ -11,7 +11,11 @@ following Korean separation rules when the user asks about a bin. If unsure, say
 
 /// Everything the streamer needs to run.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "streamer", version, about = "Answers chat turns and runs scan jobs from NATS JetStream.")]
+#[command(
+    name = "streamer",
+    version,
+    about = "Answers chat turns and runs scan jobs from NATS JetStream."
+)]
 pub struct Config {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]

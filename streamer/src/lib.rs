@@ -44,7 +44,10 @@ impl Streamer {
     /// # Errors
     /// An actionable message for each startup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        anyhow::ensure!(config.concurrency > 0, "STREAMER_CONCURRENCY must be at least 1");
+        anyhow::ensure!(
+            config.concurrency > 0,
+            "STREAMER_CONCURRENCY must be at least 1"
+        );
         let listener = bus::ops::bind(&config.listen, "STREAMER_LISTEN").await?;
         let client = bus::connect::connect(&config.nats_url, "streamer").await?;
         let js = async_nats::jetstream::new(client.clone());
@@ -134,7 +137,10 @@ impl Streamer {
         }
         drop(messages);
         tracker.close();
-        if tokio::time::timeout(bus::shutdown::DRAIN, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(bus::shutdown::DRAIN, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 in_flight = tracker.len(),
                 "Drain timed out; unfinished turns will be redelivered to another worker."

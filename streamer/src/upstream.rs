@@ -156,14 +156,16 @@ impl Upstream {
             match self.open(request).await {
                 Ok(stream) => return Ok(stream),
                 Err(error) if error.retryable() && attempt < self.max_retries => {
-                    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind()).increment(1);
+                    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind())
+                        .increment(1);
                     let delay = backoff(attempt, &error);
                     tracing::warn!(%error, attempt, ?delay, "LLM request failed; retrying.");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(error) => {
-                    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind()).increment(1);
+                    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind())
+                        .increment(1);
                     return Err(error);
                 }
             }
@@ -189,7 +191,10 @@ impl Upstream {
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let response = builder.send().await.map_err(|e| network(&e, self.read_timeout))?;
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| network(&e, self.read_timeout))?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -206,9 +211,8 @@ impl Upstream {
         }
         let read_timeout = self.read_timeout;
         let events = response.bytes_stream().eventsource();
-        let stream = futures::stream::unfold(
-            (events, false),
-            move |(mut events, finished)| async move {
+        let stream =
+            futures::stream::unfold((events, false), move |(mut events, finished)| async move {
                 if finished {
                     return None;
                 }
@@ -217,7 +221,9 @@ impl Upstream {
                         None => return Some((Err(UpstreamError::Truncated), (events, true))),
                         Some(Err(e)) => {
                             let error = match e {
-                                eventsource_stream::EventStreamError::Transport(t) => network(&t, read_timeout),
+                                eventsource_stream::EventStreamError::Transport(t) => {
+                                    network(&t, read_timeout)
+                                }
                                 other => UpstreamError::Protocol(other.to_string()),
                             };
                             return Some((Err(error), (events, true)));
@@ -240,12 +246,11 @@ impl Upstream {
                         }
                     }
                 }
-            },
-        )
-        .flat_map(|item| match item {
-            Ok(events) => futures::stream::iter(events.into_iter().map(Ok).collect::<Vec<_>>()),
-            Err(e) => futures::stream::iter(vec![Err(e)]),
-        });
+            })
+            .flat_map(|item| match item {
+                Ok(events) => futures::stream::iter(events.into_iter().map(Ok).collect::<Vec<_>>()),
+                Err(e) => futures::stream::iter(vec![Err(e)]),
+            });
         Ok(Box::pin(stream))
     }
 }
@@ -285,8 +290,12 @@ fn backoff(attempt: u32, error: &UpstreamError) -> Duration {
 /// [`UpstreamError::Provider`] for an error object, [`UpstreamError::Protocol`]
 /// for a payload that is not JSON.
 pub fn parse_chunk(data: &str) -> Result<Vec<Event>, UpstreamError> {
-    let value: Value = serde_json::from_str(data)
-        .map_err(|e| UpstreamError::Protocol(format!("{e}: {}", data.chars().take(120).collect::<String>())))?;
+    let value: Value = serde_json::from_str(data).map_err(|e| {
+        UpstreamError::Protocol(format!(
+            "{e}: {}",
+            data.chars().take(120).collect::<String>()
+        ))
+    })?;
     if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
         let message = error
             .get("message")
@@ -299,7 +308,11 @@ pub fn parse_chunk(data: &str) -> Result<Vec<Event>, UpstreamError> {
     if let Some(model) = value.get("model").and_then(Value::as_str) {
         events.push(Event::Model(model.to_owned()));
     }
-    if let Some(choice) = value.get("choices").and_then(Value::as_array).and_then(|c| c.first()) {
+    if let Some(choice) = value
+        .get("choices")
+        .and_then(Value::as_array)
+        .and_then(|c| c.first())
+    {
         if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str)
             && !text.is_empty()
         {
@@ -334,7 +347,10 @@ mod tests {
 
     #[test]
     fn usage_only_chunk_with_empty_choices_is_read() {
-        let events = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#).unwrap();
+        let events = parse_chunk(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
+        )
+        .unwrap();
         assert_eq!(
             events,
             vec![Event::Usage(Usage {
@@ -346,15 +362,27 @@ mod tests {
 
     #[test]
     fn content_and_finish_reason_are_read() {
-        let events = parse_chunk(r#"{"choices":[{"delta":{"content":"hé"},"finish_reason":"length"}]}"#).unwrap();
-        assert_eq!(events, vec![Event::Delta("hé".into()), Event::Finish(FinishReason::Length)]);
+        let events =
+            parse_chunk(r#"{"choices":[{"delta":{"content":"hé"},"finish_reason":"length"}]}"#)
+                .unwrap();
+        assert_eq!(
+            events,
+            vec![
+                Event::Delta("hé".into()),
+                Event::Finish(FinishReason::Length)
+            ]
+        );
     }
 
     #[test]
     fn error_object_mid_stream_is_an_error() {
-        let error = parse_chunk(r#"{"error":{"message":"overloaded","type":"server_error"}}"#).unwrap_err();
+        let error =
+            parse_chunk(r#"{"error":{"message":"overloaded","type":"server_error"}}"#).unwrap_err();
         assert!(matches!(error, UpstreamError::Provider(m) if m == "overloaded"));
-        assert!(matches!(parse_chunk("not json"), Err(UpstreamError::Protocol(_))));
+        assert!(matches!(
+            parse_chunk("not json"),
+            Err(UpstreamError::Protocol(_))
+        ));
     }
 
     #[test]
@@ -367,6 +395,9 @@ mod tests {
         assert_eq!(backoff(0, &limited), Duration::from_secs(2));
         let first = backoff(0, &UpstreamError::Truncated);
         assert!(first <= Duration::from_millis(200));
-        assert!(backoff(5, &UpstreamError::Truncated) >= Duration::from_millis(3_200).min(Duration::from_millis(2_500)));
+        assert!(
+            backoff(5, &UpstreamError::Truncated)
+                >= Duration::from_millis(3_200).min(Duration::from_millis(2_500))
+        );
     }
 }

@@ -86,5 +86,7 @@ where
 
 /// True once something accepts TCP connections on `127.0.0.1:port`.
 pub async fn port_open(port: u16) -> bool {
-    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
 }

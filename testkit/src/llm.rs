@@ -105,7 +105,11 @@ impl StandInLlm {
 
     /// Every request body received so far.
     pub fn requests(&self) -> Vec<Value> {
-        self.recorded.requests.lock().expect("requests lock").clone()
+        self.recorded
+            .requests
+            .lock()
+            .expect("requests lock")
+            .clone()
     }
 
     /// Streams whose client went away before the last chunk was sent.
@@ -154,8 +158,15 @@ impl Drop for StreamGuard {
     }
 }
 
-async fn completions(State((recorded, script)): State<StandInState>, Json(body): Json<Value>) -> Response {
-    recorded.requests.lock().expect("requests lock").push(body.clone());
+async fn completions(
+    State((recorded, script)): State<StandInState>,
+    Json(body): Json<Value>,
+) -> Response {
+    recorded
+        .requests
+        .lock()
+        .expect("requests lock")
+        .push(body.clone());
     let script = script.lock().expect("script lock").clone();
     let usage = json!({
         "prompt_tokens": script.prompt_tokens,
@@ -182,12 +193,22 @@ async fn completions(State((recorded, script)): State<StandInState>, Json(body):
     let stream = async_stream(move |tx| async move {
         let send = |v: Value| tx.send(Bytes::from(format!("data: {v}\n\n")));
         // Real providers open with a role-only chunk whose content is null.
-        if send(chunk(&model, json!({"role": "assistant", "content": null}), None)).await.is_err() {
+        if send(chunk(
+            &model,
+            json!({"role": "assistant", "content": null}),
+            None,
+        ))
+        .await
+        .is_err()
+        {
             return;
         }
         for token in &script.tokens {
             tokio::time::sleep(interval).await;
-            if send(chunk(&model, json!({"content": token}), None)).await.is_err() {
+            if send(chunk(&model, json!({"content": token}), None))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -198,7 +219,11 @@ async fn completions(State((recorded, script)): State<StandInState>, Json(body):
             last["usage"] = usage;
             let _ = send(last).await;
         }
-        if tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await.is_ok() {
+        if tx
+            .send(Bytes::from_static(b"data: [DONE]\n\n"))
+            .await
+            .is_ok()
+        {
             guard.finished = true;
         }
         drop(guard);
@@ -221,7 +246,9 @@ where
     tokio_stream_from(rx)
 }
 
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Bytes> {
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures::Stream<Item = Bytes> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -254,7 +281,13 @@ impl LocalLlm {
         let http = reqwest::Client::new();
         crate::wait_for("the local LLM's /health", Duration::from_secs(120), || {
             let request = http.get(&health).send();
-            async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+            async move {
+                request
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
         })
         .await?;
         Ok(server)

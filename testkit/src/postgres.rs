@@ -30,7 +30,9 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         .filter(|p| p.join("initdb").exists())
         .collect();
     versions.sort();
-    versions.pop().context("no initdb under /usr/lib/postgresql/*/bin")
+    versions
+        .pop()
+        .context("no initdb under /usr/lib/postgresql/*/bin")
 }
 
 fn is_root() -> bool {
@@ -85,7 +87,18 @@ impl Postgres {
         let data_str = data.to_str().context("temp path is UTF-8")?;
         run_as_postgres(
             &bin.join("initdb"),
-            &["-D", data_str, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"],
+            &[
+                "-D",
+                data_str,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
         )?;
         let mut pg = Self {
             port: crate::free_port(),
@@ -114,7 +127,9 @@ impl Postgres {
         let log = format!("{data}/server.log");
         run_as_postgres(
             &self.bin.join("pg_ctl"),
-            &["-D", &data, "-l", &log, "-w", "-t", "30", "-o", &options, "start"],
+            &[
+                "-D", &data, "-l", &log, "-w", "-t", "30", "-o", &options, "start",
+            ],
         )?;
         self.running = true;
         let port = self.port;
@@ -170,7 +185,19 @@ impl Postgres {
         let port = self.port.to_string();
         let out = run_as_postgres(
             &self.bin.join("psql"),
-            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", database, "-At", "-c", sql],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-At",
+                "-c",
+                sql,
+            ],
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }

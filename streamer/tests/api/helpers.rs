@@ -25,7 +25,9 @@ impl Drop for TestStreamer {
 impl TestStreamer {
     pub async fn start(llm_base_url: &str) -> Self {
         testkit::init_logs();
-        let nats = NatsServer::start().await.expect("nats-server (run scripts/setup.sh)");
+        let nats = NatsServer::start()
+            .await
+            .expect("nats-server (run scripts/setup.sh)");
         let config = streamer::Config::parse_from([
             "streamer",
             "--nats-url",
@@ -40,7 +42,9 @@ impl TestStreamer {
             "64",
         ]);
         let shutdown = CancellationToken::new();
-        let app = streamer::Streamer::build(config).await.expect("streamer builds");
+        let app = streamer::Streamer::build(config)
+            .await
+            .expect("streamer builds");
         tokio::spawn(app.run(shutdown.clone()));
         let client = nats.client().await.unwrap();
         let js = jetstream::new(client.clone());
@@ -150,7 +154,10 @@ impl TestStreamer {
         testkit::wait_for("a dead letter", Duration::from_secs(10), || {
             let stream = &stream;
             async move {
-                let message = stream.get_last_raw_message_by_subject("dlq.chat").await.ok()?;
+                let message = stream
+                    .get_last_raw_message_by_subject("dlq.chat")
+                    .await
+                    .ok()?;
                 serde_json::from_slice(&message.payload).ok()
             }
         })

@@ -1,0 +1,279 @@
+//! JWT verification (and, only when enabled, dev token issuance).
+//!
+//! The algorithm is pinned by configuration, never taken from the token: a
+//! token with `alg: none`, or an HS256 token signed with the RS256 public key
+//! as its secret, is refused. `exp` is required; `aud` and `iss` are checked
+//! only when configured.
+
+use std::sync::Arc;
+
+use axum::{extract::FromRequestParts, http::request::Parts};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use secrecy::ExposeSecret as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{Config, error::ApiError};
+
+/// Claims we read and write.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Issued at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+}
+
+/// Verifies tokens; shared by every request.
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    /// Present only when dev login is enabled (HS256).
+    issuer: Option<EncodingKey>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("algorithms", &self.validation.algorithms)
+            .field("dev_login", &self.issuer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An authenticated user (the JWT `sub`), from `Authorization: Bearer` only.
+#[derive(Debug, Clone)]
+pub struct User(pub String);
+
+/// An authenticated user from `Authorization: Bearer` or `?access_token=`
+/// (for browsers' WebSocket and EventSource, which cannot set headers).
+#[derive(Debug, Clone)]
+pub struct StreamUser(pub String);
+
+impl Authenticator {
+    /// Builds the verifier from configuration.
+    ///
+    /// # Errors
+    /// When no key is configured, a key does not parse, the algorithm does
+    /// not fit the key, or dev login is asked for without a secret.
+    pub fn build(config: &Config) -> anyhow::Result<Self> {
+        let pinned = config
+            .auth_jwt_algorithm
+            .as_deref()
+            .map(|name| match name.to_ascii_uppercase().as_str() {
+                "HS256" => Ok(Algorithm::HS256),
+                "RS256" => Ok(Algorithm::RS256),
+                "ES256" => Ok(Algorithm::ES256),
+                other => Err(anyhow::anyhow!(
+                    "AUTH_JWT_ALGORITHM {other:?} is not one of HS256, RS256, ES256"
+                )),
+            })
+            .transpose()?;
+        let (key, algorithm, issuer) = match (&config.auth_jwt_secret, &config.auth_jwt_public_key)
+        {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("set only one of AUTH_JWT_SECRET and AUTH_JWT_PUBLIC_KEY")
+            }
+            (None, None) => anyhow::bail!(
+                "no JWT key: set AUTH_JWT_SECRET (HS256) or AUTH_JWT_PUBLIC_KEY (PEM, RS256/ES256)"
+            ),
+            (Some(secret), None) => {
+                let bytes = secret.expose_secret().as_bytes();
+                anyhow::ensure!(
+                    bytes.len() >= 32,
+                    "AUTH_JWT_SECRET must be at least 32 bytes"
+                );
+                anyhow::ensure!(
+                    pinned.is_none_or(|a| a == Algorithm::HS256),
+                    "AUTH_JWT_SECRET is an HS256 key; AUTH_JWT_ALGORITHM must be HS256"
+                );
+                let issuer = config.dev_login.then(|| EncodingKey::from_secret(bytes));
+                (DecodingKey::from_secret(bytes), Algorithm::HS256, issuer)
+            }
+            (None, Some(pem)) => {
+                anyhow::ensure!(
+                    !config.dev_login,
+                    "GATEWAY_DEV_LOGIN needs AUTH_JWT_SECRET (it signs HS256 tokens)"
+                );
+                let text = if pem.contains("-----BEGIN") {
+                    pem.clone()
+                } else {
+                    std::fs::read_to_string(pem).map_err(|e| {
+                        anyhow::anyhow!("AUTH_JWT_PUBLIC_KEY: cannot read PEM file {pem}: {e}")
+                    })?
+                };
+                let (key, algorithm) = match (
+                    DecodingKey::from_rsa_pem(text.as_bytes()),
+                    DecodingKey::from_ec_pem(text.as_bytes()),
+                ) {
+                    (Ok(key), _) => (key, Algorithm::RS256),
+                    (_, Ok(key)) => (key, Algorithm::ES256),
+                    _ => anyhow::bail!("AUTH_JWT_PUBLIC_KEY is not an RSA or EC public key in PEM"),
+                };
+                if let Some(p) = pinned {
+                    anyhow::ensure!(
+                        p == algorithm,
+                        "AUTH_JWT_ALGORITHM {p:?} does not fit the public key ({algorithm:?})"
+                    );
+                }
+                (key, algorithm, None)
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &config.auth_jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &config.auth_jwt_issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Self {
+            key,
+            validation,
+            issuer,
+        })
+    }
+
+    /// Verifies a token and returns its `sub`.
+    ///
+    /// # Errors
+    /// [`ApiError::Unauthorized`] saying what is wrong with the token.
+    pub fn verify(&self, token: &str) -> Result<String, ApiError> {
+        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
+            Ok(data)
+                if !data.claims.sub.is_empty() && bus::subject::token(&data.claims.sub).is_ok() =>
+            {
+                Ok(data.claims.sub)
+            }
+            Ok(_) => Err(unauthorized(
+                "invalid_token",
+                "the token's sub is not a usable user id",
+            )),
+            Err(error) => Err(match error.kind() {
+                ErrorKind::ExpiredSignature => {
+                    unauthorized("token_expired", "the token has expired")
+                }
+                ErrorKind::InvalidSignature => {
+                    unauthorized("invalid_token", "the token's signature does not verify")
+                }
+                ErrorKind::InvalidAlgorithm => unauthorized(
+                    "invalid_token",
+                    "the token is signed with an algorithm this gateway does not accept",
+                ),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    unauthorized("invalid_token", format!("the token has no {claim} claim"))
+                }
+                ErrorKind::InvalidAudience => {
+                    unauthorized("invalid_token", "the token's aud is not accepted")
+                }
+                ErrorKind::InvalidIssuer => {
+                    unauthorized("invalid_token", "the token's iss is not accepted")
+                }
+                ErrorKind::ImmatureSignature => {
+                    unauthorized("invalid_token", "the token is not valid yet")
+                }
+                _ => unauthorized("invalid_token", "the token is malformed"),
+            }),
+        }
+    }
+
+    /// Mints a dev token, when dev login is enabled.
+    ///
+    /// # Errors
+    /// [`ApiError::NotFound`] when dev login is off.
+    pub fn issue(&self, user_id: &str, ttl_seconds: u64) -> Result<String, ApiError> {
+        let key = self
+            .issuer
+            .as_ref()
+            .ok_or_else(|| ApiError::NotFound("dev login is not enabled".into()))?;
+        let now = chrono::Utc::now().timestamp() as u64;
+        let claims = Claims {
+            sub: user_id.to_owned(),
+            exp: now + ttl_seconds,
+            iat: Some(now),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
+            .map_err(|e| ApiError::Internal(e.into()))
+    }
+
+    /// True when dev login is enabled.
+    pub fn dev_login(&self) -> bool {
+        self.issuer.is_some()
+    }
+}
+
+fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::Unauthorized {
+        code,
+        message: message.into(),
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<Result<&str, ApiError>> {
+    let header = parts.headers.get(axum::http::header::AUTHORIZATION)?;
+    Some(
+        header
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| {
+                unauthorized(
+                    "invalid_token",
+                    "the Authorization header is not `Bearer <token>`",
+                )
+            }),
+    )
+}
+
+fn query_token(parts: &Parts) -> Option<String> {
+    let query = parts.uri.query()?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "access_token").then(|| v.to_owned())
+    })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for User
+where
+    Arc<Authenticator>: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth: Arc<Authenticator> = axum::extract::FromRef::from_ref(state);
+        match bearer(parts) {
+            Some(token) => Ok(Self(auth.verify(token?)?)),
+            None => Err(unauthorized(
+                "missing_token",
+                "send Authorization: Bearer <token>",
+            )),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for StreamUser
+where
+    Arc<Authenticator>: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth: Arc<Authenticator> = axum::extract::FromRef::from_ref(state);
+        match (bearer(parts), query_token(parts)) {
+            (Some(token), _) => Ok(Self(auth.verify(token?)?)),
+            (None, Some(token)) => Ok(Self(auth.verify(&token)?)),
+            (None, None) => Err(unauthorized(
+                "missing_token",
+                "send Authorization: Bearer <token> or ?access_token=<token>",
+            )),
+        }
+    }
+}

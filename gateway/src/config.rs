@@ -1,0 +1,55 @@
+//! The gateway's configuration: flags, each also read from its env var.
+
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+
+/// Everything the gateway needs to run.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "HTTP, WebSocket and SSE edge of the streaming LLM gateway."
+)]
+pub struct Config {
+    /// Address the HTTP API (and /healthz, /readyz, /metrics) listens on.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// HS256 key for JWTs: its bytes as given. Set this or AUTH_JWT_PUBLIC_KEY.
+    #[arg(long, env = "AUTH_JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub auth_jwt_secret: Option<SecretString>,
+    /// RS256/ES256 public key: PEM text, or the path of a PEM file.
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY")]
+    pub auth_jwt_public_key: Option<String>,
+    /// Pins the accepted algorithm (HS256, RS256 or ES256); by default HS256
+    /// with a secret, and RS256 or ES256 from the public key's type.
+    #[arg(long, env = "AUTH_JWT_ALGORITHM")]
+    pub auth_jwt_algorithm: Option<String>,
+    /// Required `aud` claim; unchecked when unset.
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+    /// Required `iss` claim; unchecked when unset.
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+    /// Enables `POST /v1/dev/token`, which mints a token for any user id.
+    /// For local development only; needs AUTH_JWT_SECRET.
+    #[arg(long, env = "GATEWAY_DEV_LOGIN")]
+    pub dev_login: bool,
+    /// Folder of the web UI's static files.
+    #[arg(long, env = "GATEWAY_WEB_DIR", default_value = "web")]
+    pub web_dir: PathBuf,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long, env = "LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// clap value parser for secrets, so `Debug` never prints them.
+///
+/// # Errors
+/// Never; the signature is clap's.
+pub fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(value.to_owned()))
+}

@@ -1,0 +1,170 @@
+//! A gateway and a streamer in-process against a real nats-server and a
+//! stand-in LLM, plus a small WebSocket client.
+
+use std::time::Duration;
+
+use bus::wire::ServerFrame;
+use clap::Parser as _;
+use futures::{SinkExt as _, StreamExt as _};
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+use testkit::{NatsServer, Script, StandInLlm};
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    _nats: NatsServer,
+    pub llm: StandInLlm,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn token_for(user: &str, exp_offset: i64) -> String {
+    let exp = chrono::Utc::now().timestamp() + exp_offset;
+    jsonwebtoken::encode(
+        &Header::default(),
+        &json!({"sub": user, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn gateway_config(nats_url: &str, extra: &[&str]) -> gateway::Config {
+    let mut args = vec![
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--nats-url",
+        nats_url,
+        "--auth-jwt-secret",
+        SECRET,
+        "--web-dir",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../web"),
+    ];
+    args.extend_from_slice(extra);
+    gateway::Config::parse_from(args)
+}
+
+impl TestApp {
+    pub async fn start(script: Script) -> Self {
+        Self::start_with(script, &["--dev-login"]).await
+    }
+
+    pub async fn start_with(script: Script, extra: &[&str]) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start()
+            .await
+            .expect("nats-server (run scripts/setup.sh)");
+        let llm = StandInLlm::start(script).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let streamer = streamer::Streamer::build(streamer::Config::parse_from([
+            "streamer",
+            "--nats-url",
+            &nats.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--llm-base-url",
+            llm.base_url(),
+        ]))
+        .await
+        .unwrap();
+        tokio::spawn(streamer.run(shutdown.clone()));
+        let gateway = gateway::Gateway::build(gateway_config(&nats.url(), extra), shutdown.clone())
+            .await
+            .unwrap();
+        let addr = gateway.local_addr().unwrap();
+        tokio::spawn(gateway.run(shutdown.clone()));
+        Self {
+            addr,
+            _nats: nats,
+            llm,
+            http: reqwest::Client::new(),
+            shutdown,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn ws(&self, user: &str) -> Ws {
+        let mut request = format!("ws://{}/v1/chat/ws", self.addr)
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token_for(user, 3600)).parse().unwrap(),
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("ws connects");
+        Ws { socket }
+    }
+}
+
+pub struct Ws {
+    pub socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Ws {
+    pub async fn send_json(&mut self, value: Value) {
+        self.socket
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).await.unwrap();
+    }
+
+    /// The next JSON frame (skipping pings), within 10 s.
+    pub async fn next(&mut self) -> ServerFrame {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
+                .await
+                .expect("a frame within 10 s")
+                .expect("socket open")
+                .expect("no socket error");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).expect("a server frame"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Frames until (and including) the turn's `done`.
+    pub async fn until_done(&mut self) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        loop {
+            let frame = self.next().await;
+            let done = matches!(frame, ServerFrame::Done { .. });
+            frames.push(frame);
+            if done {
+                return frames;
+            }
+        }
+    }
+}
+
+pub fn text_of(frames: &[ServerFrame]) -> String {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect()
+}

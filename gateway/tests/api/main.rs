@@ -1,0 +1,314 @@
+//! Gateway integration tests: real nats-server, real streamer, stand-in LLM.
+
+mod helpers;
+
+use std::time::Duration;
+
+use bus::wire::{FinishReason, ServerFrame};
+use helpers::{TestApp, gateway_config, text_of, token_for};
+use serde_json::{Value, json};
+use testkit::{NatsServer, Script};
+use tokio_tungstenite::tungstenite::Message;
+
+fn answer() -> Script {
+    Script::new(
+        ["Glass ", "goes ", "in ", "the ", "glass ", "bin."],
+        Duration::from_millis(5),
+    )
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_unknown_routes() {
+    let app = TestApp::start(answer()).await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["nats"], "connected");
+    assert_eq!(body["checks"]["streams"], "present");
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let missing = app.http.get(app.url("/v1/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn bad_missing_expired_and_forged_tokens_get_401_json() {
+    let app = TestApp::start(answer()).await;
+    let ws_url = app.url("/v1/chat/ws");
+    let check = |request: reqwest::RequestBuilder, code: &'static str| async move {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().len() > 5);
+    };
+    check(app.http.get(&ws_url), "missing_token").await;
+    check(
+        app.http.get(&ws_url).bearer_auth("not.a.jwt"),
+        "invalid_token",
+    )
+    .await;
+    check(
+        app.http.get(&ws_url).bearer_auth(token_for("u1", -120)),
+        "token_expired",
+    )
+    .await;
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "u1", "exp": chrono::Utc::now().timestamp() + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(b"some-other-secret-some-other-secret!!"),
+    )
+    .unwrap();
+    check(app.http.get(&ws_url).bearer_auth(&forged), "invalid_token").await;
+    // alg: none, with the claims intact and no signature.
+    let b64 = |v: Value| {
+        use base64_url_encode as enc;
+        enc(v.to_string().as_bytes())
+    };
+    let none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(json!({"sub": "u1", "exp": chrono::Utc::now().timestamp() + 600}))
+    );
+    check(app.http.get(&ws_url).bearer_auth(&none), "invalid_token").await;
+    // The query parameter works for the streaming endpoints (here: not an
+    // upgrade request, so a valid token gets past auth to a non-401 error).
+    let with_query = app
+        .http
+        .get(format!("{ws_url}?access_token={}", token_for("u1", 600)))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(with_query.status(), 401);
+    check(
+        app.http.get(format!("{ws_url}?access_token=garbage")),
+        "invalid_token",
+    )
+    .await;
+}
+
+fn base64_url_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn dev_login_issues_tokens_only_when_enabled() {
+    let app = TestApp::start(answer()).await;
+    let response = app
+        .http
+        .post(app.url("/v1/dev/token"))
+        .json(&json!({"user_id": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["user_id"], "alice");
+    let token = body["access_token"].as_str().unwrap();
+    let ws = app
+        .http
+        .get(app.url("/v1/chat/ws"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(ws.status(), 401, "a dev token authenticates");
+    let bad = app
+        .http
+        .post(app.url("/v1/dev/token"))
+        .json(&json!({"user_id": "a.b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    let off = TestApp::start_with(answer(), &[]).await;
+    let response = off
+        .http
+        .post(off.url("/v1/dev/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn a_turn_streams_over_the_websocket_and_a_repeated_request_id_is_not_a_second_turn() {
+    let app = TestApp::start(answer()).await;
+    let mut ws = app.ws("alice").await;
+    ws.send_json(json!({"type": "send", "conversation_id": null, "content": "Where does glass go?", "request_id": "r-1"}))
+        .await;
+    let ServerFrame::Accepted {
+        request_id,
+        conversation_id,
+        turn_id,
+    } = ws.next().await
+    else {
+        panic!("first frame is not accepted");
+    };
+    assert_eq!(request_id, "r-1");
+    let frames = ws.until_done().await;
+    assert_eq!(text_of(&frames), "Glass goes in the glass bin.");
+    let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    assert!(matches!(
+        frames.last(),
+        Some(ServerFrame::Done {
+            finish_reason: FinishReason::Stop,
+            ..
+        })
+    ));
+
+    // The same request_id again: same ids, the same frames replayed, no new generation.
+    ws.send_json(json!({"type": "send", "conversation_id": null, "content": "Where does glass go?", "request_id": "r-1"}))
+        .await;
+    let ServerFrame::Accepted {
+        conversation_id: again_conv,
+        turn_id: again_turn,
+        ..
+    } = ws.next().await
+    else {
+        panic!("not accepted");
+    };
+    assert_eq!(
+        (again_conv, again_turn.clone()),
+        (conversation_id.clone(), turn_id.clone())
+    );
+    assert_eq!(ws.until_done().await, frames);
+    assert_eq!(
+        app.llm.requests().len(),
+        1,
+        "a repeated request_id reached the LLM twice"
+    );
+
+    // Another user cannot continue, resume or cancel it.
+    let mut mallory = app.ws("mallory").await;
+    mallory
+        .send_json(json!({"type": "send", "conversation_id": conversation_id, "content": "hi", "request_id": "m-1"}))
+        .await;
+    assert!(matches!(mallory.next().await, ServerFrame::Error { code, .. } if code == "forbidden"));
+    mallory
+        .send_json(json!({"type": "resume", "turn_id": turn_id, "after_seq": 0}))
+        .await;
+    assert!(matches!(mallory.next().await, ServerFrame::Error { code, .. } if code == "forbidden"));
+    mallory
+        .send_json(json!({"type": "cancel", "turn_id": turn_id}))
+        .await;
+    assert!(matches!(mallory.next().await, ServerFrame::Error { code, .. } if code == "forbidden"));
+    assert_eq!(app.llm.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_the_frames_after_the_clients_seq() {
+    let app = TestApp::start(answer()).await;
+    let mut ws = app.ws("bob").await;
+    ws.send_json(json!({"type": "send", "content": "glass?", "request_id": "r-2"}))
+        .await;
+    let ServerFrame::Accepted { turn_id, .. } = ws.next().await else {
+        panic!("not accepted")
+    };
+    // Read two tokens, then drop the socket mid-answer.
+    let first: Vec<ServerFrame> = vec![ws.next().await, ws.next().await];
+    drop(ws);
+
+    let mut again = app.ws("bob").await;
+    again
+        .send_json(json!({"type": "resume", "turn_id": turn_id, "after_seq": 2}))
+        .await;
+    let rest = again.until_done().await;
+    let all: Vec<ServerFrame> = first.into_iter().chain(rest).collect();
+    let seqs: Vec<u64> = all.iter().filter_map(ServerFrame::seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>(), "every seq exactly once");
+    assert_eq!(text_of(&all), "Glass goes in the glass bin.");
+
+    let mut unknown = app.ws("bob").await;
+    unknown
+        .send_json(json!({"type": "resume", "turn_id": "0198f1d2-0000-7000-8000-000000000000", "after_seq": 0}))
+        .await;
+    assert!(
+        matches!(unknown.next().await, ServerFrame::Error { code, .. } if code == "resume_expired")
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_get_specific_errors_and_the_socket_stays_usable() {
+    let app = TestApp::start(answer()).await;
+    let mut ws = app.ws("carol").await;
+    let expect = |frame: ServerFrame, want: &str| match frame {
+        ServerFrame::Error { code, .. } => assert_eq!(code, want),
+        other => panic!("expected error {want}, got {other:?}"),
+    };
+    ws.send_raw(Message::Text("not json".into())).await;
+    expect(ws.next().await, "invalid_json");
+    ws.send_json(json!({"type": "fly"})).await;
+    expect(ws.next().await, "unknown_type");
+    ws.send_json(json!({"type": "send", "content": "x"})).await;
+    expect(ws.next().await, "invalid_frame");
+    ws.send_json(json!({"type": "send", "content": 5, "request_id": "r"}))
+        .await;
+    expect(ws.next().await, "invalid_frame");
+    ws.send_json(
+        json!({"type": "send", "content": "x".repeat(64 * 1024 + 1), "request_id": "big"}),
+    )
+    .await;
+    expect(ws.next().await, "too_large");
+    ws.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
+    expect(ws.next().await, "binary_not_supported");
+    ws.send_json(
+        json!({"type": "send", "conversation_id": "a.b", "content": "x", "request_id": "r"}),
+    )
+    .await;
+    expect(ws.next().await, "invalid_conversation_id");
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.next().await, ServerFrame::Pong);
+    assert!(app.llm.requests().is_empty(), "bad input reached the LLM");
+}
+
+#[tokio::test]
+async fn misconfiguration_fails_fast_with_an_actionable_message() {
+    let nats = NatsServer::start().await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let no_key = gateway::Config {
+        auth_jwt_secret: None,
+        ..gateway_config(&nats.url(), &[])
+    };
+    let error = gateway::Gateway::build(no_key, shutdown.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("AUTH_JWT_SECRET"), "{error:#}");
+
+    let unreachable = gateway_config("nats://127.0.0.1:1", &[]);
+    let error = gateway::Gateway::build(unreachable, shutdown.clone())
+        .await
+        .err()
+        .unwrap();
+    assert!(format!("{error:#}").contains("NATS_URL"), "{error:#}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let in_use = gateway::Config {
+        listen: addr,
+        ..gateway_config(&nats.url(), &[])
+    };
+    let error = gateway::Gateway::build(in_use, shutdown)
+        .await
+        .err()
+        .unwrap();
+    assert!(format!("{error:#}").contains("GATEWAY_LISTEN"), "{error:#}");
+}
