@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The run command: sets up what is missing, builds release binaries, and runs
+# the whole system on embedded defaults until Ctrl-C:
+#   nats-server (JetStream), Postgres (a cluster in $DATA_DIR/pg), the local
+#   LLM (SmolLM2 on llama.cpp, 1 thread), gateway, streamer, persister.
+# With LLM_BASE_URL (and LLM_API_KEY, LLM_MODEL) set, it uses that provider
+# and does not start the local model. Data in $DATA_DIR survives restarts.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=setup.sh
+source scripts/setup.sh
+
+NATS_PORT="${NATS_PORT:-4222}"
+PG_PORT="${PG_PORT:-5433}"
+LLM_PORT="${LLM_PORT:-8090}"
+export GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:8080}"
+export STREAMER_LISTEN="${STREAMER_LISTEN:-127.0.0.1:8081}"
+export PERSISTER_LISTEN="${PERSISTER_LISTEN:-127.0.0.1:8082}"
+LOGS="$DATA_DIR/logs"
+mkdir -p "$LOGS" "$DATA_DIR/nats"
+
+say() { printf '\033[1m[run]\033[0m %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+for port in "$NATS_PORT" "$PG_PORT" "${GATEWAY_LISTEN##*:}" "${STREAMER_LISTEN##*:}" "${PERSISTER_LISTEN##*:}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
+  fi
+done
+
+say "building release binaries (first time: several minutes)"
+cargo build --release --locked --bins -q
+
+pids=()
+PG_DIR="$DATA_DIR/pg"
+as_postgres() { if [ "$(id -u)" = 0 ]; then (cd /tmp && runuser -u postgres -- "$@"); else "$@"; fi; }
+cleanup() {
+  trap - INT TERM EXIT
+  say "stopping"
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -f "$PG_DIR/postmaster.pid" ]; then as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR" -m fast -w stop >/dev/null 2>&1 || true; fi
+  say "stopped; data kept in $DATA_DIR"
+}
+trap cleanup INT TERM EXIT
+
+wait_http() { # url name seconds
+  for _ in $(seq 1 $(( $3 * 5 ))); do
+    if curl -sf -o /dev/null "$1"; then return 0; fi
+    sleep 0.2
+  done
+  die "$2 did not become ready at $1 (see $LOGS)"
+}
+
+say "starting nats-server on 127.0.0.1:$NATS_PORT"
+"$NATS_SERVER_BIN" -c nats/nats-server.conf -a 127.0.0.1 -p "$NATS_PORT" -sd "$DATA_DIR/nats" >"$LOGS/nats.log" 2>&1 &
+pids+=($!)
+export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+
+say "starting Postgres on 127.0.0.1:$PG_PORT (cluster in $PG_DIR)"
+if [ ! -f "$PG_DIR/PG_VERSION" ]; then
+  mkdir -p "$PG_DIR"
+  if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$PG_DIR"; fi
+  chmod 700 "$PG_DIR"
+  as_postgres "$PG_BIN/initdb" -D "$PG_DIR" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$LOGS/initdb.log" 2>&1 \
+    || die "initdb failed (see $LOGS/initdb.log)"
+fi
+as_postgres "$PG_BIN/pg_ctl" -D "$PG_DIR" -l "$PG_DIR/server.log" -w -t 60 \
+  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR" start >/dev/null \
+  || die "Postgres did not start (see $PG_DIR/server.log)"
+if ! as_postgres "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -Atc "select 1 from pg_database where datname='gateway'" postgres | grep -q 1; then
+  as_postgres "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres gateway
+fi
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:$PG_PORT/gateway}"
+
+if [ -n "${LLM_BASE_URL:-}" ]; then
+  say "using the LLM provider at $LLM_BASE_URL (model ${LLM_MODEL:-default}); the local model is not started"
+else
+  say "starting the local LLM (SmolLM2-135M, llama.cpp, 1 thread) on 127.0.0.1:$LLM_PORT"
+  (cd /tmp && exec "$VENV/bin/python" "$ROOT/scripts/llm_server.py" --port "$LLM_PORT" --threads 1) >"$LOGS/llm.log" 2>&1 &
+  pids+=($!)
+  export LLM_BASE_URL="http://127.0.0.1:$LLM_PORT/v1"
+  wait_http "http://127.0.0.1:$LLM_PORT/health" "the local LLM" 120
+fi
+
+if [ -z "${AUTH_JWT_SECRET:-}" ] && [ -z "${AUTH_JWT_PUBLIC_KEY:-}" ]; then
+  if [ ! -s "$DATA_DIR/jwt-secret" ]; then
+    (umask 077; head -c 48 /dev/urandom | base64 | tr -d '\n/+=' >"$DATA_DIR/jwt-secret")
+  fi
+  AUTH_JWT_SECRET="$(cat "$DATA_DIR/jwt-secret")"
+  export AUTH_JWT_SECRET
+  export GATEWAY_DEV_LOGIN="${GATEWAY_DEV_LOGIN:-true}"
+fi
+export PERSISTER_SQLITE_PATH="${PERSISTER_SQLITE_PATH:-$DATA_DIR/persister.db}"
+export GATEWAY_WEB_DIR="${GATEWAY_WEB_DIR:-$ROOT/web}"
+
+for service in persister streamer gateway; do
+  target/release/$service >"$LOGS/$service.log" 2>&1 &
+  pids+=($!)
+done
+wait_http "http://$PERSISTER_LISTEN/readyz" persister 60
+wait_http "http://$STREAMER_LISTEN/readyz" streamer 60
+wait_http "http://$GATEWAY_LISTEN/readyz" gateway 60
+
+cat >&2 <<MSG
+
+  Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)
+  Readiness:  http://$GATEWAY_LISTEN/readyz  http://$STREAMER_LISTEN/readyz  http://$PERSISTER_LISTEN/readyz
+  NATS:       $NATS_URL      Postgres: $DATABASE_URL
+  Logs:       $LOGS/{gateway,streamer,persister,nats,llm}.log
+MSG
+if [ "${GATEWAY_DEV_LOGIN:-}" = true ]; then
+  cat >&2 <<MSG
+  Dev login is ENABLED (local run only). Get a token:
+    curl -s -X POST http://$GATEWAY_LISTEN/v1/dev/token -H 'content-type: application/json' -d '{"user_id":"me"}'
+MSG
+fi
+say "all services ready; Ctrl-C stops everything"
+
+# Stop everything when any process exits on its own.
+set +e
+wait -n "${pids[@]}"
+say "a process exited; see $LOGS"

