@@ -9,6 +9,8 @@
 pub mod auth;
 mod config;
 pub mod error;
+mod openai;
+mod turns;
 mod ws;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -36,7 +38,7 @@ pub struct AppState {
     js: async_nats::jetstream::Context,
     conversations: async_nats::jetstream::kv::Store,
     turns: async_nats::jetstream::kv::Store,
-    limits: Arc<ws::Limits>,
+    limits: Arc<turns::Limits>,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
     shutdown: CancellationToken,
 }
@@ -95,7 +97,7 @@ impl Gateway {
             js,
             conversations,
             turns,
-            limits: Arc::new(ws::Limits::default()),
+            limits: Arc::new(turns::Limits::default()),
             shutdown,
         };
         Ok(Self {
@@ -151,6 +153,7 @@ fn router(state: AppState, config: &Config) -> Router {
     let api = Router::new()
         .route("/v1/dev/token", post(dev_token))
         .route("/v1/chat/ws", get(ws::upgrade))
+        .route("/v1/chat/completions", post(openai::completions))
         .with_state(state);
     bus::ops::router(ready)
         .merge(api)

@@ -312,3 +312,114 @@ async fn misconfiguration_fails_fast_with_an_actionable_message() {
         .unwrap();
     assert!(format!("{error:#}").contains("GATEWAY_LISTEN"), "{error:#}");
 }
+
+#[tokio::test]
+async fn openai_compatible_endpoint_streams_and_completes_through_the_bus() {
+    let app = TestApp::start(answer()).await;
+    let token = token_for("dana", 600);
+    // Non-stream.
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&json!({"model": "m", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "glass?"}
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-turn-id"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Glass goes in the glass bin."
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["completion_tokens"], 6);
+    // The caller's earlier messages reach the model after the system prompt.
+    let sent = &app.llm.requests()[0];
+    assert_eq!(sent["messages"][1]["content"], "Be brief.");
+    assert_eq!(sent["messages"][2]["content"], "glass?");
+
+    // Stream.
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(
+            &json!({"messages": [{"role": "user", "content": "glass?"}], "stream": true,
+                      "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let chunks: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(chunks.last(), Some(&"[DONE]"));
+    let values: Vec<Value> = chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    let content: String = values
+        .iter()
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Glass goes in the glass bin.");
+    assert_eq!(values.last().unwrap()["usage"]["prompt_tokens"], 7);
+
+    // Bad input gets a specific 4xx and reaches nothing.
+    let before = app.llm.requests().len();
+    for (body, status, code) in [
+        ("{nope", 400, "invalid_json"),
+        (r#"{"messages": "x"}"#, 400, "invalid_request"),
+        (
+            r#"{"messages": [{"role": "assistant", "content": "x"}]}"#,
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            400,
+            "invalid_request",
+        ),
+    ] {
+        let response = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], code, "{body}");
+    }
+    let huge = json!({"messages": [{"role": "user", "content": "x".repeat(70_000)}]});
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let unauthenticated = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    assert_eq!(app.llm.requests().len(), before);
+}

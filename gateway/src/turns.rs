@@ -1,0 +1,446 @@
+//! Accepting, following, and cancelling chat turns: the logic the WebSocket
+//! and the OpenAI-compatible endpoint share.
+//!
+//! Accepting a turn derives its ids from the user and `request_id` (so a
+//! repeat maps to the same turn), claims or checks the conversation's owner
+//! in KV, records the turn's owner, subscribes to its frames *before*
+//! publishing the request, and publishes with `Nats-Msg-Id` = turn id.
+//! Following a turn replays what `CHAT_TOK` holds after the client's `seq`,
+//! then forwards live frames from the core subscription, skipping what was
+//! already sent and refilling gaps from the stream.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use async_nats::jetstream::kv;
+use bus::{
+    streams, subject,
+    wire::{ChatMessage, ChatRequest, MAX_CONTENT_BYTES, ServerFrame, TurnIndex},
+};
+use chrono::Utc;
+use futures::StreamExt as _;
+use uuid::Uuid;
+
+use crate::AppState;
+
+/// Namespace for turn and conversation ids derived from request ids, so a
+/// repeated `request_id` maps to the same ids.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c2e_9b4d_4e8a_a7c5_1d2e_3f40_5b6c);
+
+/// Where a relay delivers frames. `send` returns false when the receiver is
+/// gone or too slow, which ends the relay (never the turn).
+pub trait FrameSink: Send + Sync + 'static {
+    /// Delivers one frame without waiting.
+    fn send(&self, frame: &ServerFrame) -> bool;
+}
+
+impl FrameSink for tokio::sync::mpsc::Sender<ServerFrame> {
+    fn send(&self, frame: &ServerFrame) -> bool {
+        self.try_send(frame.clone()).is_ok()
+    }
+}
+
+/// A turn to start.
+#[derive(Debug, Clone)]
+pub struct NewTurn {
+    /// The conversation to continue; `None` opens one (derived from the request id).
+    pub conversation_id: Option<String>,
+    /// The user's message.
+    pub content: String,
+    /// The client's idempotency key.
+    pub request_id: String,
+    /// Earlier messages the caller supplies (OpenAI-compatible endpoint).
+    pub history: Vec<ChatMessage>,
+    /// Model override.
+    pub model: Option<String>,
+    /// Token cap.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+}
+
+/// An accepted (or, for a repeated request id, found) turn, ready to follow.
+pub struct Accepted {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The turn.
+    pub turn_id: String,
+    /// Its frames.
+    pub follow: Follow,
+}
+
+/// A subscription to one turn's frames, taken before anything was published.
+pub struct Follow {
+    live: async_nats::Subscriber,
+    subject: String,
+    js: async_nats::jetstream::Context,
+    slot: Option<TurnSlot>,
+}
+
+/// Per-node limits shared by all connections.
+#[derive(Debug)]
+pub struct Limits {
+    /// Turns a user may have streaming at once on this node.
+    pub max_turns_per_user: usize,
+    active: Mutex<HashMap<String, usize>>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_turns_per_user: 8,
+            active: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Holds one of a user's concurrent-turn slots until dropped.
+pub struct TurnSlot {
+    limits: Arc<Limits>,
+    user: String,
+}
+
+impl Limits {
+    fn acquire(self: &Arc<Self>, user: &str) -> Option<TurnSlot> {
+        let mut active = self.active.lock().expect("limits lock");
+        let count = active.entry(user.to_owned()).or_default();
+        if *count >= self.max_turns_per_user {
+            return None;
+        }
+        *count += 1;
+        Some(TurnSlot {
+            limits: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for TurnSlot {
+    fn drop(&mut self) {
+        let mut active = self.limits.active.lock().expect("limits lock");
+        if let Some(count) = active.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                active.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// An `error` frame for a turn operation.
+pub fn error(turn_id: Option<&str>, code: &str, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::error(turn_id.map(str::to_owned), code, message)
+}
+
+fn forbidden(turn_id: &str) -> ServerFrame {
+    error(
+        Some(turn_id),
+        "forbidden",
+        "this turn belongs to another user",
+    )
+}
+
+fn unavailable(e: &dyn std::fmt::Display) -> ServerFrame {
+    tracing::warn!(error = %e, "NATS request failed.");
+    error(
+        None,
+        "unavailable",
+        "the message bus is unavailable; try again",
+    )
+}
+
+impl AppState {
+    /// Accepts a turn for `user`, or finds the one a repeated `request_id` made.
+    ///
+    /// # Errors
+    /// An `error` frame with a specific code; nothing is published then.
+    pub async fn accept_turn(&self, user: &str, turn: NewTurn) -> Result<Accepted, ServerFrame> {
+        if turn.request_id.is_empty() || turn.request_id.len() > 128 {
+            return Err(error(
+                None,
+                "invalid_request_id",
+                "request_id must be 1-128 bytes",
+            ));
+        }
+        if turn.content.len() > MAX_CONTENT_BYTES {
+            return Err(error(
+                None,
+                "too_large",
+                format!(
+                    "content is {} bytes; the limit is {MAX_CONTENT_BYTES}",
+                    turn.content.len()
+                ),
+            ));
+        }
+        if turn.content.trim().is_empty() {
+            return Err(error(None, "empty_content", "content is empty"));
+        }
+        let key = format!("{user}\n{}", turn.request_id);
+        let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
+
+        // A repeated request_id: the turn exists; follow it instead of starting another.
+        if let Some(index) = self.turn_index(&turn_id).await? {
+            if index.user_id != user {
+                return Err(forbidden(&turn_id));
+            }
+            let follow = self.follow(&index.conversation_id, &turn_id, None).await?;
+            return Ok(Accepted {
+                conversation_id: index.conversation_id,
+                turn_id,
+                follow,
+            });
+        }
+
+        let conversation_id = match turn.conversation_id {
+            Some(id) => id,
+            None => {
+                Uuid::new_v5(&ID_NAMESPACE, format!("conversation\n{key}").as_bytes()).to_string()
+            }
+        };
+        if subject::token(&conversation_id).is_err() {
+            return Err(error(
+                None,
+                "invalid_conversation_id",
+                "conversation_id is not a valid id",
+            ));
+        }
+        self.claim_conversation(user, &conversation_id).await?;
+        let Some(slot) = self.limits.acquire(user) else {
+            return Err(error(
+                None,
+                "too_many_turns",
+                format!(
+                    "at most {} turns may stream at once",
+                    self.limits.max_turns_per_user
+                ),
+            ));
+        };
+        let created_at = Utc::now();
+        let index = TurnIndex {
+            user_id: user.to_owned(),
+            conversation_id: conversation_id.clone(),
+            request_id: turn.request_id.clone(),
+            created_at,
+        };
+        let index_bytes = serde_json::to_vec(&index).expect("serializes");
+        match self.turns.create(&turn_id, index_bytes.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(unavailable(&e)),
+        }
+        // Subscribe before publishing so no live frame can slip past.
+        let follow = self.follow(&conversation_id, &turn_id, Some(slot)).await?;
+        let request = ChatRequest {
+            turn_id: turn_id.clone(),
+            conversation_id: conversation_id.clone(),
+            user_id: user.to_owned(),
+            request_id: turn.request_id,
+            content: turn.content,
+            history: turn.history,
+            model: turn.model,
+            max_tokens: turn.max_tokens,
+            temperature: turn.temperature,
+            created_at,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, turn_id.as_str());
+        let subject = subject::chat_req(&conversation_id).expect("checked above");
+        let body = serde_json::to_vec(&request).expect("serializes");
+        match self
+            .js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+        {
+            Ok(ack) => ack.await.map_err(|e| unavailable(&e))?,
+            Err(e) => return Err(unavailable(&e)),
+        };
+        metrics::counter!("gateway_turns_accepted_total").increment(1);
+        Ok(Accepted {
+            conversation_id,
+            turn_id,
+            follow,
+        })
+    }
+
+    /// Checks that `user` owns the turn and subscribes to its frames (resume).
+    ///
+    /// # Errors
+    /// `resume_expired` for an unknown or expired turn, `forbidden` for another user's.
+    pub async fn follow_turn(&self, user: &str, turn_id: &str) -> Result<Follow, ServerFrame> {
+        let Some(index) = self.turn_index(turn_id).await? else {
+            return Err(error(
+                Some(turn_id),
+                "resume_expired",
+                "this turn is unknown or older than the replay window; load it from history",
+            ));
+        };
+        if index.user_id != user {
+            return Err(forbidden(turn_id));
+        }
+        self.follow(&index.conversation_id, turn_id, None).await
+    }
+
+    /// Asks the worker generating `turn_id` to stop (core NATS).
+    ///
+    /// # Errors
+    /// `not_found`, `forbidden` or `unavailable`.
+    pub async fn cancel_turn(&self, user: &str, turn_id: &str) -> Result<(), ServerFrame> {
+        match self.turn_index(turn_id).await? {
+            Some(index) if index.user_id == user => {}
+            Some(_) => return Err(forbidden(turn_id)),
+            None => return Err(error(Some(turn_id), "not_found", "no such turn")),
+        }
+        let subject = subject::chat_cancel(turn_id).map_err(|_| forbidden(turn_id))?;
+        self.client
+            .publish(subject, bytes::Bytes::new())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        metrics::counter!("gateway_cancels_total").increment(1);
+        Ok(())
+    }
+
+    async fn turn_index(&self, turn_id: &str) -> Result<Option<TurnIndex>, ServerFrame> {
+        if subject::token(turn_id).is_err() {
+            return Err(error(None, "invalid_turn_id", "turn_id is not a valid id"));
+        }
+        match self.turns.get(turn_id).await {
+            Ok(Some(bytes)) => Ok(serde_json::from_slice(&bytes).ok()),
+            Ok(None) => Ok(None),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// Records the user as the conversation's owner, or checks that they are.
+    async fn claim_conversation(
+        &self,
+        user: &str,
+        conversation_id: &str,
+    ) -> Result<(), ServerFrame> {
+        let kv = &self.conversations;
+        match kv.create(conversation_id, user.to_owned().into()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                match kv.get(conversation_id).await {
+                    Ok(Some(owner)) if owner == user.as_bytes() => Ok(()),
+                    Ok(_) => Err(error(
+                        None,
+                        "forbidden",
+                        "this conversation belongs to another user",
+                    )),
+                    Err(e) => Err(unavailable(&e)),
+                }
+            }
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    async fn follow(
+        &self,
+        conversation_id: &str,
+        turn_id: &str,
+        slot: Option<TurnSlot>,
+    ) -> Result<Follow, ServerFrame> {
+        let subject =
+            subject::chat_tok(conversation_id, turn_id).map_err(|_| forbidden(turn_id))?;
+        let live = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(Follow {
+            live,
+            subject,
+            js: self.js.clone(),
+            slot,
+        })
+    }
+}
+
+impl Follow {
+    /// Delivers the turn's frames after `after_seq` to `sink`, in order,
+    /// each exactly once, until `done` (or until the sink gives up).
+    pub async fn relay<S: FrameSink>(mut self, after_seq: u64, sink: S) {
+        let mut last_seq = after_seq;
+        if self.replay(&mut last_seq, &sink).await {
+            return;
+        }
+        while let Some(message) = self.live.next().await {
+            let Ok(frame) = serde_json::from_slice::<ServerFrame>(&message.payload) else {
+                continue;
+            };
+            match frame.seq() {
+                // Advisory frames (error) have no seq.
+                None => {
+                    if !sink.send(&frame) {
+                        return;
+                    }
+                }
+                Some(seq) if seq <= last_seq => continue,
+                Some(seq) if seq > last_seq + 1 => {
+                    // A gap on the live path: the stream has what we missed.
+                    if self.replay(&mut last_seq, &sink).await {
+                        return;
+                    }
+                }
+                Some(_) => {
+                    if forward(&mut last_seq, frame, &sink) {
+                        return;
+                    }
+                }
+            }
+        }
+        drop(self.slot.take());
+    }
+
+    /// Sends the stored frames after `last_seq`; true when the turn is over
+    /// (or the sink is gone).
+    async fn replay<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> bool {
+        let stored = match bus::replay::payloads(&self.js, streams::CHAT_TOK, &self.subject).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "Replay from CHAT_TOK failed.");
+                return false;
+            }
+        };
+        for payload in stored {
+            let Ok(frame) = serde_json::from_slice::<ServerFrame>(&payload) else {
+                continue;
+            };
+            if frame.seq() == Some(*last_seq + 1) {
+                metrics::counter!("gateway_replayed_frames_total").increment(1);
+                if forward(last_seq, frame, sink) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Sends one in-order frame; true when it ended the turn or the sink.
+fn forward<S: FrameSink>(last_seq: &mut u64, frame: ServerFrame, sink: &S) -> bool {
+    *last_seq = frame.seq().unwrap_or(*last_seq);
+    let done = matches!(frame, ServerFrame::Done { .. });
+    !sink.send(&frame) || done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turn_slots_are_bounded_per_user_and_released_on_drop() {
+        let limits = Arc::new(Limits {
+            max_turns_per_user: 2,
+            ..Limits::default()
+        });
+        let a = limits.acquire("u").unwrap();
+        let _b = limits.acquire("u").unwrap();
+        assert!(limits.acquire("u").is_none());
+        assert!(limits.acquire("v").is_some());
+        drop(a);
+        assert!(limits.acquire("u").is_some());
+    }
+}
