@@ -277,3 +277,113 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    use super::*;
+
+    const RSA_PRIVATE: &str = include_str!("../tests/fixtures/rsa.pem");
+    const RSA_PUBLIC: &str = include_str!("../tests/fixtures/rsa.pub");
+    const EC_PRIVATE: &str = include_str!("../tests/fixtures/ec.pem");
+    const EC_PUBLIC: &str = include_str!("../tests/fixtures/ec.pub");
+
+    fn config(args: &[&str]) -> Config {
+        let mut all = vec!["gateway"];
+        all.extend_from_slice(args);
+        Config::parse_from(all)
+    }
+
+    fn claims(sub: &str) -> serde_json::Value {
+        json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 600})
+    }
+
+    fn code(result: Result<String, ApiError>) -> &'static str {
+        match result {
+            Err(ApiError::Unauthorized { code, .. }) => code,
+            other => panic!("expected 401, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rs256_tokens_verify_and_hs256_signed_with_the_public_key_is_refused() {
+        let auth = Authenticator::build(&config(&["--auth-jwt-public-key", RSA_PUBLIC])).unwrap();
+        let good = encode(
+            &Header::new(Algorithm::RS256),
+            &claims("alice"),
+            &EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(auth.verify(&good).unwrap(), "alice");
+        // The classic confusion attack: the public key used as an HMAC secret.
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &claims("mallory"),
+            &EncodingKey::from_secret(RSA_PUBLIC.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(code(auth.verify(&confused)), "invalid_token");
+    }
+
+    #[test]
+    fn es256_is_detected_from_the_key_and_pinning_a_mismatch_fails_at_startup() {
+        let auth = Authenticator::build(&config(&["--auth-jwt-public-key", EC_PUBLIC])).unwrap();
+        let good = encode(
+            &Header::new(Algorithm::ES256),
+            &claims("bob"),
+            &EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(auth.verify(&good).unwrap(), "bob");
+        let error = Authenticator::build(&config(&[
+            "--auth-jwt-public-key",
+            EC_PUBLIC,
+            "--auth-jwt-algorithm",
+            "RS256",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("does not fit"), "{error}");
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_only_when_configured() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let key = EncodingKey::from_secret(secret.as_bytes());
+        let token = |aud: &str| {
+            let mut c = claims("carol");
+            c["aud"] = json!(aud);
+            c["iss"] = json!("us");
+            encode(&Header::default(), &c, &key).unwrap()
+        };
+        let open = Authenticator::build(&config(&["--auth-jwt-secret", secret])).unwrap();
+        assert_eq!(open.verify(&token("anything")).unwrap(), "carol");
+        let strict = Authenticator::build(&config(&[
+            "--auth-jwt-secret",
+            secret,
+            "--auth-jwt-audience",
+            "app",
+            "--auth-jwt-issuer",
+            "us",
+        ]))
+        .unwrap();
+        assert_eq!(strict.verify(&token("app")).unwrap(), "carol");
+        assert_eq!(code(strict.verify(&token("other"))), "invalid_token");
+        let no_exp = encode(&Header::default(), &json!({"sub": "carol"}), &key).unwrap();
+        assert_eq!(code(open.verify(&no_exp)), "invalid_token");
+    }
+
+    #[test]
+    fn short_secrets_and_dev_login_without_a_secret_are_refused() {
+        assert!(Authenticator::build(&config(&["--auth-jwt-secret", "short"])).is_err());
+        let error = Authenticator::build(&config(&[
+            "--auth-jwt-public-key",
+            RSA_PUBLIC,
+            "--dev-login",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("AUTH_JWT_SECRET"));
+    }
+}

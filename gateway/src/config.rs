@@ -22,7 +22,7 @@ pub struct Config {
     #[arg(long, env = "AUTH_JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
     pub auth_jwt_secret: Option<SecretString>,
     /// RS256/ES256 public key: PEM text, or the path of a PEM file.
-    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY")]
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY", allow_hyphen_values = true)]
     pub auth_jwt_public_key: Option<String>,
     /// Pins the accepted algorithm (HS256, RS256 or ES256); by default HS256
     /// with a secret, and RS256 or ES256 from the public key's type.
