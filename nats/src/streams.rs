@@ -126,7 +126,19 @@ impl ConsumerDef {
         &self,
         js: &jetstream::Context,
     ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
-        let config = self.config()?;
+        self.ensure_with(js, self.config()?).await
+    }
+
+    /// Like [`Self::ensure`], with the definition adjusted by the caller
+    /// (for example a shorter ack wait in tests).
+    ///
+    /// # Errors
+    /// When the stream is missing or the server refuses the definition.
+    pub async fn ensure_with(
+        &self,
+        js: &jetstream::Context,
+        config: pull::Config,
+    ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
         let name = config.durable_name.clone().unwrap_or_default();
         let stream = js
             .get_stream(self.stream)

@@ -34,10 +34,10 @@ pub struct Worker {
     pub system_prompt: String,
     /// Default token cap.
     pub max_tokens: u32,
+    /// How often a long generation tells JetStream it is still working
+    /// (well inside the consumer's ack wait).
+    pub progress_every: Duration,
 }
-
-/// How often a long generation tells JetStream it is still working.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 impl Worker {
     /// Handles one delivery of a `chat.req.*` message, acking, nacking or
@@ -150,7 +150,8 @@ impl Worker {
         };
 
         let started = tokio::time::Instant::now();
-        let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
+        let mut progress =
+            tokio::time::interval_at(started + self.progress_every, self.progress_every);
         let opened = tokio::select! {
             opened = self.upstream.stream(&upstream_request) => Some(opened),
             _ = cancel.next() => None,
@@ -177,6 +178,7 @@ impl Worker {
                                 metrics::histogram!("streamer_upstream_ttft_seconds").record(started.elapsed().as_secs_f64());
                             }
                             turn.seq += 1;
+                            turn.tokens += 1;
                             turn.text.push_str(&delta);
                             let frame = ServerFrame::Token { turn_id: request.turn_id.clone(), seq: turn.seq, delta };
                             turn.acks.push(self.publish_frame(&tok_subject, &frame).await?);
@@ -312,6 +314,8 @@ async fn earlier_frames(
 /// The state of one turn being generated.
 struct Turn {
     seq: u64,
+    /// Token frames sent, for usage when the provider reports none.
+    tokens: u32,
     text: String,
     model: String,
     finish: FinishReason,
@@ -327,6 +331,7 @@ impl Turn {
     fn new(request: &ChatRequest, model: &str) -> Self {
         Self {
             seq: 0,
+            tokens: 0,
             text: String::new(),
             model: request.model.clone().unwrap_or_else(|| model.to_owned()),
             finish: FinishReason::Stop,
@@ -358,7 +363,7 @@ impl Turn {
     }
 
     fn text_tokens(&self) -> u32 {
-        self.seq.min(u64::from(u32::MAX)) as u32
+        self.tokens
     }
 
     /// Looks at an earlier attempt's frames: returns the finished record when
@@ -371,12 +376,16 @@ impl Turn {
             }
             match frame {
                 ServerFrame::Token { delta, .. } => {
+                    self.tokens += 1;
                     if self.first_token_at.is_none() {
                         self.first_token_at = Some(Utc::now());
                     }
                     text.push_str(delta);
                 }
-                ServerFrame::Reset { .. } => text.clear(),
+                ServerFrame::Reset { .. } => {
+                    text.clear();
+                    self.tokens = 0;
+                }
                 ServerFrame::Error { message, .. } => self.error = Some(message.clone()),
                 ServerFrame::Done {
                     finish_reason,
@@ -391,7 +400,10 @@ impl Turn {
                 _ => {}
             }
         }
+        // Not finished: the answer starts over; only the seq space carries on.
         self.error = None;
+        self.tokens = 0;
+        self.first_token_at = None;
         false
     }
 

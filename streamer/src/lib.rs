@@ -11,7 +11,7 @@ pub mod chat;
 mod config;
 pub mod upstream;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -32,6 +32,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// A streamer that has bound its port and connected, ready to [`Streamer::run`].
 pub struct Streamer {
     config: Config,
+    consumer: async_nats::jetstream::consumer::pull::Config,
     listener: tokio::net::TcpListener,
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
@@ -54,15 +55,21 @@ impl Streamer {
         bus::streams::ensure_all(&js).await?;
         let upstream = upstream::Upstream::build(&config)?;
         tracing::info!(llm = %bus::connect::redact(&config.llm_base_url), model = %config.llm_model, "Streamer configured.");
+        let mut consumer = bus::streams::STREAMER_CHAT.config()?;
+        if let Some(ms) = config.ack_wait_ms {
+            consumer.ack_wait = Duration::from_millis(ms.max(500));
+        }
         let worker = chat::Worker {
             client: client.clone(),
             js: js.clone(),
             upstream,
             system_prompt: config.system_prompt.clone(),
             max_tokens: config.max_tokens,
+            progress_every: consumer.ack_wait / 3,
         };
         Ok(Self {
             config,
+            consumer,
             listener,
             client,
             js,
@@ -101,7 +108,9 @@ impl Streamer {
         };
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
 
-        let consumer = bus::streams::STREAMER_CHAT.ensure(&self.js).await?;
+        let consumer = bus::streams::STREAMER_CHAT
+            .ensure_with(&self.js, self.consumer.clone())
+            .await?;
         let concurrency = self.config.concurrency;
         let mut messages = consumer
             .stream()

@@ -12,7 +12,7 @@ mod llm;
 mod nats;
 mod postgres;
 
-pub use llm::{LocalLlm, Script, StandInLlm};
+pub use llm::{LocalLlm, Quirks, Script, StandInLlm};
 pub use nats::NatsServer;
 pub use postgres::Postgres;
 

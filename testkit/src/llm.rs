@@ -34,6 +34,33 @@ pub struct Script {
     pub model: String,
     /// The prompt token count it reports in the usage chunk.
     pub prompt_tokens: u32,
+    /// Real providers' stream quirks to reproduce.
+    pub quirks: Quirks,
+}
+
+/// Stream quirks real OpenAI-compatible providers show, each reproducible.
+#[derive(Debug, Clone, Default)]
+pub struct Quirks {
+    /// `: keep-alive` comment lines between chunks.
+    pub keepalive_comments: bool,
+    /// CRLF line endings.
+    pub crlf: bool,
+    /// `data:` with no space after the colon.
+    pub no_space: bool,
+    /// Every chunk is written in two network writes, split inside its bytes
+    /// (in the middle of a multi-byte UTF-8 character when there is one).
+    pub split_writes: bool,
+    /// An extra chunk with `choices: []` before the content.
+    pub empty_choices_chunk: bool,
+    /// After this many content chunks, an error object instead of the rest.
+    pub error_after: Option<usize>,
+    /// After this many content chunks, the connection is dropped (no `[DONE]`).
+    pub drop_after: Option<usize>,
+    /// The first requests are answered with these statuses (and `Retry-After`
+    /// seconds), in order, before the stream is served.
+    pub fail_first: Vec<(u16, Option<u64>)>,
+    /// Never send a usage chunk, even when asked.
+    pub no_usage: bool,
 }
 
 impl Script {
@@ -44,13 +71,21 @@ impl Script {
             interval,
             model: "stand-in-1".into(),
             prompt_tokens: 7,
+            quirks: Quirks::default(),
         }
+    }
+
+    /// The same script with `quirks`.
+    pub fn with_quirks(mut self, quirks: Quirks) -> Self {
+        self.quirks = quirks;
+        self
     }
 }
 
 #[derive(Default)]
 struct Recorded {
     requests: Mutex<Vec<Value>>,
+    failures_served: AtomicUsize,
     streams_dropped_early: AtomicUsize,
     streams_completed: AtomicUsize,
 }
@@ -168,6 +203,17 @@ async fn completions(
         .expect("requests lock")
         .push(body.clone());
     let script = script.lock().expect("script lock").clone();
+    let failure = recorded.failures_served.fetch_add(1, Ordering::SeqCst);
+    if let Some((status, retry_after)) = script.quirks.fail_first.get(failure) {
+        let body = json!({"error": {"message": "stand-in failure", "type": "server_error"}});
+        let mut response = Json(body).into_response();
+        *response.status_mut() = axum::http::StatusCode::from_u16(*status).expect("valid status");
+        if let Some(seconds) = retry_after {
+            let value = seconds.to_string().parse().expect("header value");
+            response.headers_mut().insert("retry-after", value);
+        }
+        return response;
+    }
     let usage = json!({
         "prompt_tokens": script.prompt_tokens,
         "completion_tokens": script.tokens.len(),
@@ -186,44 +232,53 @@ async fn completions(
     let include_usage = body["stream_options"]["include_usage"] == json!(true);
     let model = script.model.clone();
     let interval = script.interval;
+    let quirks = script.quirks.clone();
     let mut guard = StreamGuard {
         recorded,
         finished: false,
     };
     let stream = async_stream(move |tx| async move {
-        let send = |v: Value| tx.send(Bytes::from(format!("data: {v}\n\n")));
+        let sse = Sse {
+            tx,
+            quirks: quirks.clone(),
+        };
         // Real providers open with a role-only chunk whose content is null.
-        if send(chunk(
-            &model,
-            json!({"role": "assistant", "content": null}),
-            None,
-        ))
-        .await
-        .is_err()
-        {
+        let role = chunk(&model, json!({"role": "assistant", "content": null}), None);
+        if sse.data(role.to_string()).await.is_err() {
             return;
         }
-        for token in &script.tokens {
-            tokio::time::sleep(interval).await;
-            if send(chunk(&model, json!({"content": token}), None))
-                .await
-                .is_err()
-            {
+        if quirks.empty_choices_chunk {
+            let mut empty = chunk(&model, json!({}), None);
+            empty["choices"] = json!([]);
+            if sse.data(empty.to_string()).await.is_err() {
                 return;
             }
         }
-        let _ = send(chunk(&model, json!({}), Some("stop"))).await;
-        if include_usage {
+        for (i, token) in script.tokens.iter().enumerate() {
+            if quirks.drop_after == Some(i) {
+                return;
+            }
+            if quirks.error_after == Some(i) {
+                let error = json!({"error": {"message": "stand-in overloaded mid-stream", "type": "server_error"}});
+                let _ = sse.data(error.to_string()).await;
+                return;
+            }
+            tokio::time::sleep(interval).await;
+            let content = chunk(&model, json!({"content": token}), None);
+            if sse.data(content.to_string()).await.is_err() {
+                return;
+            }
+        }
+        let _ = sse
+            .data(chunk(&model, json!({}), Some("stop")).to_string())
+            .await;
+        if include_usage && !quirks.no_usage {
             let mut last = chunk(&model, json!({}), None);
             last["choices"] = json!([]);
             last["usage"] = usage;
-            let _ = send(last).await;
+            let _ = sse.data(last.to_string()).await;
         }
-        if tx
-            .send(Bytes::from_static(b"data: [DONE]\n\n"))
-            .await
-            .is_ok()
-        {
+        if sse.data("[DONE]".into()).await.is_ok() {
             guard.finished = true;
         }
         drop(guard);
@@ -232,6 +287,46 @@ async fn completions(
         .header("content-type", "text/event-stream")
         .body(Body::from_stream(stream.map(Ok::<_, std::io::Error>)))
         .expect("valid response")
+}
+
+/// Writes SSE events with the configured quirks.
+struct Sse {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    quirks: Quirks,
+}
+
+impl Sse {
+    async fn data(&self, data: String) -> Result<(), ()> {
+        let eol = if self.quirks.crlf { "\r\n" } else { "\n" };
+        let prefix = if self.quirks.no_space {
+            "data:"
+        } else {
+            "data: "
+        };
+        let mut text = String::new();
+        if self.quirks.keepalive_comments {
+            text.push_str(&format!(": keep-alive{eol}{eol}"));
+        }
+        text.push_str(&format!("{prefix}{data}{eol}{eol}"));
+        let bytes = text.into_bytes();
+        if self.quirks.split_writes {
+            // Split inside a multi-byte character when there is one.
+            let at = bytes
+                .iter()
+                .position(|b| *b >= 0xC0)
+                .map_or(bytes.len() / 2, |i| i + 1);
+            self.write(Bytes::copy_from_slice(&bytes[..at])).await?;
+            // Long enough for the reader to see two separate reads.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.write(Bytes::copy_from_slice(&bytes[at..])).await
+        } else {
+            self.write(Bytes::from(bytes)).await
+        }
+    }
+
+    async fn write(&self, bytes: Bytes) -> Result<(), ()> {
+        self.tx.send(bytes).await.map_err(|_| ())
+    }
 }
 
 /// A stream fed by a producer task through a bounded channel; the producer

@@ -22,38 +22,103 @@ impl Drop for TestStreamer {
     }
 }
 
+pub fn config(nats_url: &str, llm_base_url: &str, extra: &[&str]) -> streamer::Config {
+    let mut args = vec![
+        "streamer",
+        "--nats-url",
+        nats_url,
+        "--listen",
+        "127.0.0.1:0",
+        "--llm-base-url",
+        llm_base_url,
+        "--read-timeout-ms",
+        "120000",
+        "--max-tokens",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    streamer::Config::parse_from(args)
+}
+
+/// A streamer on its own runtime and thread, so it can be killed the hard
+/// way: every task dropped mid-flight, its NATS connection cut, nothing acked.
+pub struct Killable {
+    kill: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Killable {
+    pub fn spawn(config: streamer::Config) -> Self {
+        let (kill, killed) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let app = streamer::Streamer::build(config)
+                    .await
+                    .expect("streamer builds");
+                tokio::spawn(app.run(CancellationToken::new()));
+            });
+            ready_tx.send(()).unwrap();
+            let _ = killed.recv();
+            runtime.shutdown_background();
+        });
+        ready_rx.recv().unwrap();
+        Self {
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Killable {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 impl TestStreamer {
     pub async fn start(llm_base_url: &str) -> Self {
+        Self::start_with(llm_base_url, &[]).await
+    }
+
+    pub async fn start_with(llm_base_url: &str, extra: &[&str]) -> Self {
+        let app = Self::without_streamer().await;
+        let streamer = streamer::Streamer::build(config(&app.nats_url(), llm_base_url, extra))
+            .await
+            .expect("streamer builds");
+        tokio::spawn(streamer.run(app.shutdown.clone()));
+        app
+    }
+
+    /// A nats-server with its streams and no streamer yet.
+    pub async fn without_streamer() -> Self {
         testkit::init_logs();
         let nats = NatsServer::start()
             .await
             .expect("nats-server (run scripts/setup.sh)");
-        let config = streamer::Config::parse_from([
-            "streamer",
-            "--nats-url",
-            &nats.url(),
-            "--listen",
-            "127.0.0.1:0",
-            "--llm-base-url",
-            llm_base_url,
-            "--read-timeout-ms",
-            "120000",
-            "--max-tokens",
-            "64",
-        ]);
-        let shutdown = CancellationToken::new();
-        let app = streamer::Streamer::build(config)
-            .await
-            .expect("streamer builds");
-        tokio::spawn(app.run(shutdown.clone()));
         let client = nats.client().await.unwrap();
         let js = jetstream::new(client.clone());
+        bus::streams::ensure_all(&js).await.unwrap();
         Self {
             _nats: nats,
             client,
             js,
-            shutdown,
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    pub fn nats_url(&self) -> String {
+        self._nats.url()
     }
 
     /// Publishes a chat request the way the gateway does and returns its turn id.

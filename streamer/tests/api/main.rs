@@ -5,8 +5,9 @@ mod helpers;
 use std::time::Duration;
 
 use bus::wire::{FinishReason, ServerFrame, TurnRecord};
+use futures::StreamExt as _;
 use helpers::TestStreamer;
-use testkit::{LocalLlm, Script, StandInLlm};
+use testkit::{LocalLlm, Quirks, Script, StandInLlm};
 
 #[tokio::test]
 async fn chat_request_is_answered_with_token_frames_done_and_a_turn_record() {
@@ -132,4 +133,295 @@ async fn the_real_local_model_answers_through_the_bus() {
     );
     let record = app.turn_record("conv-local", &turn).await;
     assert_eq!(record.assistant_text, text);
+}
+
+/// The tokens every quirk scenario streams: multi-byte characters included,
+/// so a split network read lands inside one.
+fn korean_answer() -> Vec<&'static str> {
+    vec![
+        "페트병은 ",
+        "헹궈서 ",
+        "라벨을 ",
+        "떼고 ",
+        "é ",
+        "배출하세요.",
+    ]
+}
+
+async fn run_quirk(quirks: Quirks) -> (Vec<ServerFrame>, TurnRecord, StandInLlm, TestStreamer) {
+    let llm = StandInLlm::start(
+        Script::new(korean_answer(), Duration::from_millis(1)).with_quirks(quirks),
+    )
+    .await
+    .unwrap();
+    let app = TestStreamer::start(llm.base_url()).await;
+    let turn = app.send("conv-q", "PET?").await;
+    let frames = app.frames_until_done(&turn).await;
+    let record = app.turn_record("conv-q", &turn).await;
+    (frames, record, llm, app)
+}
+
+fn assert_complete(frames: &[ServerFrame], record: &TurnRecord) {
+    let full: String = korean_answer().concat();
+    assert_eq!(record.assistant_text, full);
+    assert_eq!(record.finish_reason, FinishReason::Stop);
+    let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn quirk_keepalive_comment_lines_are_ignored() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        keepalive_comments: true,
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+}
+
+#[tokio::test]
+async fn quirk_crlf_line_endings_are_read() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        crlf: true,
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+}
+
+#[tokio::test]
+async fn quirk_data_without_a_space_is_read() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        no_space: true,
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+}
+
+#[tokio::test]
+async fn quirk_utf8_character_split_across_reads_is_reassembled() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        split_writes: true,
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+}
+
+#[tokio::test]
+async fn quirk_chunks_with_empty_choices_are_skipped() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        empty_choices_chunk: true,
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+}
+
+#[tokio::test]
+async fn quirk_no_usage_chunk_falls_back_to_counted_tokens() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        no_usage: true,
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+    assert_eq!(record.usage.completion_tokens, 6);
+    assert_eq!(record.usage.prompt_tokens, 0);
+}
+
+#[tokio::test]
+async fn quirk_error_object_mid_stream_ends_the_turn_with_error_and_keeps_the_partial_answer() {
+    let (frames, record, llm, app) = run_quirk(Quirks {
+        error_after: Some(2),
+        ..Quirks::default()
+    })
+    .await;
+    assert_eq!(record.assistant_text, "페트병은 헹궈서 ");
+    assert_eq!(record.finish_reason, FinishReason::Error);
+    assert!(record.error.as_deref().unwrap().contains("overloaded"));
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Error { code, .. } if code == "upstream_error"))
+    );
+    assert!(matches!(
+        frames.last(),
+        Some(ServerFrame::Done {
+            seq: 3,
+            finish_reason: FinishReason::Error,
+            ..
+        })
+    ));
+    assert_eq!(llm.requests().len(), 1, "no retry after tokens were sent");
+    let letter = app.dead_letter().await;
+    assert!(letter.error.contains("overloaded"));
+}
+
+#[tokio::test]
+async fn quirk_connection_dropped_without_done_ends_the_turn_with_error() {
+    let (frames, record, ..) = run_quirk(Quirks {
+        drop_after: Some(3),
+        ..Quirks::default()
+    })
+    .await;
+    assert_eq!(record.assistant_text, "페트병은 헹궈서 라벨을 ");
+    assert_eq!(record.finish_reason, FinishReason::Error);
+    assert!(matches!(
+        frames.last(),
+        Some(ServerFrame::Done {
+            seq: 4,
+            finish_reason: FinishReason::Error,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn rate_limits_and_server_errors_before_the_first_token_are_retried_honouring_retry_after() {
+    let started = std::time::Instant::now();
+    let (frames, record, llm, _app) = run_quirk(Quirks {
+        fail_first: vec![(429, Some(1)), (503, None)],
+        ..Quirks::default()
+    })
+    .await;
+    assert_complete(&frames, &record);
+    assert_eq!(llm.requests().len(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was not honoured"
+    );
+}
+
+#[tokio::test]
+async fn a_client_error_is_not_retried_and_fails_the_turn_cleanly() {
+    let (frames, record, llm, app) = run_quirk(Quirks {
+        fail_first: vec![(400, None)],
+        ..Quirks::default()
+    })
+    .await;
+    assert_eq!(llm.requests().len(), 1);
+    assert_eq!(record.finish_reason, FinishReason::Error);
+    assert_eq!(record.assistant_text, "");
+    assert!(matches!(
+        frames.last(),
+        Some(ServerFrame::Done { seq: 1, .. })
+    ));
+    assert!(app.dead_letter().await.error.contains("400"));
+}
+
+#[tokio::test]
+async fn cancel_closes_the_upstream_request_and_records_the_partial_answer() {
+    let llm = StandInLlm::start(Script::new(vec!["word "; 400], Duration::from_millis(10)))
+        .await
+        .unwrap();
+    let app = TestStreamer::start(llm.base_url()).await;
+    let turn = app.send("conv-c", "talk a lot").await;
+    let subject = format!("chat.tok.conv-c.{turn}");
+    let mut live = app.client.subscribe(subject).await.unwrap();
+    // Wait for a few tokens, then cancel.
+    for _ in 0..3 {
+        live.next().await.unwrap();
+    }
+    let cancelled_at = std::time::Instant::now();
+    app.client
+        .publish(format!("chat.cancel.{turn}"), "".into())
+        .await
+        .unwrap();
+    testkit::wait_for(
+        "the upstream connection to close",
+        Duration::from_secs(5),
+        || {
+            let dropped = llm.streams_dropped_early();
+            async move { (dropped == 1).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    let closed_after = cancelled_at.elapsed();
+    eprintln!("upstream closed {closed_after:?} after cancel");
+    assert!(
+        closed_after < Duration::from_secs(1),
+        "took {closed_after:?}"
+    );
+    let record = app.turn_record("conv-c", &turn).await;
+    assert_eq!(record.finish_reason, FinishReason::Cancelled);
+    assert!(record.assistant_text.starts_with("word word word "));
+    assert!(record.assistant_text.len() < 400 * 5);
+    assert_eq!(llm.streams_completed(), 0);
+}
+
+#[tokio::test]
+async fn a_streamer_killed_mid_generation_is_replaced_and_the_client_sees_a_reset_then_the_whole_answer()
+ {
+    let words: Vec<String> = (1..=30).map(|i| format!("w{i} ")).collect();
+    let full: String = words.concat();
+    let llm = StandInLlm::start(Script::new(words, Duration::from_millis(30)))
+        .await
+        .unwrap();
+    let app = TestStreamer::without_streamer().await;
+    let fast_redelivery = ["--ack-wait-ms", "1500"];
+    let mut first = helpers::Killable::spawn(helpers::config(
+        &app.nats_url(),
+        llm.base_url(),
+        &fast_redelivery,
+    ));
+    let turn = app.send("conv-k", "count").await;
+    let mut live = app
+        .client
+        .subscribe(format!("chat.tok.conv-k.{turn}"))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        live.next().await.unwrap();
+    }
+    first.kill();
+    assert_eq!(llm.streams_completed(), 0);
+
+    let second = streamer::Streamer::build(helpers::config(
+        &app.nats_url(),
+        llm.base_url(),
+        &fast_redelivery,
+    ))
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(second.run(stop.clone()));
+    let frames = app.frames_until_done(&turn).await;
+    stop.cancel();
+
+    let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "seq space continues"
+    );
+    let resets: Vec<usize> = frames
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| matches!(f, ServerFrame::Reset { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(resets.len(), 1, "exactly one reset: {frames:?}");
+    let before: String = frames[..resets[0]]
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(full.starts_with(&before) && before.len() >= 4 * 3);
+    let after: String = frames[resets[0]..]
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(after, full, "the answer after the reset is whole");
+    let record = app.turn_record("conv-k", &turn).await;
+    assert_eq!(record.assistant_text, full);
+    assert_eq!(record.finish_reason, FinishReason::Stop);
+    assert_eq!(record.usage.completion_tokens, 30);
 }
