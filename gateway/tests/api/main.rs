@@ -423,3 +423,25 @@ async fn openai_compatible_endpoint_streams_and_completes_through_the_bus() {
     assert_eq!(unauthenticated.status(), 401);
     assert_eq!(app.llm.requests().len(), before);
 }
+
+#[tokio::test]
+async fn the_official_openai_python_client_works_against_the_gateway() {
+    let app = TestApp::start(answer()).await;
+    let output = tokio::process::Command::new(testkit::venv_bin("python3"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/openai_client.py"
+        ))
+        .arg(app.url("/v1"))
+        .arg(token_for("erin", 600))
+        .arg("Glass goes in the glass bin.")
+        .output()
+        .await
+        .expect("the venv's python (run scripts/setup.sh)");
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
