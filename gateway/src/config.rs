@@ -38,6 +38,13 @@ pub struct Config {
     /// For local development only; needs AUTH_JWT_SECRET.
     #[arg(long, env = "GATEWAY_DEV_LOGIN")]
     pub dev_login: bool,
+    /// Turns one user may have streaming at once on this node.
+    #[arg(long, env = "GATEWAY_MAX_TURNS_PER_USER", default_value_t = 8)]
+    pub max_turns_per_user: usize,
+    /// Frames a WebSocket may have queued before the client counts as too
+    /// slow and is closed with 4008 (it then reconnects and resumes).
+    #[arg(long, env = "GATEWAY_WS_OUTBOX_FRAMES", default_value_t = 1024)]
+    pub ws_outbox_frames: usize,
     /// Folder of the web UI's static files.
     #[arg(long, env = "GATEWAY_WEB_DIR", default_value = "web")]
     pub web_dir: PathBuf,

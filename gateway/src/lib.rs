@@ -39,6 +39,8 @@ pub struct AppState {
     conversations: async_nats::jetstream::kv::Store,
     turns: async_nats::jetstream::kv::Store,
     limits: Arc<turns::Limits>,
+    /// Frames a socket may have queued before it counts as too slow.
+    ws_outbox: usize,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
     shutdown: CancellationToken,
 }
@@ -97,7 +99,8 @@ impl Gateway {
             js,
             conversations,
             turns,
-            limits: Arc::new(turns::Limits::default()),
+            limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
+            ws_outbox: config.ws_outbox_frames.max(1),
             shutdown,
         };
         Ok(Self {

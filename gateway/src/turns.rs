@@ -29,16 +29,23 @@ use crate::AppState;
 /// repeated `request_id` maps to the same ids.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_3c2e_9b4d_4e8a_a7c5_1d2e_3f40_5b6c);
 
-/// Where a relay delivers frames. `send` returns false when the receiver is
-/// gone or too slow, which ends the relay (never the turn).
+/// How long a relay waits for room in a receiver's buffer before the
+/// receiver counts as too slow.
+pub const SLOW_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where a relay delivers frames. `deliver` waits (up to [`SLOW_AFTER`])
+/// while the receiver catches up, so a replay burst is paced rather than
+/// dropped; it returns false when the receiver is gone or too slow, which
+/// ends the relay (never the turn).
 pub trait FrameSink: Send + Sync + 'static {
-    /// Delivers one frame without waiting.
-    fn send(&self, frame: &ServerFrame) -> bool;
+    /// Delivers one frame.
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send;
 }
 
 impl FrameSink for tokio::sync::mpsc::Sender<ServerFrame> {
-    fn send(&self, frame: &ServerFrame) -> bool {
-        self.try_send(frame.clone()).is_ok()
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
+        let frame = frame.clone();
+        async move { self.send_timeout(frame, SLOW_AFTER).await.is_ok() }
     }
 }
 
@@ -87,10 +94,11 @@ pub struct Limits {
     active: Mutex<HashMap<String, usize>>,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
+impl Limits {
+    /// Limits allowing `max_turns_per_user` concurrent turns per user.
+    pub fn new(max_turns_per_user: usize) -> Self {
         Self {
-            max_turns_per_user: 8,
+            max_turns_per_user,
             active: Mutex::new(HashMap::new()),
         }
     }
@@ -379,7 +387,7 @@ impl Follow {
             match frame.seq() {
                 // Advisory frames (error) have no seq.
                 None => {
-                    if !sink.send(&frame) {
+                    if !sink.deliver(&frame).await {
                         return;
                     }
                 }
@@ -391,7 +399,7 @@ impl Follow {
                     }
                 }
                 Some(_) => {
-                    if forward(&mut last_seq, frame, &sink) {
+                    if forward(&mut last_seq, frame, &sink).await {
                         return;
                     }
                 }
@@ -416,7 +424,7 @@ impl Follow {
             };
             if frame.seq() == Some(*last_seq + 1) {
                 metrics::counter!("gateway_replayed_frames_total").increment(1);
-                if forward(last_seq, frame, sink) {
+                if forward(last_seq, frame, sink).await {
                     return true;
                 }
             }
@@ -434,22 +442,22 @@ struct TimedSink<S> {
 }
 
 impl<S: FrameSink> FrameSink for TimedSink<S> {
-    fn send(&self, frame: &ServerFrame) -> bool {
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
         if matches!(frame, ServerFrame::Token { .. })
             && self.first.swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             metrics::histogram!("gateway_ttft_seconds")
                 .record(self.started.elapsed().as_secs_f64());
         }
-        self.inner.send(frame)
+        self.inner.deliver(frame)
     }
 }
 
 /// Sends one in-order frame; true when it ended the turn or the sink.
-fn forward<S: FrameSink>(last_seq: &mut u64, frame: ServerFrame, sink: &S) -> bool {
+async fn forward<S: FrameSink>(last_seq: &mut u64, frame: ServerFrame, sink: &S) -> bool {
     *last_seq = frame.seq().unwrap_or(*last_seq);
     let done = matches!(frame, ServerFrame::Done { .. });
-    !sink.send(&frame) || done
+    !sink.deliver(&frame).await || done
 }
 
 #[cfg(test)]
@@ -458,10 +466,7 @@ mod tests {
 
     #[test]
     fn turn_slots_are_bounded_per_user_and_released_on_drop() {
-        let limits = Arc::new(Limits {
-            max_turns_per_user: 2,
-            ..Limits::default()
-        });
+        let limits = Arc::new(Limits::new(2));
         let a = limits.acquire("u").unwrap();
         let _b = limits.acquire("u").unwrap();
         assert!(limits.acquire("u").is_none());

@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     AppState,
     auth::StreamUser,
-    turns::{Follow, FrameSink, NewTurn},
+    turns::{Follow, FrameSink, NewTurn, SLOW_AFTER},
 };
 
-/// Frames a socket may have queued before it counts as too slow.
-const OUTBOX: usize = 1024;
+/// Longest a single write to a client may take before the socket is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest WebSocket message read at all; bigger ones close the socket
 /// (1009). Up to this size, oversized `content` gets a `too_large` frame.
 const MAX_MESSAGE: usize = 1024 * 1024;
@@ -56,7 +56,8 @@ struct Outbox {
     slow: CancellationToken,
 }
 
-impl FrameSink for Outbox {
+impl Outbox {
+    /// Queues a control frame (accepted, error, pong) without waiting.
     fn send(&self, frame: &ServerFrame) -> bool {
         let text = serde_json::to_string(frame).expect("frames serialize");
         match self.tx.try_send(Message::Text(Utf8Bytes::from(text))) {
@@ -69,6 +70,29 @@ impl FrameSink for Outbox {
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+impl FrameSink for Outbox {
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
+        let text = serde_json::to_string(frame).expect("frames serialize");
+        async move {
+            match self
+                .tx
+                .send_timeout(Message::Text(Utf8Bytes::from(text)), SLOW_AFTER)
+                .await
+            {
+                Ok(()) => {
+                    metrics::counter!("gateway_ws_frames_sent_total").increment(1);
+                    true
+                }
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    self.slow.cancel();
+                    false
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+            }
         }
     }
 }
@@ -92,21 +116,14 @@ impl Session {
 
     async fn run(self, socket: WebSocket) {
         metrics::gauge!("gateway_ws_open").increment(1.0);
-        let (mut sink, mut stream) = socket.split();
-        let (tx, mut rx) = mpsc::channel::<Message>(OUTBOX);
+        let (sink, mut stream) = socket.split();
+        let (tx, rx) = mpsc::channel::<Message>(self.state.ws_outbox);
         let outbox = Outbox {
             tx,
             slow: CancellationToken::new(),
         };
-        let writer = tokio::spawn(async move {
-            while let Some(message) = rx.recv().await {
-                let closing = matches!(message, Message::Close(_));
-                if sink.send(message).await.is_err() || closing {
-                    break;
-                }
-            }
-            let _ = sink.close().await;
-        });
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        let mut writer = tokio::spawn(write(sink, rx, close_rx));
 
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
@@ -139,17 +156,18 @@ impl Session {
         };
         // Relays stop; the turns themselves go on (a disconnect never cancels).
         self.relays.cancel();
-        if let Some((code, reason)) = close {
-            // The outbox may be full (slow client): the close frame jumps it
-            // by waiting briefly rather than being dropped.
-            let frame = Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from(reason),
-            }));
-            let _ = tokio::time::timeout(Duration::from_secs(1), outbox.tx.send(frame)).await;
+        if let Some(close) = close {
+            let _ = close_tx.send(close);
         }
         drop(outbox);
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        // A client that reads nothing at all cannot hold the session: after
+        // the write timeout its queue and socket are dropped.
+        if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
         metrics::gauge!("gateway_ws_open").decrement(1.0);
     }
 
@@ -236,6 +254,36 @@ impl Session {
             }
         });
     }
+}
+
+/// The socket's only writer. A close (slow client, shutdown, idle) jumps the
+/// queue: it goes out right after the frame being written, and whatever is
+/// still queued is dropped, since the client resumes from its last `seq`.
+async fn write(
+    mut sink: futures::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    mut close: tokio::sync::oneshot::Receiver<(u16, &'static str)>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            code = &mut close => {
+                if let Ok((code, reason)) = code {
+                    let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }));
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await;
+                }
+                break;
+            }
+            message = rx.recv() => match message {
+                Some(message) => match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                },
+                None => break,
+            },
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
 fn parse_frame(text: &str) -> Result<ClientFrame, (&'static str, String)> {

@@ -292,14 +292,37 @@ impl Worker {
     async fn publish_record(
         &self,
         request: &ChatRequest,
-        record: TurnRecord,
+        mut record: TurnRecord,
     ) -> anyhow::Result<()> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
             request.turn_id.as_str(),
         );
-        let body = serde_json::to_vec(&record)?;
+        let mut body = serde_json::to_vec(&record)?;
+        // A record the server would refuse would be redelivered forever: keep
+        // what fits (the frames on CHAT_TOK still hold every token) and say so.
+        let limit = usize::try_from(self.client.server_info().max_payload).unwrap_or(usize::MAX);
+        if body.len() + 1024 > limit {
+            let excess = body.len() + 1024 - limit;
+            let keep = record.assistant_text.len().saturating_sub(excess + 64);
+            let cut = (0..=keep)
+                .rev()
+                .find(|i| record.assistant_text.is_char_boundary(*i))
+                .unwrap_or(0);
+            tracing::error!(
+                bytes = body.len(),
+                limit,
+                "Turn record exceeds the bus's max payload; storing it truncated."
+            );
+            metrics::counter!("streamer_records_truncated_total").increment(1);
+            record.error = Some(format!(
+                "assistant text truncated from {} to {cut} bytes to fit the bus's {limit}-byte message limit",
+                record.assistant_text.len()
+            ));
+            record.assistant_text.truncate(cut);
+            body = serde_json::to_vec(&record)?;
+        }
         self.js
             .publish_with_headers(
                 subject::chat_done(&request.conversation_id)?,

@@ -445,3 +445,82 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_loss() {
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    // Long tokens, so kernel socket buffers cannot absorb the whole answer.
+    let words: Vec<String> = (0..3000)
+        .map(|i| format!("t{i}-{} ", "x".repeat(2000)))
+        .collect();
+    let full = words.concat();
+    let app = TestApp::start_with(
+        Script::new(words, Duration::ZERO),
+        &["--ws-outbox-frames", "32"],
+    )
+    .await;
+    // A client with a tiny receive buffer that stops reading.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let mut request = format!("ws://{}/v1/chat/ws", app.addr)
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token_for("slow", 600))
+            .parse()
+            .unwrap(),
+    );
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (socket, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    let mut ws = helpers::Ws { socket };
+    ws.send_json(json!({"type": "send", "content": "count", "request_id": "slow-1"}))
+        .await;
+    let ServerFrame::Accepted { turn_id, .. } = ws.next().await else {
+        panic!("not accepted")
+    };
+    // Longer than the relay waits for room (2 s), so the client counts as slow.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // Now read: frames in order, then a close saying "too slow".
+    let mut seen = Vec::new();
+    let close_code = loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.socket.next()).await;
+        let Ok(next) = next else {
+            panic!(
+                "no close after {} frames, last {:?}",
+                seen.len(),
+                seen.last().map(|f: &ServerFrame| f.seq())
+            );
+        };
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                seen.push(serde_json::from_str::<ServerFrame>(&text).unwrap())
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("socket ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close_code, Some(4008));
+    let last_seq = seen.iter().filter_map(ServerFrame::seq).max().unwrap_or(0);
+    assert!(
+        last_seq < 3001,
+        "the whole answer fit; the test did not exercise slowness"
+    );
+
+    let mut again = app.ws("slow").await;
+    again
+        .send_json(json!({"type": "resume", "turn_id": turn_id, "after_seq": last_seq}))
+        .await;
+    let rest = again.until_done().await;
+    let all: Vec<ServerFrame> = seen.into_iter().chain(rest).collect();
+    let seqs: Vec<u64> = all.iter().filter_map(ServerFrame::seq).collect();
+    assert_eq!(seqs, (1..=3001).collect::<Vec<_>>());
+    assert_eq!(text_of(&all), full);
+}

@@ -425,3 +425,29 @@ async fn a_streamer_killed_mid_generation_is_replaced_and_the_client_sees_a_rese
     assert_eq!(record.finish_reason, FinishReason::Stop);
     assert_eq!(record.usage.completion_tokens, 30);
 }
+
+#[tokio::test]
+async fn an_answer_too_big_for_one_bus_message_is_recorded_truncated_not_redelivered_forever() {
+    let words: Vec<String> = (0..600)
+        .map(|i| format!("{i}{} ", "y".repeat(2000)))
+        .collect();
+    let llm = StandInLlm::start(Script::new(words.clone(), Duration::ZERO))
+        .await
+        .unwrap();
+    let app = TestStreamer::start(llm.base_url()).await;
+    let turn = app.send("conv-big", "long").await;
+    let frames = app.frames_until_done(&turn).await;
+    let text: String = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, words.concat(), "every token is on the bus");
+    let record = app.turn_record("conv-big", &turn).await;
+    assert!(words.concat().starts_with(&record.assistant_text));
+    assert!(record.assistant_text.len() < text.len());
+    assert!(record.error.unwrap().contains("truncated"));
+    assert_eq!(llm.requests().len(), 1);
+}
