@@ -302,7 +302,7 @@ impl Worker {
         let mut body = serde_json::to_vec(&record)?;
         // A record the server would refuse would be redelivered forever: keep
         // what fits (the frames on CHAT_TOK still hold every token) and say so.
-        let limit = usize::try_from(self.client.server_info().max_payload).unwrap_or(usize::MAX);
+        let limit = self.client.server_info().max_payload;
         if body.len() + 1024 > limit {
             let excess = body.len() + 1024 - limit;
             let keep = record.assistant_text.len().saturating_sub(excess + 64);
