@@ -9,6 +9,7 @@
 pub mod auth;
 mod config;
 pub mod error;
+mod history;
 mod openai;
 mod turns;
 mod ws;
@@ -157,6 +158,8 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/dev/token", post(dev_token))
         .route("/v1/chat/ws", get(ws::upgrade))
         .route("/v1/chat/completions", post(openai::completions))
+        .route("/v1/conversations", get(history::list))
+        .route("/v1/conversations/{id}", get(history::get))
         .with_state(state);
     bus::ops::router(ready)
         .merge(api)

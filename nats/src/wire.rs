@@ -251,6 +251,67 @@ pub struct DeadLetter {
     pub failed_at: DateTime<Utc>,
 }
 
+/// `history.list` request: a user's conversations, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryListRequest {
+    /// Whose conversations.
+    pub user_id: String,
+    /// At most this many (the persister caps it).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// One conversation in a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationSummary {
+    /// The conversation.
+    pub conversation_id: String,
+    /// The first user message, shortened: a title for lists.
+    pub title: String,
+    /// How many turns it has.
+    pub turns: u32,
+    /// When its first turn was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When its last turn completed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `history.get` request: one conversation's turns, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryGetRequest {
+    /// Who asks (only the owner may read it).
+    pub user_id: String,
+    /// The conversation.
+    pub conversation_id: String,
+}
+
+/// A reply on the history subjects: the value, or an error with a code
+/// (`not_found`, `forbidden`, `unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HistoryReply<T> {
+    /// The answer.
+    Ok(T),
+    /// Why there is none.
+    Err(ErrorBody),
+}
+
+/// The `history.list` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationList {
+    /// Newest first.
+    pub conversations: Vec<ConversationSummary>,
+}
+
+/// The `history.get` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationDetail {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Its turns, oldest first, complete (Postgres plus what only SQLite has yet).
+    pub turns: Vec<TurnRecord>,
+}
+
 /// An HTTP error body: `{"error":{"code","message"}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

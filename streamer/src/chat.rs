@@ -14,12 +14,20 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, AckKind, context::PublishAckFuture};
 use bus::{
     streams, subject,
-    wire::{ChatMessage, ChatRequest, DeadLetter, FinishReason, ServerFrame, TurnRecord, Usage},
+    wire::{
+        ChatMessage, ChatRequest, ConversationDetail, DeadLetter, FinishReason, HistoryGetRequest,
+        HistoryReply, ServerFrame, TurnRecord, Usage,
+    },
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 
 use crate::upstream::{self, Event, Upstream};
+
+/// Earlier turns put into a prompt.
+const HISTORY_TURNS: usize = 10;
+/// How long the persister may take to answer a history request.
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a worker needs; cloned cheaply into each task.
 #[derive(Debug, Clone)]
@@ -137,7 +145,11 @@ impl Worker {
             role: "system".into(),
             content: self.system_prompt.clone(),
         }];
-        messages.extend(request.history.iter().cloned());
+        if request.history.is_empty() {
+            messages.extend(self.earlier_turns(request).await);
+        } else {
+            messages.extend(request.history.iter().cloned());
+        }
         messages.push(ChatMessage {
             role: "user".into(),
             content: request.content.clone(),
@@ -236,6 +248,58 @@ impl Worker {
             .increment(1);
         let record = turn.record(request);
         self.publish_record(request, record).await
+    }
+
+    /// The conversation's earlier turns from the persister's history, as
+    /// prompt messages (the last [`HISTORY_TURNS`]). Without an answer in
+    /// time the turn goes on with the new message alone: an answer without
+    /// context beats no answer.
+    async fn earlier_turns(&self, request: &ChatRequest) -> Vec<ChatMessage> {
+        let query = HistoryGetRequest {
+            user_id: request.user_id.clone(),
+            conversation_id: request.conversation_id.clone(),
+        };
+        let body = serde_json::to_vec(&query).expect("serializes");
+        let reply = tokio::time::timeout(
+            HISTORY_TIMEOUT,
+            self.client.request(subject::HISTORY_GET, body.into()),
+        )
+        .await;
+        let detail = match reply {
+            Ok(Ok(message)) => match serde_json::from_slice(&message.payload) {
+                Ok(HistoryReply::Ok(ConversationDetail { turns, .. })) => turns,
+                Ok(HistoryReply::Err(_)) => return Vec::new(),
+                Err(error) => {
+                    tracing::warn!(%error, "Unreadable history reply; answering without context.");
+                    return Vec::new();
+                }
+            },
+            _ => {
+                metrics::counter!("streamer_history_unavailable_total").increment(1);
+                tracing::warn!("History unavailable; answering without context.");
+                return Vec::new();
+            }
+        };
+        let earlier: Vec<_> = detail
+            .into_iter()
+            .filter(|t| t.turn_id != request.turn_id && t.created_at <= request.created_at)
+            .collect();
+        let skip = earlier.len().saturating_sub(HISTORY_TURNS);
+        earlier
+            .into_iter()
+            .skip(skip)
+            .flat_map(|t| {
+                let answer = (!t.assistant_text.is_empty()).then(|| ChatMessage {
+                    role: "assistant".into(),
+                    content: t.assistant_text,
+                });
+                std::iter::once(ChatMessage {
+                    role: "user".into(),
+                    content: t.user_text,
+                })
+                .chain(answer)
+            })
+            .collect()
     }
 
     async fn dead_letter_failed_turn(
