@@ -84,6 +84,7 @@ function onFrame(frame) {
         save();
       }
       $("stop").disabled = true;
+      setTimeout(loadConversations, 500);
       break;
     case "error":
       bubble("error", explain(frame));
@@ -139,9 +140,50 @@ $("new").addEventListener("click", () => {
   $("log").replaceChildren(); bubbles.clear();
 });
 
+async function api(path) {
+  const response = await fetch(path, { headers: { authorization: `Bearer ${state.token}` } });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
+  return body;
+}
+
+async function loadConversations() {
+  try {
+    const { conversations } = await api("/v1/conversations");
+    const list = $("conversations");
+    list.replaceChildren();
+    for (const c of conversations) {
+      const item = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = c.title || c.conversation_id;
+      button.addEventListener("click", () => openConversation(c.conversation_id));
+      item.appendChild(button);
+      list.appendChild(item);
+    }
+    $("history").hidden = conversations.length === 0;
+  } catch (error) {
+    status(`history unavailable: ${error.message}`);
+  }
+}
+
+async function openConversation(id) {
+  const { turns } = await api(`/v1/conversations/${encodeURIComponent(id)}`);
+  state.conversation = id;
+  state.turn = null;
+  save();
+  $("log").replaceChildren();
+  bubbles.clear();
+  for (const turn of turns) {
+    bubble("user", turn.user_text);
+    bubble("assistant", turn.assistant_text);
+  }
+}
+
 function start() {
   $("login").hidden = true;
   $("chat").hidden = false;
   connect();
+  loadConversations();
 }
 if (state.token) start();
