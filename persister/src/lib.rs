@@ -1,1 +1,228 @@
-//! placeholder
+//! The persister: every completed turn ends up in Postgres exactly once.
+//!
+//! It owns the durable consumer on completed turns (`chat.done.>`,
+//! [`ingest`]), the local SQLite buffer in WAL mode that each turn is
+//! committed to before it is acked ([`wal`]), the copy of that buffer into
+//! Postgres with retries ([`sync`]), and the Postgres schema and its
+//! migrations (`persister/migrations`). SQLite is fast, local and durable;
+//! Postgres is the system of record and may be down for minutes without a
+//! turn being lost or the persister refusing work. It leaves producing the
+//! records to the streamer and reading them back to the gateway.
+//! Completed scans will be drained the same way (the scan issue).
+
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod sync;
+pub mod wal;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use wal::Wal;
+
+/// How long a readiness probe waits for the SQLite thread.
+const READY_SQLITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the persister until `shutdown` fires.
+///
+/// # Errors
+/// When startup fails (SQLite unusable, NATS unreachable, bad `DATABASE_URL`,
+/// port in use) or a loop stops unexpectedly.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Persister::build(config).await?.run(shutdown).await
+}
+
+/// A persister that has bound its port, opened SQLite and connected, ready
+/// to [`Persister::run`].
+pub struct Persister {
+    config: Config,
+    /// The ops listener; moved into the server by `run`.
+    listener: tokio::net::TcpListener,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    max_deliver: i64,
+    /// The buffer; ingest, sync and readiness each hold a clone.
+    wal: Wal,
+    postgres: sync::Postgres,
+}
+
+impl Persister {
+    /// Binds the ops listener, opens the SQLite buffer, connects to Postgres
+    /// (running its migrations) and to NATS, and creates the streams and the
+    /// durable consumer.
+    ///
+    /// # Errors
+    /// An actionable message for each startup failure. Postgres being
+    /// unreachable is not one: the persister starts degraded (see [`sync`]).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        let listener = bus::ops::bind(&config.listen, "PERSISTER_LISTEN").await?;
+        let wal = Wal::open(&config.sqlite_path).await?;
+        let postgres = sync::Postgres::connect(&config.database_url).await?;
+        let client = bus::connect::connect(&config.nats_url, "persister").await?;
+        let js = async_nats::jetstream::new(client.clone());
+        bus::streams::ensure_all(&js).await?;
+        let consumer = bus::streams::PERSISTER_TURNS.ensure(&js).await?;
+        let max_deliver = bus::streams::PERSISTER_TURNS.config()?.max_deliver;
+        tracing::info!(sqlite = %config.sqlite_path.display(), "Persister configured.");
+        Ok(Self {
+            config,
+            listener,
+            client,
+            js,
+            consumer,
+            max_deliver,
+            wal,
+            postgres,
+        })
+    }
+
+    /// The address of the health/metrics listener.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A handle on the SQLite buffer (shares the one connection thread).
+    pub fn wal(&self) -> Wal {
+        self.wal.clone()
+    }
+
+    /// Ingests and syncs until `shutdown` fires, then stops fetching, finishes
+    /// and acks the batch in hand (bounded by [`bus::shutdown::DRAIN`]) and returns.
+    ///
+    /// # Errors
+    /// When the ingest or sync loop stops before `shutdown` (a bug: a panic).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ready = readiness(
+            self.client.clone(),
+            self.js.clone(),
+            self.wal.clone(),
+            self.postgres.status.clone(),
+        );
+        let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
+
+        // Internal token: a loop that dies stops the other one too.
+        let stop = shutdown.child_token();
+        let committed = Arc::new(Notify::new());
+        let syncer = sync::Syncer {
+            wal: self.wal.clone(),
+            postgres: self.postgres,
+            batch: self.config.sync_batch,
+            interval: self.config.sync_interval(),
+            retention: self.config.retention(),
+            committed: committed.clone(),
+        };
+        let ingest = ingest::Ingest {
+            js: self.js.clone(),
+            wal: self.wal,
+            batch_size: self.config.batch_size,
+            max_deliver: self.max_deliver,
+            committed,
+        };
+        // Sync starts at once: rows a previous run left unsynced go first.
+        let mut sync_task = tokio::spawn(syncer.run(stop.clone()));
+        let mut ingest_task = tokio::spawn(ingest.run(self.consumer, stop.clone()));
+        tracing::info!("Persister consuming completed turns.");
+
+        let failure = tokio::select! {
+            _ = stop.cancelled() => None,
+            result = &mut ingest_task => Some(format!("the ingest loop stopped unexpectedly: {result:?}")),
+            result = &mut sync_task => Some(format!("the sync loop stopped unexpectedly: {result:?}")),
+        };
+        stop.cancel();
+        let drained = tokio::time::timeout(bus::shutdown::DRAIN, async {
+            if !ingest_task.is_finished() {
+                let _ = (&mut ingest_task).await;
+            }
+            if !sync_task.is_finished() {
+                let _ = (&mut sync_task).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("Drain timed out; unacked turns will be redelivered.");
+            ingest_task.abort();
+            sync_task.abort();
+        }
+        let _ = self.client.flush().await;
+        if let Some(failure) = failure {
+            anyhow::bail!(failure);
+        }
+        let _ = ops.await;
+        tracing::info!(status = %json!("stopped"), "Persister stopped.");
+        Ok(())
+    }
+}
+
+/// Ready when NATS is connected with every stream present and SQLite
+/// answers and takes writes; `degraded` (still ready) while Postgres is
+/// unreachable, because turns are still safely accepted.
+fn readiness(
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    wal: Wal,
+    postgres: Arc<sync::SyncStatus>,
+) -> bus::ops::ReadyFn {
+    Arc::new(move || {
+        let (client, js, wal, postgres) =
+            (client.clone(), js.clone(), wal.clone(), postgres.clone());
+        Box::pin(async move {
+            let mut checks = serde_json::Map::new();
+            let nats_ok = bus::ops::nats_checks(&client, &js, &mut checks).await;
+            let sqlite_ok = match tokio::time::timeout(READY_SQLITE_TIMEOUT, wal.backlog()).await {
+                Ok(Ok(backlog)) => {
+                    checks.insert("pending_sync".into(), json!(backlog.pending));
+                    if backlog.rejected > 0 {
+                        checks.insert("rejected_sync".into(), json!(backlog.rejected));
+                    }
+                    match wal.write_error() {
+                        None => {
+                            checks.insert("sqlite".into(), json!("open"));
+                            true
+                        }
+                        Some(error) => {
+                            checks.insert("sqlite".into(), json!(format!("write failed: {error}")));
+                            false
+                        }
+                    }
+                }
+                Ok(Err(error)) => {
+                    checks.insert("sqlite".into(), json!(format!("error: {error}")));
+                    false
+                }
+                Err(_) => {
+                    checks.insert("sqlite".into(), json!("not answering"));
+                    false
+                }
+            };
+            let postgres_ok = postgres.reachable();
+            checks.insert(
+                "postgres".into(),
+                json!(if postgres_ok {
+                    "connected"
+                } else {
+                    "unreachable"
+                }),
+            );
+            let ready = nats_ok && sqlite_ok;
+            bus::ops::Readiness {
+                ready,
+                status: match (ready, postgres_ok) {
+                    (false, _) => "unavailable",
+                    (true, false) => "degraded",
+                    (true, true) => "ok",
+                },
+                checks,
+            }
+        })
+    })
+}

@@ -1,0 +1,112 @@
+//! The persister's configuration: flags, each also read from its env var.
+
+use std::{path::PathBuf, time::Duration};
+
+use secrecy::SecretString;
+
+/// Everything the persister needs to run.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "persister",
+    version,
+    about = "Drains completed turns from NATS JetStream into SQLite (WAL), then Postgres."
+)]
+pub struct Config {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Postgres URL of the system of record; migrations run against it at startup.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_parser = parse_secret,
+        default_value = "postgres://postgres@127.0.0.1:5432/gateway",
+        hide_env_values = true
+    )]
+    pub database_url: SecretString,
+    /// Address of the health, readiness and metrics listener.
+    #[arg(long, env = "PERSISTER_LISTEN", default_value = "127.0.0.1:8082")]
+    pub listen: String,
+    /// The local SQLite buffer (WAL mode): every turn is committed here before
+    /// it is acked, then copied to Postgres. Its directory is created if missing.
+    #[arg(
+        long,
+        env = "PERSISTER_SQLITE_PATH",
+        default_value = ".data/persister.db"
+    )]
+    pub sqlite_path: PathBuf,
+    /// Most turn records fetched from JetStream and committed to SQLite in one transaction.
+    #[arg(long, env = "PERSISTER_BATCH_SIZE", default_value_t = 256)]
+    pub batch_size: usize,
+    /// Most rows copied from SQLite to Postgres in one transaction.
+    #[arg(long, env = "PERSISTER_SYNC_BATCH", default_value_t = 256)]
+    pub sync_batch: usize,
+    /// How often, in milliseconds, the sync loop looks for unsynced rows (and
+    /// checks Postgres) when nothing new was committed.
+    #[arg(long, env = "PERSISTER_SYNC_INTERVAL_MS", default_value_t = 1_000)]
+    pub sync_interval_ms: u64,
+    /// Hours a row is kept in SQLite after it reached Postgres.
+    #[arg(long, env = "PERSISTER_RETENTION_HOURS", default_value_t = 168)]
+    pub retention_hours: u64,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long, env = "LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// Rows per Postgres statement are bounded by its 65535 bind parameters;
+/// a turn binds 14, so 4000 rows leave room.
+pub const MAX_SYNC_BATCH: usize = 4_000;
+
+impl Config {
+    /// The idle poll interval of the sync loop.
+    pub fn sync_interval(&self) -> Duration {
+        Duration::from_millis(self.sync_interval_ms.max(10))
+    }
+
+    /// How long a synced row stays in SQLite.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_hours.saturating_mul(3600))
+    }
+
+    /// Checks the numeric settings.
+    ///
+    /// # Errors
+    /// One line naming the variable to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.batch_size > 0,
+            "PERSISTER_BATCH_SIZE must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=MAX_SYNC_BATCH).contains(&self.sync_batch),
+            "PERSISTER_SYNC_BATCH must be between 1 and {MAX_SYNC_BATCH}"
+        );
+        Ok(())
+    }
+}
+
+/// clap value parser for secrets, so `Debug` never prints them.
+///
+/// # Errors
+/// Never; the signature is clap's.
+pub fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn defaults_serve_a_laptop_and_debug_hides_the_database_url() {
+        let config =
+            Config::parse_from(["persister", "--database-url", "postgres://u:hunter2@h/db"]);
+        assert_eq!(config.listen, "127.0.0.1:8082");
+        assert_eq!(config.sqlite_path, PathBuf::from(".data/persister.db"));
+        assert_eq!(config.batch_size, 256);
+        config.validate().unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,592 @@
+//! The local SQLite buffer, in WAL mode with `synchronous=FULL`.
+//!
+//! It owns the SQLite file and the one connection to it, which lives on a
+//! dedicated thread: rusqlite is blocking, and a single writer is what SQLite
+//! wants anyway. Callers send closures to that thread and await the answer.
+//! The `turns` table is also the outbox: a row with `synced_at` NULL has not
+//! reached Postgres yet ([`crate::sync`] copies it and then marks it).
+//! Acking JetStream after [`Wal::insert_turns`] returns is what makes
+//! "accepted means persisted" hold; that decision lives in [`crate::ingest`].
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bus::wire::{FinishReason, TurnRecord, Usage};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::WalError;
+
+/// Version of the schema below, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS turns (
+    turn_id           TEXT PRIMARY KEY NOT NULL,
+    conversation_id   TEXT NOT NULL,
+    user_id           TEXT NOT NULL,
+    request_id        TEXT NOT NULL,
+    model             TEXT NOT NULL,
+    finish_reason     TEXT NOT NULL,
+    user_text         TEXT NOT NULL,
+    assistant_text    TEXT NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    error             TEXT,
+    created_at        TEXT NOT NULL,    -- RFC 3339, UTC, full precision
+    first_token_at    TEXT,
+    completed_at      TEXT NOT NULL,
+    ingested_at       INTEGER NOT NULL, -- unix milliseconds
+    synced_at         INTEGER,          -- unix milliseconds; NULL = not yet in Postgres
+    sync_error        TEXT              -- Postgres refused this row itself; skipped until cleared
+);
+CREATE INDEX IF NOT EXISTS turns_outbox ON turns (ingested_at)
+    WHERE synced_at IS NULL AND sync_error IS NULL;
+CREATE INDEX IF NOT EXISTS turns_synced ON turns (synced_at) WHERE synced_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS turns_rejected ON turns (ingested_at) WHERE sync_error IS NOT NULL;
+";
+
+const INSERT_TURN: &str = "
+INSERT INTO turns (turn_id, conversation_id, user_id, request_id, model, finish_reason,
+                   user_text, assistant_text, prompt_tokens, completion_tokens, error,
+                   created_at, first_token_at, completed_at, ingested_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+ON CONFLICT (turn_id) DO NOTHING";
+
+const SELECT_TURN_COLUMNS: &str = "turn_id, conversation_id, user_id, request_id, model, \
+    finish_reason, user_text, assistant_text, prompt_tokens, completion_tokens, error, \
+    created_at, first_token_at, completed_at";
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A handle on the SQLite buffer. Cheap to clone; every clone talks to the
+/// same connection thread, which stops when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Wal {
+    /// Jobs for the connection thread; the thread owns the receiver.
+    jobs: mpsc::Sender<Job>,
+    /// The file, for messages.
+    path: PathBuf,
+    /// The last failed write's error, cleared by the next successful one.
+    /// Readiness reports it: a full disk must be loud.
+    write_error: Arc<Mutex<Option<String>>>,
+}
+
+/// What one [`Wal::insert_turns`] call stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// Rows that were new.
+    pub inserted: usize,
+    /// Records whose `turn_id` was already stored (a redelivery or a repeat).
+    pub duplicates: usize,
+}
+
+/// What the buffer holds that is not in Postgres yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Rows waiting to be copied to Postgres.
+    pub pending: u64,
+    /// Rows Postgres refused; kept here, skipped by the sync, an operator must look.
+    pub rejected: u64,
+}
+
+impl Wal {
+    /// Opens (or creates) the buffer at `path`, switches it to WAL mode with
+    /// `synchronous=FULL`, and creates the schema. The parent directory is
+    /// created if missing.
+    ///
+    /// # Errors
+    /// One actionable line naming the path and `PERSISTER_SQLITE_PATH` when the
+    /// file cannot be opened or written, or does not accept WAL mode.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let (jobs, mut receiver) = mpsc::channel::<Job>(64);
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let thread_path = path.to_owned();
+        std::thread::Builder::new()
+            .name("persister-sqlite".into())
+            .spawn(move || {
+                let mut conn = match open_connection(&thread_path) {
+                    Ok(conn) => {
+                        let _ = opened_tx.send(Ok(()));
+                        conn
+                    }
+                    Err(error) => {
+                        let _ = opened_tx.send(Err(error));
+                        return;
+                    }
+                };
+                while let Some(job) = receiver.blocking_recv() {
+                    job(&mut conn);
+                }
+                // Dropping the connection closes it and checkpoints the WAL.
+            })
+            .context("cannot start the SQLite thread")?;
+        opened_rx
+            .await
+            .context("the SQLite thread stopped while opening the buffer")??;
+        Ok(Self {
+            jobs,
+            path: path.to_owned(),
+            write_error: Arc::default(),
+        })
+    }
+
+    /// The file this buffer lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the connection thread.
+    async fn call<R, F>(&self, f: F) -> Result<R, WalError>
+    where
+        F: FnOnce(&mut Connection) -> Result<R, WalError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        });
+        self.jobs.send(job).await.map_err(|_| WalError::Closed)?;
+        rx.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Stores `records` in one transaction; a `turn_id` already stored is
+    /// skipped, so a redelivered record is harmless. When this returns `Ok`
+    /// the rows are on disk (`synchronous=FULL`) and may be acked.
+    ///
+    /// # Errors
+    /// [`WalError`] when the transaction did not commit: nothing was stored.
+    pub async fn insert_turns(&self, records: Vec<TurnRecord>) -> Result<Inserted, WalError> {
+        let result = self
+            .call(move |conn| {
+                let now = Utc::now().timestamp_millis();
+                // IMMEDIATE takes the write lock up front, so a busy file fails
+                // here (after busy_timeout) rather than half-way through.
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let mut inserted = 0;
+                {
+                    // `ON CONFLICT (turn_id) DO NOTHING` rather than `INSERT OR
+                    // IGNORE`: OR IGNORE would also silently drop a row that
+                    // breaks a NOT NULL constraint, and then we would ack it.
+                    let mut insert = tx.prepare_cached(INSERT_TURN)?;
+                    for r in &records {
+                        inserted += insert.execute(params![
+                            r.turn_id,
+                            r.conversation_id,
+                            r.user_id,
+                            r.request_id,
+                            r.model,
+                            r.finish_reason.as_str(),
+                            r.user_text,
+                            r.assistant_text,
+                            i64::from(r.usage.prompt_tokens),
+                            i64::from(r.usage.completion_tokens),
+                            r.error,
+                            timestamp(&r.created_at),
+                            r.first_token_at.as_ref().map(timestamp),
+                            timestamp(&r.completed_at),
+                            now,
+                        ])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(Inserted {
+                    inserted,
+                    duplicates: records.len() - inserted,
+                })
+            })
+            .await;
+        let mut write_error = self.write_error.lock().expect("lock is never poisoned");
+        *write_error = result.as_ref().err().map(ToString::to_string);
+        result
+    }
+
+    /// Up to `limit` rows not yet in Postgres, oldest first.
+    ///
+    /// # Errors
+    /// [`WalError`] when the query fails or a row cannot be read back.
+    pub async fn unsynced(&self, limit: usize) -> Result<Vec<TurnRecord>, WalError> {
+        self.call(move |conn| {
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {SELECT_TURN_COLUMNS} FROM turns \
+                 WHERE synced_at IS NULL AND sync_error IS NULL \
+                 ORDER BY ingested_at LIMIT ?1"
+            ))?;
+            let rows = select.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], read_row)?;
+            rows.map(|row| row?).collect()
+        })
+        .await
+    }
+
+    /// Marks rows as copied to Postgres. Call only after the Postgres commit.
+    ///
+    /// # Errors
+    /// [`WalError`] when the update does not commit (the rows are then copied
+    /// again later, which Postgres ignores).
+    pub async fn mark_synced(&self, turn_ids: Vec<String>) -> Result<(), WalError> {
+        self.call(move |conn| {
+            let now = Utc::now().timestamp_millis();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut update =
+                    tx.prepare_cached("UPDATE turns SET synced_at = ?1 WHERE turn_id = ?2")?;
+                for id in &turn_ids {
+                    update.execute(params![now, id])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets a row aside because Postgres refused the row itself (not an
+    /// outage): it stays here with the reason and the sync skips it.
+    ///
+    /// # Errors
+    /// [`WalError`] when the update fails.
+    pub async fn reject(&self, turn_id: String, reason: String) -> Result<(), WalError> {
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE turns SET sync_error = ?1 WHERE turn_id = ?2",
+                params![reason, turn_id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// How many rows are waiting for Postgres, and how many it refused.
+    ///
+    /// # Errors
+    /// [`WalError`] when the buffer cannot be read.
+    pub async fn backlog(&self) -> Result<Backlog, WalError> {
+        self.call(|conn| {
+            let count = |sql: &str| -> Result<u64, WalError> {
+                let n: i64 = conn.prepare_cached(sql)?.query_row([], |row| row.get(0))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            };
+            Ok(Backlog {
+                pending: count(
+                    "SELECT count(*) FROM turns WHERE synced_at IS NULL AND sync_error IS NULL",
+                )?,
+                rejected: count("SELECT count(*) FROM turns WHERE sync_error IS NOT NULL")?,
+            })
+        })
+        .await
+    }
+
+    /// Deletes rows that reached Postgres before `before`; returns how many.
+    ///
+    /// # Errors
+    /// [`WalError`] when the delete fails.
+    pub async fn purge_synced(&self, before: DateTime<Utc>) -> Result<usize, WalError> {
+        let before = before.timestamp_millis();
+        self.call(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM turns WHERE synced_at IS NOT NULL AND synced_at < ?1",
+                [before],
+            )?)
+        })
+        .await
+    }
+
+    /// The journal mode in force, as SQLite reports it (`"wal"`).
+    ///
+    /// # Errors
+    /// [`WalError`] when the pragma fails.
+    pub async fn journal_mode(&self) -> Result<String, WalError> {
+        self.call(|conn| Ok(conn.pragma_query_value(None, "journal_mode", |row| row.get(0))?))
+            .await
+    }
+
+    /// One stored turn, if present (for checks and tests).
+    ///
+    /// # Errors
+    /// [`WalError`] when the query fails.
+    pub async fn turn(&self, turn_id: &str) -> Result<Option<TurnRecord>, WalError> {
+        let turn_id = turn_id.to_owned();
+        self.call(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {SELECT_TURN_COLUMNS} FROM turns WHERE turn_id = ?1"
+            ))?
+            .query_row([turn_id], read_row)
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// The last failed write's error, until a later write succeeds.
+    pub fn write_error(&self) -> Option<String> {
+        self.write_error
+            .lock()
+            .expect("lock is never poisoned")
+            .clone()
+    }
+}
+
+fn open_connection(path: &Path) -> anyhow::Result<Connection> {
+    let hint = || {
+        format!(
+            "cannot open the SQLite buffer at {} (set PERSISTER_SQLITE_PATH to a writable file on a local disk)",
+            path.display()
+        )
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(hint)?;
+    }
+    let conn = Connection::open(path).with_context(hint)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .with_context(hint)?;
+    // SQLite answers `PRAGMA journal_mode=WAL` with the mode now in force, and
+    // when it cannot switch (an in-memory database, a file system without the
+    // shared memory WAL needs, another connection holding the file) it keeps
+    // the old mode without an error. Our durability rests on WAL with
+    // synchronous=FULL, so read the mode back and refuse to run without it.
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .with_context(hint)?;
+    anyhow::ensure!(
+        mode.eq_ignore_ascii_case("wal"),
+        "the SQLite buffer at {} stayed in journal mode {mode:?} instead of WAL \
+         (set PERSISTER_SQLITE_PATH to a file on a local disk)",
+        path.display()
+    );
+    // FULL: a commit is fsynced before it returns, so an acked turn survives
+    // power loss. NORMAL is faster but may lose the last commits.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .with_context(hint)?;
+    let synchronous: i64 = conn
+        .pragma_query_value(None, "synchronous", |row| row.get(0))
+        .with_context(hint)?;
+    anyhow::ensure!(
+        synchronous == 2,
+        "the SQLite buffer at {} did not accept synchronous=FULL (got {synchronous})",
+        path.display()
+    );
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .with_context(hint)?;
+    anyhow::ensure!(
+        version <= SCHEMA_VERSION,
+        "the SQLite buffer at {} was written by a newer persister (schema {version}); \
+         upgrade, or set PERSISTER_SQLITE_PATH to another file",
+        path.display()
+    );
+    conn.execute_batch(SCHEMA).with_context(hint)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .with_context(hint)?;
+    Ok(conn)
+}
+
+/// RFC 3339 in UTC with every digit chrono holds, so a round trip is exact.
+fn timestamp(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Reads one row. The outer error is SQLite failing to read a column; the
+/// inner one is a stored value that does not parse (a bad row).
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TurnRecord, WalError>> {
+    let raw = StoredTurn {
+        turn_id: row.get(0)?,
+        conversation_id: row.get(1)?,
+        user_id: row.get(2)?,
+        request_id: row.get(3)?,
+        model: row.get(4)?,
+        finish_reason: row.get(5)?,
+        user_text: row.get(6)?,
+        assistant_text: row.get(7)?,
+        prompt_tokens: row.get(8)?,
+        completion_tokens: row.get(9)?,
+        error: row.get(10)?,
+        created_at: row.get(11)?,
+        first_token_at: row.get(12)?,
+        completed_at: row.get(13)?,
+    };
+    Ok(raw.parse())
+}
+
+/// A row as SQLite holds it.
+struct StoredTurn {
+    turn_id: String,
+    conversation_id: String,
+    user_id: String,
+    request_id: String,
+    model: String,
+    finish_reason: String,
+    user_text: String,
+    assistant_text: String,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    error: Option<String>,
+    created_at: String,
+    first_token_at: Option<String>,
+    completed_at: String,
+}
+
+impl StoredTurn {
+    fn parse(self) -> Result<TurnRecord, WalError> {
+        let bad = |reason: String| WalError::BadRow {
+            turn_id: self.turn_id.clone(),
+            reason,
+        };
+        let time = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| bad(format!("timestamp {text:?}: {e}")))
+        };
+        let tokens = |n: i64, what: &str| u32::try_from(n).map_err(|_| bad(format!("{what} {n}")));
+        let finish_reason = parse_finish_reason(&self.finish_reason)
+            .ok_or_else(|| bad(format!("finish_reason {:?}", self.finish_reason)))?;
+        let usage = Usage {
+            prompt_tokens: tokens(self.prompt_tokens, "prompt_tokens")?,
+            completion_tokens: tokens(self.completion_tokens, "completion_tokens")?,
+        };
+        let created_at = time(&self.created_at)?;
+        let first_token_at = self.first_token_at.as_deref().map(time).transpose()?;
+        let completed_at = time(&self.completed_at)?;
+        Ok(TurnRecord {
+            turn_id: self.turn_id,
+            conversation_id: self.conversation_id,
+            user_id: self.user_id,
+            request_id: self.request_id,
+            model: self.model,
+            user_text: self.user_text,
+            assistant_text: self.assistant_text,
+            finish_reason,
+            usage,
+            error: self.error,
+            created_at,
+            first_token_at,
+            completed_at,
+        })
+    }
+}
+
+fn parse_finish_reason(text: &str) -> Option<FinishReason> {
+    [
+        FinishReason::Stop,
+        FinishReason::Length,
+        FinishReason::Cancelled,
+        FinishReason::Error,
+    ]
+    .into_iter()
+    .find(|r| r.as_str() == text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("persister-wal-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn record(turn_id: &str) -> TurnRecord {
+        let at = Utc::now();
+        TurnRecord {
+            turn_id: turn_id.into(),
+            conversation_id: "c1".into(),
+            user_id: "u1".into(),
+            request_id: "r1".into(),
+            model: "m".into(),
+            user_text: "héllo\n\"quoted\" \u{1F642}".into(),
+            assistant_text: "  spaced  ".into(),
+            finish_reason: FinishReason::Cancelled,
+            usage: Usage {
+                prompt_tokens: 3,
+                completion_tokens: u32::MAX,
+            },
+            error: Some("boom".into()),
+            created_at: at,
+            first_token_at: None,
+            completed_at: at + chrono::Duration::nanoseconds(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn records_round_trip_exactly_and_repeats_are_ignored() {
+        let dir = TempDir::new();
+        let wal = Wal::open(&dir.0.join("nested/buffer.db")).await.unwrap();
+        assert_eq!(wal.journal_mode().await.unwrap(), "wal");
+
+        let (a, b) = (record("t1"), record("t2"));
+        let stored = wal.insert_turns(vec![a.clone(), b.clone()]).await.unwrap();
+        assert_eq!(
+            stored,
+            Inserted {
+                inserted: 2,
+                duplicates: 0
+            }
+        );
+        let again = wal.insert_turns(vec![a.clone()]).await.unwrap();
+        assert_eq!(
+            again,
+            Inserted {
+                inserted: 0,
+                duplicates: 1
+            }
+        );
+
+        assert_eq!(wal.unsynced(10).await.unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(wal.turn("t1").await.unwrap(), Some(a));
+        wal.mark_synced(vec!["t1".into()]).await.unwrap();
+        wal.reject("t2".into(), "refused".into()).await.unwrap();
+        assert!(wal.unsynced(10).await.unwrap().is_empty());
+        assert_eq!(
+            wal.backlog().await.unwrap(),
+            Backlog {
+                pending: 0,
+                rejected: 1
+            }
+        );
+        assert_eq!(
+            wal.purge_synced(Utc::now() + chrono::Duration::seconds(1))
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_that_cannot_be_in_wal_mode_is_refused() {
+        // An in-memory database answers `journal_mode=WAL` with "memory" and no error.
+        let error = Wal::open(Path::new(":memory:")).await.unwrap_err();
+        let message = format!("{error:#}");
+        assert!(message.contains("\"memory\""), "{message}");
+        assert!(message.contains("PERSISTER_SQLITE_PATH"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn an_unusable_path_gives_one_line_naming_it_and_the_variable() {
+        let dir = TempDir::new();
+        // A regular file where a directory should be: fails even as root.
+        let blocker = dir.0.join("not-a-dir");
+        std::fs::write(&blocker, b"").unwrap();
+        let path = blocker.join("persister.db");
+        let error = Wal::open(&path).await.unwrap_err();
+        let message = format!("{error:#}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("PERSISTER_SQLITE_PATH"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+}

@@ -1,0 +1,219 @@
+//! Persister integration tests against a real nats-server, a real Postgres
+//! cluster and a fresh SQLite file each.
+
+mod helpers;
+
+use bus::wire::TurnRecord;
+use chrono::{DateTime, Utc};
+use helpers::{Servers, TestPersister, record};
+
+/// The record as Postgres keeps it: timestamps to the microsecond.
+fn in_postgres(record: &TurnRecord) -> TurnRecord {
+    let micros = |t: DateTime<Utc>| DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap();
+    TurnRecord {
+        created_at: micros(record.created_at),
+        first_token_at: record.first_token_at.map(micros),
+        completed_at: micros(record.completed_at),
+        ..record.clone()
+    }
+}
+
+fn sqlite_count(app: &TestPersister, turn_id: &str) -> i64 {
+    let conn = rusqlite::Connection::open(app.servers.sqlite_path()).unwrap();
+    conn.query_row(
+        "SELECT count(*) FROM turns WHERE turn_id = ?1",
+        [turn_id],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_turn_lands_in_sqlite_then_postgres_verbatim_and_only_once() {
+    let app = TestPersister::start().await;
+    let turn = record("conv-a");
+    let seq = app.publish(&turn, &turn.turn_id).await;
+
+    // SQLite keeps the record exactly, and only then is the message acked.
+    assert_eq!(app.wait_sqlite(&turn.turn_id).await, turn);
+    app.wait_acked(seq).await;
+
+    let stored = app.wait_pg(&turn.turn_id).await;
+    assert_eq!(stored, in_postgres(&turn));
+    let (owner, created_at, updated_at) = app.pg_conversation("conv-a").await.unwrap();
+    assert_eq!(owner, "user-1");
+    assert_eq!(created_at, in_postgres(&turn).created_at);
+    assert_eq!(updated_at, in_postgres(&turn).completed_at);
+
+    // The same record again, under another message id so JetStream's own
+    // dedupe does not hide it: still one row everywhere.
+    let again = app.publish(&turn, &format!("{}-again", turn.turn_id)).await;
+    assert!(again > seq, "the second publish was not stored");
+    app.wait_acked(again).await;
+    let (_, ready) = app.wait_ready_status("ok").await;
+    assert_eq!(ready["checks"]["pending_sync"], 0);
+    assert_eq!(sqlite_count(&app, &turn.turn_id), 1);
+    let rows = app
+        .pg_scalar(
+            "SELECT count(*) FROM turns WHERE turn_id = $1",
+            &turn.turn_id,
+        )
+        .await;
+    assert_eq!(rows, Some(1));
+}
+
+#[tokio::test]
+async fn an_undecodable_record_is_dead_lettered_and_does_not_block_the_next() {
+    let app = TestPersister::start().await;
+    app.publish_raw("chat.done.conv-b", "{not json").await;
+    let good = record("conv-b");
+    let good_seq = app.publish(&good, &good.turn_id).await;
+
+    assert_eq!(app.wait_pg(&good.turn_id).await, in_postgres(&good));
+    let letters = app.dead_letters(1).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].subject, "chat.done.conv-b");
+    assert_eq!(letters[0].payload, "{not json");
+    assert!(
+        letters[0].error.contains("undecodable"),
+        "{}",
+        letters[0].error
+    );
+    // The poison message was terminated, not left pending.
+    app.wait_acked(good_seq).await;
+}
+
+#[tokio::test]
+async fn postgres_outage_keeps_accepting_into_sqlite_and_catches_up() {
+    let mut app = TestPersister::start().await;
+    app.wait_ready_status("ok").await;
+    app.servers.pg.stop().unwrap();
+
+    let turns: Vec<_> = (0..3).map(|_| record("conv-c")).collect();
+    let mut last = 0;
+    for turn in &turns {
+        last = app.publish(turn, &turn.turn_id).await;
+    }
+    for turn in &turns {
+        app.wait_sqlite(&turn.turn_id).await;
+    }
+    app.wait_acked(last).await;
+
+    let (code, ready) = app.wait_ready_status("degraded").await;
+    assert_eq!(code, 200, "{ready}");
+    assert_eq!(ready["ready"], true);
+    assert_eq!(ready["checks"]["postgres"], "unreachable");
+    assert_eq!(ready["checks"]["sqlite"], "open");
+    assert_eq!(ready["checks"]["pending_sync"], 3);
+
+    app.servers.pg.start_again().await.unwrap();
+    for turn in &turns {
+        assert_eq!(app.wait_pg(&turn.turn_id).await, in_postgres(turn));
+    }
+    let (code, ready) = app.wait_ready_status("ok").await;
+    assert_eq!(code, 200);
+    assert_eq!(ready["checks"]["postgres"], "connected");
+    assert_eq!(ready["checks"]["pending_sync"], 0);
+}
+
+#[tokio::test]
+async fn a_failed_sqlite_commit_acks_nothing_and_fails_readiness_until_it_recovers() {
+    let app = TestPersister::start().await;
+    app.wait_ready_status("ok").await;
+    // Another writer holds the lock past busy_timeout: the commit fails, as
+    // it would on a full disk.
+    let blocker = rusqlite::Connection::open(app.servers.sqlite_path()).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let turn = record("conv-g");
+    let seq = app.publish(&turn, &turn.turn_id).await;
+    let (code, ready) = app
+        .wait_ready("the failed write", |ready| {
+            ready["checks"]["sqlite"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("write failed"))
+        })
+        .await;
+    assert_eq!(code, 503, "{ready}");
+    assert_eq!(ready["status"], "unavailable");
+    assert!(app.ack_floor().await < seq, "acked before it was written");
+    assert!(app.wal.turn(&turn.turn_id).await.unwrap().is_none());
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    app.wait_acked(seq).await;
+    assert_eq!(app.wait_sqlite(&turn.turn_id).await, turn);
+    assert_eq!(app.wait_pg(&turn.turn_id).await, in_postgres(&turn));
+    app.wait_ready_status("ok").await;
+}
+
+#[tokio::test]
+async fn the_sqlite_buffer_is_in_wal_mode() {
+    let app = TestPersister::start().await;
+    assert_eq!(app.wal.journal_mode().await.unwrap(), "wal");
+    // WAL is a property of the file: another connection sees it too.
+    let conn = rusqlite::Connection::open(app.servers.sqlite_path()).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn starts_while_postgres_is_down_and_migrates_when_it_returns() {
+    let mut servers = Servers::start().await;
+    servers.pg.stop().unwrap();
+    let mut app = TestPersister::on(servers).await;
+
+    let turn = record("conv-e");
+    let seq = app.publish(&turn, &turn.turn_id).await;
+    app.wait_sqlite(&turn.turn_id).await;
+    app.wait_acked(seq).await;
+    let (code, _) = app.wait_ready_status("degraded").await;
+    assert_eq!(code, 200);
+
+    app.servers.pg.start_again().await.unwrap();
+    assert_eq!(app.wait_pg(&turn.turn_id).await, in_postgres(&turn));
+    assert!(app.pg_conversation("conv-e").await.is_some());
+}
+
+#[tokio::test]
+async fn a_restarted_persister_first_syncs_what_the_previous_run_left_in_sqlite() {
+    let mut app = TestPersister::start().await;
+    app.servers.pg.stop().unwrap();
+    let turn = record("conv-f");
+    let seq = app.publish(&turn, &turn.turn_id).await;
+    app.wait_sqlite(&turn.turn_id).await;
+    // Acked: JetStream will not deliver it again, SQLite is the only copy.
+    app.wait_acked(seq).await;
+
+    let mut servers = app.stop().await;
+    servers.pg.start_again().await.unwrap();
+    let app = TestPersister::on(servers).await;
+    assert_eq!(app.wait_pg(&turn.turn_id).await, in_postgres(&turn));
+}
+
+#[tokio::test]
+async fn a_malformed_database_url_fails_startup_with_one_actionable_line() {
+    let dir = std::env::temp_dir().join(format!("persister-test-{}", uuid::Uuid::new_v4()));
+    let config = <persister::Config as clap::Parser>::parse_from([
+        "persister".to_owned(),
+        "--database-url".into(),
+        "postgres://user:secret@host:notaport/db".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--sqlite-path".into(),
+        dir.join("persister.db").to_string_lossy().into_owned(),
+    ]);
+    let result = persister::Persister::build(config).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let Err(error) = result else {
+        panic!("a malformed DATABASE_URL was accepted");
+    };
+    let message = format!("{error:#}");
+    assert!(message.contains("DATABASE_URL"), "{message}");
+    assert!(
+        !message.contains("secret"),
+        "the password leaked: {message}"
+    );
+    assert!(!message.contains('\n'), "{message}");
+}
