@@ -6,12 +6,14 @@
 //! Postgres with retries ([`sync`]), and the Postgres schema and its
 //! migrations (`persister/migrations`). SQLite is fast, local and durable;
 //! Postgres is the system of record and may be down for minutes without a
-//! turn being lost or the persister refusing work. It leaves producing the
-//! records to the streamer and reading them back to the gateway.
+//! turn being lost or the persister refusing work. It also answers history
+//! requests from both stores ([`history`]). It leaves producing the records
+//! to the streamer and ownership checks for clients to the gateway.
 //! Completed scans will be drained the same way (the scan issue).
 
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod ingest;
 pub mod sync;
 pub mod wal;
@@ -128,8 +130,15 @@ impl Persister {
             max_deliver: self.max_deliver,
             committed,
         };
+        let history = history::History {
+            client: self.client.clone(),
+            wal: ingest.wal.clone(),
+            pool: syncer.postgres.pool.clone(),
+            status: syncer.postgres.status.clone(),
+        };
         // Sync starts at once: rows a previous run left unsynced go first.
         let mut sync_task = tokio::spawn(syncer.run(stop.clone()));
+        let mut history_task = tokio::spawn(history.run(stop.clone()));
         let mut ingest_task = tokio::spawn(ingest.run(self.consumer, stop.clone()));
         tracing::info!("Persister consuming completed turns.");
 
@@ -137,6 +146,7 @@ impl Persister {
             _ = stop.cancelled() => None,
             result = &mut ingest_task => Some(format!("the ingest loop stopped unexpectedly: {result:?}")),
             result = &mut sync_task => Some(format!("the sync loop stopped unexpectedly: {result:?}")),
+            result = &mut history_task => Some(format!("the history responder stopped unexpectedly: {result:?}")),
         };
         stop.cancel();
         let drained = tokio::time::timeout(bus::shutdown::DRAIN, async {
@@ -146,12 +156,16 @@ impl Persister {
             if !sync_task.is_finished() {
                 let _ = (&mut sync_task).await;
             }
+            if !history_task.is_finished() {
+                let _ = (&mut history_task).await;
+            }
         })
         .await;
         if drained.is_err() {
             tracing::warn!("Drain timed out; unacked turns will be redelivered.");
             ingest_task.abort();
             sync_task.abort();
+            history_task.abort();
         }
         let _ = self.client.flush().await;
         if let Some(failure) = failure {

@@ -127,7 +127,8 @@ impl Postgres {
             }
         };
         let pool = PgPoolOptions::new()
-            .max_connections(2)
+            // Sync uses one at a time; history reads use the rest.
+            .max_connections(4)
             .min_connections(0)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(options);

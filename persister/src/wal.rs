@@ -49,6 +49,8 @@ CREATE INDEX IF NOT EXISTS turns_outbox ON turns (ingested_at)
     WHERE synced_at IS NULL AND sync_error IS NULL;
 CREATE INDEX IF NOT EXISTS turns_synced ON turns (synced_at) WHERE synced_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS turns_rejected ON turns (ingested_at) WHERE sync_error IS NOT NULL;
+CREATE INDEX IF NOT EXISTS turns_conversation ON turns (conversation_id);
+CREATE INDEX IF NOT EXISTS turns_user ON turns (user_id);
 ";
 
 const INSERT_TURN: &str = "
@@ -322,6 +324,47 @@ impl Wal {
         .await
     }
 
+    /// Every stored turn of a conversation (synced or not), in no order.
+    ///
+    /// # Errors
+    /// [`WalError`] when the query fails or a row cannot be read back.
+    pub async fn conversation_turns(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<TurnRecord>, WalError> {
+        let conversation_id = conversation_id.to_owned();
+        self.call(move |conn| {
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {SELECT_TURN_COLUMNS} FROM turns WHERE conversation_id = ?1"
+            ))?;
+            let rows = select.query_map([conversation_id], read_row)?;
+            rows.map(|row| row?).collect()
+        })
+        .await
+    }
+
+    /// A user's stored turns, in no order: only those not yet in Postgres
+    /// when `unsynced_only`, else every one still kept here.
+    ///
+    /// # Errors
+    /// [`WalError`] when the query fails or a row cannot be read back.
+    pub async fn user_turns(
+        &self,
+        user_id: &str,
+        unsynced_only: bool,
+    ) -> Result<Vec<TurnRecord>, WalError> {
+        let user_id = user_id.to_owned();
+        self.call(move |conn| {
+            let mut select = conn.prepare_cached(&format!(
+                "SELECT {SELECT_TURN_COLUMNS} FROM turns \
+                 WHERE user_id = ?1 AND (synced_at IS NULL OR NOT ?2)"
+            ))?;
+            let rows = select.query_map(params![user_id, unsynced_only], read_row)?;
+            rows.map(|row| row?).collect()
+        })
+        .await
+    }
+
     /// The last failed write's error, until a later write succeeds.
     pub fn write_error(&self) -> Option<String> {
         self.write_error
@@ -469,7 +512,7 @@ impl StoredTurn {
     }
 }
 
-fn parse_finish_reason(text: &str) -> Option<FinishReason> {
+pub(crate) fn parse_finish_reason(text: &str) -> Option<FinishReason> {
     [
         FinishReason::Stop,
         FinishReason::Length,

@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use async_nats::jetstream::{self, consumer::pull};
-use bus::wire::{DeadLetter, FinishReason, TurnRecord, Usage};
+use bus::wire::{
+    ConversationDetail, ConversationList, DeadLetter, FinishReason, HistoryGetRequest,
+    HistoryListRequest, HistoryReply, TurnRecord, Usage,
+};
 use chrono::{DateTime, Utc};
 use clap::Parser as _;
 use sqlx::{Connection as _, Row as _, postgres::PgConnection};
@@ -38,6 +41,7 @@ pub struct Servers {
     pub pg: Postgres,
     pub database_url: String,
     pub dir: TempDir,
+    pub client: async_nats::Client,
     pub js: jetstream::Context,
 }
 
@@ -64,12 +68,14 @@ impl Servers {
             .expect("postgres (run scripts/setup.sh)");
         let name = format!("persister_{}", uuid::Uuid::new_v4().simple());
         let database_url = pg.create_database(&name).unwrap();
-        let js = jetstream::new(nats.client().await.unwrap());
+        let client = nats.client().await.unwrap();
+        let js = jetstream::new(client.clone());
         Self {
             nats,
             pg,
             database_url,
             dir: TempDir::new(),
+            client,
             js,
         }
     }
@@ -320,6 +326,48 @@ impl TestPersister {
         })
         .await
         .unwrap()
+    }
+
+    /// Asks the persister over core NATS request-reply, as the gateway does.
+    pub async fn ask<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        subject: &'static str,
+        query: &Q,
+    ) -> HistoryReply<A> {
+        let body = serde_json::to_vec(query).unwrap();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.servers.client.request(subject, body.into()),
+        )
+        .await
+        .expect("history answers within 5 s")
+        .expect("a persister answers");
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    /// `history.get` as `user_id`.
+    pub async fn history_get(
+        &self,
+        user_id: &str,
+        conversation_id: &str,
+    ) -> HistoryReply<ConversationDetail> {
+        let query = HistoryGetRequest {
+            user_id: user_id.into(),
+            conversation_id: conversation_id.into(),
+        };
+        self.ask(bus::subject::HISTORY_GET, &query).await
+    }
+
+    /// `history.list` as `user_id`.
+    pub async fn history_list(&self, user_id: &str) -> ConversationList {
+        let query = HistoryListRequest {
+            user_id: user_id.into(),
+            limit: None,
+        };
+        match self.ask(bus::subject::HISTORY_LIST, &query).await {
+            HistoryReply::Ok(list) => list,
+            HistoryReply::Err(error) => panic!("history.list failed: {error:?}"),
+        }
     }
 
     /// Every dead letter on `dlq.turns`, once there are at least `n`.

@@ -3,7 +3,7 @@
 
 mod helpers;
 
-use bus::wire::TurnRecord;
+use bus::wire::{HistoryReply, TurnRecord};
 use chrono::{DateTime, Utc};
 use helpers::{Servers, TestPersister, record};
 
@@ -216,4 +216,71 @@ async fn a_malformed_database_url_fails_startup_with_one_actionable_line() {
         "the password leaked: {message}"
     );
     assert!(!message.contains('\n'), "{message}");
+}
+
+#[tokio::test]
+async fn history_lists_and_returns_a_users_conversations_from_postgres_and_sqlite() {
+    let mut app = TestPersister::start().await;
+    let mut first = record("conv-h1");
+    first.user_text = "  What goes\nin the blue bin?  ".into();
+    let second = record("conv-h1");
+    let other = record("conv-h2");
+    let mut foreign = record("conv-h3");
+    foreign.user_id = "user-2".into();
+    for turn in [&first, &second, &other, &foreign] {
+        app.publish(turn, &turn.turn_id).await;
+    }
+    app.wait_pg(&foreign.turn_id).await;
+
+    let list = app.history_list("user-1").await;
+    let ids: Vec<_> = list
+        .conversations
+        .iter()
+        .map(|c| c.conversation_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["conv-h2", "conv-h1"],
+        "newest first, only the caller's"
+    );
+    let h1 = &list.conversations[1];
+    assert_eq!(h1.turns, 2);
+    assert_eq!(h1.title, "What goes in the blue bin?");
+
+    let HistoryReply::Ok(detail) = app.history_get("user-1", "conv-h1").await else {
+        panic!("history.get refused the owner");
+    };
+    assert_eq!(
+        detail.turns,
+        vec![in_postgres(&first), in_postgres(&second)]
+    );
+    assert!(matches!(
+        app.history_get("user-2", "conv-h1").await,
+        HistoryReply::Err(e) if e.error.code == "forbidden"
+    ));
+    assert!(matches!(
+        app.history_get("user-1", "conv-none").await,
+        HistoryReply::Err(e) if e.error.code == "not_found"
+    ));
+
+    // With Postgres down, a new turn is readable from SQLite at once.
+    app.servers.pg.stop().unwrap();
+    let third = record("conv-h1");
+    let seq = app.publish(&third, &third.turn_id).await;
+    app.wait_acked(seq).await;
+    let HistoryReply::Ok(detail) = app.history_get("user-1", "conv-h1").await else {
+        panic!("history.get failed while Postgres is down");
+    };
+    assert_eq!(
+        detail
+            .turns
+            .iter()
+            .map(|t| t.turn_id.as_str())
+            .collect::<Vec<_>>(),
+        [&first.turn_id, &second.turn_id, &third.turn_id]
+    );
+    assert_eq!(detail.turns[2], third, "SQLite keeps the exact record");
+    let list = app.history_list("user-1").await;
+    assert_eq!(list.conversations[0].conversation_id, "conv-h1");
+    assert_eq!(list.conversations[0].turns, 3);
 }
