@@ -180,6 +180,7 @@ impl Syncer {
                 _ = shutdown.cancelled() => break,
                 pass = self.pass() => pass,
             };
+            self.update_gauges().await;
             let delay = match pass {
                 Ok(copied) => {
                     backoff.reset();
@@ -218,7 +219,6 @@ impl Syncer {
                     Some(backoff.next_delay())
                 }
             };
-            self.update_gauges().await;
             let wait = delay.unwrap_or(self.interval);
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -288,6 +288,19 @@ impl TestPersister {
 
     /// `GET path` on the ops listener: status code and JSON body.
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.get_raw(path).await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// `GET path` on the ops listener: the body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get_raw(path).await.1
+    }
+
+    async fn get_raw(&self, path: &str) -> (u16, String) {
         let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let request =
             format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
@@ -300,10 +313,7 @@ impl TestPersister {
             .split_once("\r\n\r\n")
             .map(|(_, b)| b)
             .unwrap_or("");
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-        )
+        (status, body.to_owned())
     }
 
     /// Waits until `/readyz` reports `status` and returns its code and body.

@@ -60,6 +60,16 @@ async fn a_turn_lands_in_sqlite_then_postgres_verbatim_and_only_once() {
         )
         .await;
     assert_eq!(rows, Some(1));
+
+    let metrics = app.get_text("/metrics").await;
+    for name in [
+        "persister_commits_total",
+        "persister_rows_ingested_total",
+        "persister_commit_seconds",
+        "persister_rows_pending_sync",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
 }
 
 #[tokio::test]
