@@ -1,0 +1,513 @@
+//! The two kinds of chat client and the phase that runs many of them: the
+//! baseline reads the stand-in upstream directly (HTTP SSE, as the streamer
+//! does), the other goes through the gateway's WebSocket. Both record, per
+//! turn, the time to first token and each token's arrival, and verify the
+//! answer: every token, once, in order, and the exact text.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bus::wire::{FinishReason, ServerFrame};
+use eventsource_stream::Eventsource as _;
+use futures::{SinkExt as _, StreamExt as _};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::{net::TcpStream, sync::Barrier};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, client::IntoClientRequest as _, protocol::WebSocketConfig},
+};
+
+use crate::{
+    procfs,
+    stats::{self, PhaseStats, TurnObservation},
+};
+
+/// A WebSocket client connection.
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How a phase loads the system.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Concurrent clients, each with at most one turn in flight.
+    pub clients: usize,
+    /// Unmeasured turns each client runs first.
+    pub warmup: usize,
+    /// Measured turns per client.
+    pub rounds: usize,
+    /// Client `i` starts `i * stagger / clients` after the phase starts; then
+    /// it runs its turns back to back (a steady load of `clients` turns).
+    pub stagger: Duration,
+    /// All clients send each measured turn at the same instant (a burst).
+    pub burst: bool,
+    /// The answer every turn must deliver.
+    pub expected: Arc<[String]>,
+    /// Longest a single turn may take.
+    pub turn_timeout: Duration,
+    /// Longest the whole phase may take.
+    pub phase_timeout: Duration,
+    /// Prefix of request ids and user ids, unique to the run.
+    pub nonce: String,
+}
+
+/// What a phase measured.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    /// The figures.
+    pub stats: PhaseStats,
+    /// Wall time of the phase (clients connected to last turn done).
+    pub wall: Duration,
+    /// CPU per component over the phase, % of one core.
+    pub cpu: Vec<(String, f64)>,
+    /// Clients that could not connect.
+    pub connect_failures: usize,
+}
+
+/// Which path a phase measures.
+pub enum Target {
+    /// The stand-in upstream directly: POST `/v1/chat/completions` with SSE.
+    Direct {
+        /// The stand-in's chat completions URL.
+        url: String,
+    },
+    /// The gateway's WebSocket.
+    Gateway {
+        /// The gateway's address.
+        addr: SocketAddr,
+        /// HS256 key for the clients' tokens.
+        secret: String,
+    },
+}
+
+enum Client {
+    Direct { http: reqwest::Client, url: String },
+    Gateway { socket: Option<Box<Socket>> },
+}
+
+/// Runs one phase against `target` and reduces what the clients saw.
+///
+/// # Errors
+/// When the phase cannot be set up at all (individual failures are counted).
+pub async fn run_phase(
+    target: &Target,
+    spec: &LoadSpec,
+    nats_pid: Option<u32>,
+) -> anyhow::Result<PhaseResult> {
+    let mut clients = Vec::with_capacity(spec.clients);
+    let mut connect_failures = 0;
+    match target {
+        Target::Direct { url } => {
+            // One pool, as a process full of clients would have; its
+            // connections are opened by a warm-up request per client.
+            let http = reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(usize::MAX)
+                .build()?;
+            let warm = futures::future::join_all((0..spec.clients).map(|_| {
+                http.post(url)
+                    .json(
+                        &json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
+                    )
+                    .send()
+            }))
+            .await;
+            connect_failures = warm.iter().filter(|r| r.is_err()).count();
+            for _ in 0..spec.clients {
+                clients.push(Client::Direct {
+                    http: http.clone(),
+                    url: url.clone(),
+                });
+            }
+        }
+        Target::Gateway { addr, secret } => {
+            let sockets = futures::stream::iter(0..spec.clients)
+                .map(|i| {
+                    let user = format!("lg-{}-{i}", spec.nonce);
+                    async move {
+                        let token = crate::stack::token_for(secret, &user)?;
+                        connect_ws(*addr, &token, None).await
+                    }
+                })
+                .buffered(64)
+                .collect::<Vec<_>>()
+                .await;
+            for socket in sockets {
+                match socket {
+                    Ok(socket) => clients.push(Client::Gateway {
+                        socket: Some(Box::new(socket)),
+                    }),
+                    Err(_) => {
+                        connect_failures += 1;
+                        clients.push(Client::Gateway { socket: None });
+                    }
+                }
+            }
+        }
+    }
+
+    let barrier = Arc::new(Barrier::new(spec.clients));
+    let cpu_before = procfs::cpu_snapshot(nats_pid);
+    let epoch = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let spec = spec.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move { run_client(i, client, &spec, &barrier, epoch).await })
+        })
+        .collect();
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let joined = tokio::time::timeout(spec.phase_timeout, futures::future::join_all(tasks)).await;
+    let wall = epoch.elapsed();
+    let cpu = procfs::cpu_between(&cpu_before, &procfs::cpu_snapshot(nats_pid), wall);
+    let (per_client, timed_out) = match joined {
+        Ok(results) => (
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or_default())
+                .collect::<Vec<_>>(),
+            false,
+        ),
+        Err(_) => {
+            aborts.iter().for_each(|a| a.abort());
+            (Vec::new(), true)
+        }
+    };
+    let mut stats = stats::reduce(&per_client);
+    if timed_out {
+        stats.problems.push((
+            format!("phase timed out after {:?}", spec.phase_timeout),
+            spec.clients,
+        ));
+    }
+    Ok(PhaseResult {
+        stats,
+        wall,
+        cpu,
+        connect_failures,
+    })
+}
+
+/// One client: its start offset, then its turns; every turn is recorded
+/// (flagged measured or warm-up), a dead connection fails the rest.
+async fn run_client(
+    index: usize,
+    mut client: Client,
+    spec: &LoadSpec,
+    barrier: &Barrier,
+    epoch: Instant,
+) -> Vec<(bool, TurnObservation)> {
+    let offset = spec
+        .stagger
+        .mul_f64(index as f64 / spec.clients.max(1) as f64);
+    tokio::time::sleep_until((epoch + offset).into()).await;
+    let mut turns = Vec::with_capacity(spec.warmup + spec.rounds);
+    for round in 0..spec.warmup + spec.rounds {
+        let measured = round >= spec.warmup;
+        if spec.burst && measured {
+            barrier.wait().await;
+        }
+        let request_id = format!("{}-{index}-{round}", spec.nonce);
+        let turn = match &mut client {
+            Client::Direct { http, url } => direct_turn(http, url, spec, epoch).await,
+            Client::Gateway { socket } => match socket {
+                Some(ws) => {
+                    let (turn, alive) = gateway_turn(ws, &request_id, spec, epoch).await;
+                    if !alive {
+                        *socket = None;
+                    }
+                    turn
+                }
+                None => failed("no connection"),
+            },
+        };
+        turns.push((measured, turn));
+    }
+    if let Client::Gateway { socket: Some(ws) } = &mut client {
+        let _ = ws.close().await;
+    }
+    turns
+}
+
+fn failed(why: &str) -> TurnObservation {
+    TurnObservation {
+        problem: Some(why.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// Opens an authenticated WebSocket to the gateway. `config` defaults to
+/// small buffers (the client side's memory is not what is measured).
+///
+/// # Errors
+/// When the TCP connect or the upgrade fails.
+pub async fn connect_ws(
+    addr: SocketAddr,
+    token: &str,
+    config: Option<WebSocketConfig>,
+) -> anyhow::Result<Socket> {
+    let mut request = format!("ws://{addr}/v1/chat/ws").into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let config = config.unwrap_or_else(|| {
+        WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0)
+    });
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+        .await
+        .context("WebSocket connect")?;
+    Ok(socket)
+}
+
+/// Tracks one turn's token frames against the expected answer.
+struct Check<'a> {
+    expected: &'a [String],
+    epoch: Instant,
+    sent: Instant,
+    seen: Vec<bool>,
+    last_seq: u64,
+    text: String,
+    turn: TurnObservation,
+}
+
+impl<'a> Check<'a> {
+    fn new(expected: &'a [String], epoch: Instant) -> Self {
+        Self {
+            expected,
+            epoch,
+            sent: Instant::now(),
+            seen: vec![false; expected.len() + 1],
+            last_seq: 0,
+            text: String::new(),
+            turn: TurnObservation {
+                token_times_us: Vec::with_capacity(expected.len()),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn token(&mut self, at: Instant, seq: u64, delta: &str) {
+        if self.turn.ttft.is_none() {
+            self.turn.ttft = Some(at - self.sent);
+        }
+        self.turn
+            .token_times_us
+            .push((at - self.epoch).as_micros() as u64);
+        let index = seq as usize;
+        if index == 0 || index >= self.seen.len() {
+            self.problem(format!(
+                "token seq {seq} outside 1..={}",
+                self.expected.len()
+            ));
+        } else if self.seen[index] {
+            self.turn.duplicates += 1;
+        } else {
+            self.seen[index] = true;
+        }
+        if seq != self.last_seq + 1 {
+            self.turn.out_of_order += 1;
+        }
+        self.last_seq = seq;
+        self.text.push_str(delta);
+    }
+
+    fn problem(&mut self, why: String) {
+        self.turn.problem.get_or_insert(why);
+    }
+
+    /// Closes the turn: `done_seq` is the `done` frame's seq (`None` for SSE).
+    fn finish(mut self, done_seq: Option<u64>) -> TurnObservation {
+        let count = self.expected.len();
+        self.turn.missing = self.seen[1..].iter().filter(|s| !**s).count() as u64;
+        if let Some(seq) = done_seq
+            && seq != count as u64 + 1
+        {
+            self.problem(format!("done at seq {seq}, expected {}", count + 1));
+        }
+        if self.turn.missing > 0 || self.turn.duplicates > 0 || self.turn.out_of_order > 0 {
+            let why = format!(
+                "{} missing, {} duplicated, {} out of order",
+                self.turn.missing, self.turn.duplicates, self.turn.out_of_order
+            );
+            self.problem(why);
+        }
+        if self.turn.problem.is_none() && self.text != self.expected.concat() {
+            self.problem("text differs from the script".into());
+        }
+        self.turn
+    }
+}
+
+/// One turn through the gateway. Returns whether the socket is still usable.
+async fn gateway_turn(
+    socket: &mut Socket,
+    request_id: &str,
+    spec: &LoadSpec,
+    epoch: Instant,
+) -> (TurnObservation, bool) {
+    let frame = json!({
+        "type": "send",
+        "conversation_id": null,
+        "content": "Where does a glass bottle go?",
+        "request_id": request_id,
+    })
+    .to_string();
+    let mut check = Check::new(&spec.expected, epoch);
+    if let Err(e) = socket.send(Message::Text(frame.into())).await {
+        check.problem(format!("send failed: {e}"));
+        return (check.finish(None), false);
+    }
+    let deadline = tokio::time::Instant::now() + spec.turn_timeout;
+    let mut turn_id: Option<String> = None;
+    loop {
+        let message = match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => {
+                check.problem("turn timed out".into());
+                return (check.finish(None), false);
+            }
+            Ok(None) => {
+                check.problem("socket closed".into());
+                return (check.finish(None), false);
+            }
+            Ok(Some(Err(e))) => {
+                check.problem(format!("socket error: {e}"));
+                return (check.finish(None), false);
+            }
+            Ok(Some(Ok(message))) => message,
+        };
+        let at = Instant::now();
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(frame) => {
+                let code = frame.map(|f| u16::from(f.code)).unwrap_or(0);
+                check.problem(format!("closed by the gateway (code {code})"));
+                return (check.finish(None), false);
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Binary(_) => {
+                check.problem("binary frame".into());
+                continue;
+            }
+        };
+        let frame: ServerFrame = match serde_json::from_str(&text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                check.problem(format!("unreadable frame: {e}"));
+                continue;
+            }
+        };
+        match frame {
+            ServerFrame::Accepted {
+                request_id: echoed,
+                turn_id: id,
+                ..
+            } => {
+                if echoed != request_id {
+                    check.problem("accepted echoes another request_id".into());
+                }
+                turn_id = Some(id);
+            }
+            ServerFrame::Token {
+                turn_id: id,
+                seq,
+                delta,
+            } => {
+                if turn_id.as_deref() != Some(id.as_str()) {
+                    check.problem("token before accepted, or of another turn".into());
+                }
+                check.token(at, seq, &delta);
+            }
+            ServerFrame::Done {
+                seq, finish_reason, ..
+            } => {
+                if finish_reason != FinishReason::Stop {
+                    check.problem(format!("finish_reason {}", finish_reason.as_str()));
+                }
+                return (check.finish(Some(seq)), true);
+            }
+            ServerFrame::Error { code, .. } => check.problem(format!("error frame: {code}")),
+            ServerFrame::Reset { .. } => check.problem("reset frame".into()),
+            ServerFrame::Pong => {}
+        }
+    }
+}
+
+/// The parts of an OpenAI stream chunk the baseline reads.
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<Choice>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Delta,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// One turn read directly from the stand-in upstream.
+async fn direct_turn(
+    http: &reqwest::Client,
+    url: &str,
+    spec: &LoadSpec,
+    epoch: Instant,
+) -> TurnObservation {
+    let body = json!({
+        "model": "bench",
+        "stream": true,
+        "messages": [{"role": "user", "content": "Where does a glass bottle go?"}],
+    });
+    let mut check = Check::new(&spec.expected, epoch);
+    let run = async {
+        let response = http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let mut events = response.bytes_stream().eventsource();
+        let mut seq = 0;
+        while let Some(event) = events.next().await {
+            let at = Instant::now();
+            let event = event.map_err(|e| format!("stream error: {e}"))?;
+            if event.data == "[DONE]" {
+                return Ok(());
+            }
+            let chunk: Chunk =
+                serde_json::from_str(&event.data).map_err(|e| format!("unreadable chunk: {e}"))?;
+            if let Some(content) = chunk
+                .choices
+                .into_iter()
+                .next()
+                .and_then(|c| c.delta.content)
+                && !content.is_empty()
+            {
+                seq += 1;
+                check.token(at, seq, &content);
+            }
+        }
+        Err("stream ended without [DONE]".to_owned())
+    };
+    match tokio::time::timeout(spec.turn_timeout, run).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => check.problem(why),
+        Err(_) => check.problem("turn timed out".into()),
+    }
+    check.finish(None)
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Benchmarks the chat path on this machine and writes BENCHMARKS.md:
+# time to first token through the gateway against clients reading the
+# upstream directly, token frames per second, that no frame is lost, the
+# highest token rate, and memory per idle authenticated WebSocket.
+# The load tool starts everything it measures itself, on loopback, and stops
+# by itself. Options go to `loadgen chat` (e.g. `scripts/bench.sh --idle 5000`;
+# `--help` lists them).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# shellcheck source=setup.sh
+source scripts/setup.sh
+
+log() { printf '\033[1m[bench]\033[0m %s\n' "$*" >&2; }
+
+# 20,000 idle sockets need as many descriptors in the gateway process and in
+# the load tool: raise the soft limit (to the hard one when that is lower).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+log "open files limit: $(ulimit -n)"
+
+log "cargo build --release -p loadgen -p gateway"
+cargo build --release -p loadgen -p gateway
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+exec "$TARGET_DIR/release/loadgen" chat "$@"
