@@ -51,6 +51,9 @@ pub struct Config {
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,
+    /// Operator commands; without one the service runs.
+    #[command(subcommand)]
+    pub command: Option<crate::admin::Command>,
 }
 
 /// Rows per Postgres statement are bounded by its 65535 bind parameters;

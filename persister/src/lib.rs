@@ -11,6 +11,7 @@
 //! to the streamer and ownership checks for clients to the gateway.
 //! Completed scans will be drained the same way (the scan issue).
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod history;

@@ -283,6 +283,25 @@ impl Wal {
         .await
     }
 
+    /// Every turn id in the buffer with whether it reached Postgres (for the
+    /// operator's `compare`).
+    ///
+    /// # Errors
+    /// [`WalError`] when the buffer cannot be read.
+    pub async fn all_turn_ids(&self) -> Result<Vec<(String, bool)>, WalError> {
+        self.call(|conn| {
+            let mut statement = conn
+                .prepare("SELECT turn_id, synced_at IS NOT NULL FROM turns ORDER BY ingested_at")?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, bool>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     /// Deletes rows that reached Postgres before `before`; returns how many.
     ///
     /// # Errors

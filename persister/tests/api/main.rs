@@ -294,3 +294,52 @@ async fn history_lists_and_returns_a_users_conversations_from_postgres_and_sqlit
     assert_eq!(list.conversations[0].conversation_id, "conv-h1");
     assert_eq!(list.conversations[0].turns, 3);
 }
+
+#[tokio::test]
+async fn operator_commands_show_the_backlog_force_a_sync_and_find_missing_ids() {
+    use persister::admin::{Command, run};
+    let servers = Servers::start().await;
+    let config = servers.config();
+    let records: Vec<_> = (0..3).map(|_| record("conv-admin")).collect();
+    let wal = persister::Wal::open(&servers.sqlite_path()).await.unwrap();
+    wal.insert_turns(records.clone()).await.unwrap();
+    drop(wal);
+
+    let backlog = run(&Command::Backlog, &config).await.unwrap();
+    assert_eq!(backlog["pending"], 3);
+    let compare = run(&Command::Compare, &config).await.unwrap();
+    assert_eq!(compare["missing_in_postgres"], 3);
+    assert_eq!(
+        compare["consistent"], true,
+        "pending rows are not an inconsistency"
+    );
+
+    let synced = run(&Command::Sync, &config).await.unwrap();
+    assert_eq!(synced["copied"], 3);
+    assert_eq!(synced["pending"], 0);
+    let compare = run(&Command::Compare, &config).await.unwrap();
+    assert_eq!(compare["postgres_rows"], 3);
+    assert_eq!(compare["missing_in_postgres"], 0);
+
+    // A row marked synced but gone from Postgres is reported by id.
+    let gone = &records[1].turn_id;
+    servers
+        .pg
+        .psql(
+            servers.database_url.rsplit('/').next().unwrap(),
+            &format!("delete from turns where turn_id = '{gone}'"),
+        )
+        .unwrap();
+    let compare = run(&Command::Compare, &config).await.unwrap();
+    assert_eq!(compare["consistent"], false);
+    assert_eq!(
+        compare["missing_but_marked_synced"],
+        serde_json::json!([gone])
+    );
+
+    // Postgres down: sync and compare say so in one line.
+    let mut servers = servers;
+    servers.pg.stop().unwrap();
+    let error = run(&Command::Sync, &config).await.unwrap_err();
+    assert!(format!("{error:#}").contains("unreachable"), "{error:#}");
+}
