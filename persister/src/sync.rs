@@ -260,6 +260,12 @@ impl Syncer {
             .await?;
         metrics::counter!("persister_rows_synced_total").increment(rows.len() as u64);
         metrics::histogram!("persister_sync_seconds").record(started.elapsed().as_secs_f64());
+        // Sync lag: from the turn's completion to its Postgres commit.
+        let now = Utc::now();
+        for row in rows {
+            let lag = (now - row.completed_at).to_std().unwrap_or_default();
+            metrics::histogram!("persister_sync_lag_seconds").record(lag.as_secs_f64());
+        }
         Ok(())
     }
 
@@ -288,12 +294,26 @@ impl Syncer {
             - chrono::Duration::from_std(self.retention).unwrap_or(chrono::Duration::MAX);
         match self.wal.purge_synced(before).await {
             Ok(0) => {}
-            Ok(purged) => tracing::info!(purged, "Purged synced turns past retention from SQLite."),
+            Ok(purged) => {
+                tracing::info!(purged, "Purged synced turns past retention from SQLite.");
+                // Give the freed pages back: without a checkpoint the WAL
+                // file keeps its high-water size.
+                if let Err(error) = self.wal.checkpoint().await {
+                    tracing::warn!(%error, "WAL checkpoint after purge failed.");
+                }
+            }
             Err(error) => tracing::warn!(%error, "Purging synced turns from SQLite failed."),
         }
     }
 
     async fn update_gauges(&self) {
+        let path = self.wal.path();
+        let size =
+            |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len() as f64).unwrap_or(0.0);
+        metrics::gauge!("persister_sqlite_bytes").set(size(path));
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        metrics::gauge!("persister_sqlite_wal_bytes").set(size(std::path::Path::new(&wal_path)));
         if let Ok(backlog) = self.wal.backlog().await {
             metrics::gauge!("persister_rows_pending_sync").set(backlog.pending as f64);
             metrics::gauge!("persister_rows_rejected_sync").set(backlog.rejected as f64);

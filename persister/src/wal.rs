@@ -283,6 +283,20 @@ impl Wal {
         .await
     }
 
+    /// Checkpoints the WAL into the database file and truncates it to zero,
+    /// so the `-wal` file does not keep its high-water size after a purge
+    /// (the freed pages in the main file are reused by later inserts).
+    ///
+    /// # Errors
+    /// [`WalError`] when the checkpoint fails.
+    pub async fn checkpoint(&self) -> Result<(), WalError> {
+        self.call(|conn| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Every turn id in the buffer with whether it reached Postgres (for the
     /// operator's `compare`).
     ///
