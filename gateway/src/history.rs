@@ -1,5 +1,6 @@
 //! `GET /v1/conversations` and `GET /v1/conversations/{id}`: history, answered
-//! by the persister over NATS request-reply (`history.list`, `history.get`).
+//! by every live persister over NATS request-reply (`history.list`,
+//! `history.get`) and merged ([`bus::history::HistoryClient`]).
 //!
 //! Ownership is checked here against the `conversations` KV bucket, the same
 //! record that decides who may continue a conversation.
@@ -12,10 +13,8 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use bus::wire::{
-    ConversationDetail, ConversationList, HistoryGetRequest, HistoryListRequest, HistoryReply,
-};
-use serde::{Deserialize, de::DeserializeOwned};
+use bus::wire::{HistoryGetRequest, HistoryListRequest, HistoryReply};
+use serde::Deserialize;
 
 use crate::{AppState, auth::User};
 
@@ -33,34 +32,10 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     bus::ops::error_response(status, code, message)
 }
 
-async fn ask<Q: serde::Serialize, A: DeserializeOwned + serde::Serialize>(
-    state: &AppState,
-    subject: &'static str,
-    query: &Q,
-) -> Response {
-    let body = serde_json::to_vec(query).expect("serializes");
-    let reply = tokio::time::timeout(TIMEOUT, state.client.request(subject, body.into())).await;
-    let message = match reply {
-        Ok(Ok(message)) => message,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, subject, "History request failed.");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "history is unavailable (no persister answered); try again",
-            );
-        }
-        Err(_) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "history did not answer in time; try again",
-            );
-        }
-    };
-    match serde_json::from_slice::<HistoryReply<A>>(&message.payload) {
-        Ok(HistoryReply::Ok(answer)) => Json(answer).into_response(),
-        Ok(HistoryReply::Err(body)) => {
+fn respond<A: serde::Serialize>(reply: anyhow::Result<Option<HistoryReply<A>>>) -> Response {
+    match reply {
+        Ok(Some(HistoryReply::Ok(answer))) => Json(answer).into_response(),
+        Ok(Some(HistoryReply::Err(body))) => {
             let status = match body.error.code.as_str() {
                 "not_found" => StatusCode::NOT_FOUND,
                 "forbidden" => StatusCode::FORBIDDEN,
@@ -69,12 +44,17 @@ async fn ask<Q: serde::Serialize, A: DeserializeOwned + serde::Serialize>(
             };
             (status, Json(body)).into_response()
         }
+        Ok(None) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "history is unavailable (no persister answered in time); try again",
+        ),
         Err(e) => {
-            tracing::error!(error = %e, subject, "Unreadable history reply.");
+            tracing::warn!(error = %e, "History request failed.");
             error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the message bus is unavailable; try again",
             )
         }
     }
@@ -90,7 +70,7 @@ pub async fn list(
         user_id: user,
         limit: query.limit,
     };
-    ask::<_, ConversationList>(&state, bus::subject::HISTORY_LIST, &request).await
+    respond(state.history.list(&request, TIMEOUT).await)
 }
 
 /// `GET /v1/conversations/{id}`: one of the caller's conversations with its turns.
@@ -129,5 +109,5 @@ pub async fn get(
         user_id: user,
         conversation_id,
     };
-    ask::<_, ConversationDetail>(&state, bus::subject::HISTORY_GET, &request).await
+    respond(state.history.get(&request, TIMEOUT).await)
 }

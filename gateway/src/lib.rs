@@ -40,6 +40,8 @@ pub struct AppState {
     conversations: async_nats::jetstream::kv::Store,
     turns: async_nats::jetstream::kv::Store,
     limits: Arc<turns::Limits>,
+    /// Asks every live persister for history.
+    history: bus::history::HistoryClient,
     /// Frames a socket may have queued before it counts as too slow.
     ws_outbox: usize,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
@@ -94,6 +96,7 @@ impl Gateway {
                 "Dev login is enabled: POST /v1/dev/token mints a token for any user. Never enable it in production."
             );
         }
+        let history = bus::history::HistoryClient::start(client.clone(), &js).await?;
         let state = AppState {
             auth,
             client,
@@ -101,6 +104,7 @@ impl Gateway {
             conversations,
             turns,
             limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
+            history,
             ws_outbox: config.ws_outbox_frames.max(1),
             shutdown,
         };

@@ -69,11 +69,23 @@ pub const KV_CONVERSATIONS: &str = "conversations";
 /// KV bucket: turn id -> `TurnIndex`, for idempotent sends, resume and cancel.
 pub const KV_TURNS: &str = "chat_turns";
 
+/// KV bucket: persister instance -> heartbeat, so history askers know how
+/// many persisters to wait for.
+pub const KV_PERSISTERS: &str = "persisters";
+
 /// The KV buckets of the contract. Kept in code rather than JSON because
 /// the JetStream CLI's `nats kv add` takes flags, not a config file.
 pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
     let week = std::time::Duration::from_secs(7 * 24 * 3600);
     vec![
+        jetstream::kv::Config {
+            bucket: KV_PERSISTERS.into(),
+            description: "Persister instance -> heartbeat (expires when it stops).".into(),
+            history: 1,
+            max_age: crate::history::HEARTBEAT_STALE,
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        },
         jetstream::kv::Config {
             bucket: KV_CONVERSATIONS.into(),
             description: "Conversation id -> owning user id.".into(),

@@ -1,6 +1,8 @@
 //! Answering history requests: `history.list` and `history.get` over core
-//! NATS request-reply, in the queue group [`QUEUE_GROUP`] so any number of
-//! persisters share them.
+//! NATS request-reply. Every persister answers every request (no queue
+//! group): with several persisters each SQLite file holds different unsynced
+//! turns, and the asker ([`bus::history::HistoryClient`]) merges the answers
+//! of all live persisters, which announce themselves with [`heartbeat`].
 //!
 //! It owns reading turns back. An answer is Postgres plus what only SQLite
 //! holds yet (rows not synced), so a turn is readable as soon as it was acked.
@@ -30,8 +32,6 @@ use crate::{
     wal::{Wal, parse_finish_reason},
 };
 
-/// The queue group the history subjects are served in.
-pub const QUEUE_GROUP: &str = "persister";
 /// Conversations listed when the request sets no limit.
 pub const DEFAULT_LIMIT: u32 = 50;
 /// Most conversations one listing returns.
@@ -46,6 +46,32 @@ const CONCURRENCY: usize = 32;
 const TURN_COLUMNS: &str = "turn_id, conversation_id, user_id, request_id, model, \
     finish_reason, user_text, assistant_text, prompt_tokens, completion_tokens, error, \
     created_at, first_token_at, completed_at";
+
+/// Announces this persister in the `persisters` KV bucket until `shutdown`,
+/// then withdraws, so history askers know how many answers to wait for.
+///
+/// # Errors
+/// When the bucket is missing.
+pub async fn heartbeat(
+    js: async_nats::jetstream::Context,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let kv = js.get_key_value(bus::streams::KV_PERSISTERS).await?;
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let mut tick = tokio::time::interval(bus::history::HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(error) = kv.put(&instance, bytes::Bytes::new()).await {
+                    tracing::warn!(%error, "Persister heartbeat failed.");
+                }
+            }
+        }
+    }
+    let _ = kv.delete(&instance).await;
+    Ok(())
+}
 
 /// The history responder and what it reads from.
 #[derive(Debug, Clone)]
@@ -97,15 +123,8 @@ impl History {
     /// # Errors
     /// When the subscriptions cannot be made.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let group = QUEUE_GROUP.to_owned();
-        let mut list = self
-            .client
-            .queue_subscribe(bus::subject::HISTORY_LIST, group.clone())
-            .await?;
-        let mut get = self
-            .client
-            .queue_subscribe(bus::subject::HISTORY_GET, group)
-            .await?;
+        let mut list = self.client.subscribe(bus::subject::HISTORY_LIST).await?;
+        let mut get = self.client.subscribe(bus::subject::HISTORY_GET).await?;
         let permits = Arc::new(Semaphore::new(CONCURRENCY));
         let tracker = TaskTracker::new();
         loop {

@@ -140,6 +140,7 @@ impl Persister {
         // Sync starts at once: rows a previous run left unsynced go first.
         let mut sync_task = tokio::spawn(syncer.run(stop.clone()));
         let mut history_task = tokio::spawn(history.run(stop.clone()));
+        let heartbeat_task = tokio::spawn(history::heartbeat(self.js.clone(), stop.clone()));
         let mut ingest_task = tokio::spawn(ingest.run(self.consumer, stop.clone()));
         tracing::info!("Persister consuming completed turns.");
 
@@ -168,6 +169,8 @@ impl Persister {
             sync_task.abort();
             history_task.abort();
         }
+        // Withdraw from the persisters bucket so askers stop waiting for us.
+        let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat_task).await;
         let _ = self.client.flush().await;
         if let Some(failure) = failure {
             anyhow::bail!(failure);

@@ -45,6 +45,8 @@ pub struct Worker {
     /// How often a long generation tells JetStream it is still working
     /// (well inside the consumer's ack wait).
     pub progress_every: Duration,
+    /// Asks the persisters for a conversation's earlier turns.
+    pub history: bus::history::HistoryClient,
 }
 
 impl Worker {
@@ -259,21 +261,9 @@ impl Worker {
             user_id: request.user_id.clone(),
             conversation_id: request.conversation_id.clone(),
         };
-        let body = serde_json::to_vec(&query).expect("serializes");
-        let reply = tokio::time::timeout(
-            HISTORY_TIMEOUT,
-            self.client.request(subject::HISTORY_GET, body.into()),
-        )
-        .await;
-        let detail = match reply {
-            Ok(Ok(message)) => match serde_json::from_slice(&message.payload) {
-                Ok(HistoryReply::Ok(ConversationDetail { turns, .. })) => turns,
-                Ok(HistoryReply::Err(_)) => return Vec::new(),
-                Err(error) => {
-                    tracing::warn!(%error, "Unreadable history reply; answering without context.");
-                    return Vec::new();
-                }
-            },
+        let detail = match self.history.get(&query, HISTORY_TIMEOUT).await {
+            Ok(Some(HistoryReply::Ok(ConversationDetail { turns, .. }))) => turns,
+            Ok(Some(HistoryReply::Err(_))) => return Vec::new(),
             _ => {
                 metrics::counter!("streamer_history_unavailable_total").increment(1);
                 tracing::warn!("History unavailable; answering without context.");

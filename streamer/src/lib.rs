@@ -66,6 +66,7 @@ impl Streamer {
             system_prompt: config.system_prompt.clone(),
             max_tokens: config.max_tokens,
             progress_every: consumer.ack_wait / 3,
+            history: bus::history::HistoryClient::start(client.clone(), &js).await?,
         };
         Ok(Self {
             config,

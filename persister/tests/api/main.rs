@@ -343,3 +343,83 @@ async fn operator_commands_show_the_backlog_force_a_sync_and_find_missing_ids() 
     let error = run(&Command::Sync, &config).await.unwrap_err();
     assert!(format!("{error:#}").contains("unreachable"), "{error:#}");
 }
+
+#[tokio::test]
+async fn two_persisters_share_the_work_and_history_stays_complete_across_their_sqlite_files() {
+    let first = TestPersister::start().await;
+    let mut second_config = first.servers.config();
+    second_config.sqlite_path = first.servers.dir.0.join("second.db");
+    let second = persister::Persister::build(second_config).await.unwrap();
+    let second_wal = second.wal();
+    let stop_second = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(second.run(stop_second.clone()));
+    let history =
+        bus::history::HistoryClient::start(first.servers.client.clone(), &first.servers.js)
+            .await
+            .unwrap();
+
+    // Work is shared: both files get rows, Postgres gets each once.
+    let records: Vec<_> = (0..200).map(|_| record("conv-scale")).collect();
+    for r in &records {
+        first.publish(r, &r.turn_id).await;
+    }
+    for r in &records {
+        first.wait_pg(&r.turn_id).await;
+    }
+    let in_first = first.wal.all_turn_ids().await.unwrap().len();
+    let in_second = second_wal.all_turn_ids().await.unwrap().len();
+    assert_eq!(in_first + in_second, 200, "no record was written twice");
+    assert!(
+        in_first > 0 && in_second > 0,
+        "one persister did all the work: {in_first}/{in_second}"
+    );
+    assert_eq!(
+        first
+            .pg_scalar(
+                "select count(*) from turns where conversation_id = $1",
+                "conv-scale"
+            )
+            .await,
+        Some(200)
+    );
+
+    // Postgres down: new turns land in two different SQLite files, and the
+    // merged history still has every one of them.
+    let mut first = first;
+    first.servers.pg.stop().unwrap();
+    let late: Vec<_> = (0..40).map(|_| record("conv-scale")).collect();
+    for r in &late {
+        first.publish(r, &r.turn_id).await;
+    }
+    let request = bus::wire::HistoryGetRequest {
+        user_id: "user-1".into(),
+        conversation_id: "conv-scale".into(),
+    };
+    let complete = testkit::wait_for(
+        "history with every turn",
+        std::time::Duration::from_secs(30),
+        || {
+            let (history, request) = (&history, &request);
+            async move {
+                match history
+                    .get(request, std::time::Duration::from_secs(3))
+                    .await
+                {
+                    Ok(Some(HistoryReply::Ok(detail))) if detail.turns.len() == 240 => Some(detail),
+                    _ => None,
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let late_first = late
+        .iter()
+        .filter(|r| complete.turns.iter().any(|t| t.turn_id == r.turn_id))
+        .count();
+    assert_eq!(late_first, 40);
+    let unsynced_first = first.wal.unsynced(1000).await.unwrap().len();
+    let unsynced_second = second_wal.unsynced(1000).await.unwrap().len();
+    assert_eq!(unsynced_first + unsynced_second, 40);
+    stop_second.cancel();
+}
