@@ -212,7 +212,7 @@ impl Report {
         writeln!(out, "## Machine\n").ok();
         writeln!(out, "- CPUs: {} (`nproc`), model: {}", m.cpus, m.cpu_model).ok();
         writeln!(out, "- memory: {:.1} GiB, kernel {}", m.mem_gib, m.kernel).ok();
-        writeln!(out, "- nats-server {}", c.nats_version).ok();
+        writeln!(out, "- {} (`nats-server --version`)", c.nats_version).ok();
         writeln!(out, "- run started {} on commit {}\n", c.started, c.commit).ok();
         writeln!(out, "## Conditions\n").ok();
         writeln!(out, "- build: **{}** (`cargo run --release -p loadgen -- chat`; the streamer and gateway are compiled into the tool with the same profile)", c.profile).ok();
@@ -346,10 +346,11 @@ impl Report {
                 let at = if idle.held < idle.requested {
                     format!(
                         " at {} connections (asked {}: see below)",
-                        idle.held, idle.requested
+                        rate(idle.held as f64),
+                        rate(idle.requested as f64)
                     )
                 } else {
-                    format!(" at {} connections", idle.held)
+                    format!(" at {} connections", rate(idle.held as f64))
                 };
                 writeln!(out, "| <= 16 KB per idle authenticated WebSocket at 20,000 connections | {per:.1} KiB per connection{at} | {} |", yes(per <= 16.0)).ok();
             }
