@@ -24,6 +24,9 @@ use futures::StreamExt as _;
 
 use crate::upstream::{self, Event, Upstream};
 
+/// Frame publishes a turn keeps in flight before awaiting the oldest ack.
+const ACK_WINDOW: usize = 32;
+
 /// Earlier turns put into a prompt.
 const HISTORY_TURNS: usize = 10;
 /// How long the persister may take to answer a history request.
@@ -133,8 +136,8 @@ impl Worker {
                     seq: turn.seq,
                     reason: "worker_restarted".into(),
                 };
-                turn.acks
-                    .push(self.publish_frame(&tok_subject, &reset).await?);
+                turn.track(self.publish_frame(&tok_subject, &reset).await?)
+                    .await?;
                 metrics::counter!("streamer_turn_resets_total").increment(1);
             }
         }
@@ -208,7 +211,7 @@ impl Worker {
                             turn.tokens += 1;
                             turn.text.push_str(&delta);
                             let frame = ServerFrame::Token { turn_id: request.turn_id.clone(), seq: turn.seq, delta };
-                            turn.acks.push(self.publish_frame(&tok_subject, &frame).await?);
+                            turn.track(self.publish_frame(&tok_subject, &frame).await?).await?;
                             metrics::counter!("streamer_tokens_total").increment(1);
                         }
                         Some(Ok(Event::Finish(reason))) => { turn.finish = reason; turn.finish_seen = true; }
@@ -222,15 +225,15 @@ impl Worker {
         }
         drop(cancel);
 
-        if let Some(error) = &turn.error {
+        if let Some(error) = turn.error.clone() {
             let frame = ServerFrame::error(
                 Some(request.turn_id.clone()),
                 "upstream_error",
                 error.clone(),
             );
-            turn.acks
-                .push(self.publish_frame(&tok_subject, &frame).await?);
-            self.dead_letter_failed_turn(message, request, error, deliveries)
+            turn.track(self.publish_frame(&tok_subject, &frame).await?)
+                .await?;
+            self.dead_letter_failed_turn(message, request, &error, deliveries)
                 .await;
         }
         turn.seq += 1;
@@ -241,8 +244,8 @@ impl Worker {
             finish_reason: turn.finish,
             usage,
         };
-        turn.acks
-            .push(self.publish_frame(&tok_subject, &done).await?);
+        turn.track(self.publish_frame(&tok_subject, &done).await?)
+            .await?;
         for ack in std::mem::take(&mut turn.acks) {
             ack.await.context("a frame was not stored")?;
         }
@@ -321,26 +324,10 @@ impl Worker {
         subject: &str,
         frame: &ServerFrame,
     ) -> anyhow::Result<PublishAckFuture> {
-        let turn_id = match frame {
-            ServerFrame::Token { turn_id, .. }
-            | ServerFrame::Done { turn_id, .. }
-            | ServerFrame::Reset { turn_id, .. } => turn_id.as_str(),
-            ServerFrame::Error { turn_id, .. } => turn_id.as_deref().unwrap_or(""),
-            _ => "",
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        // Frames without a seq (error) are not deduplicated: they are advisory.
-        if let Some(seq) = frame.seq() {
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                format!("{turn_id}:{seq}").as_str(),
-            );
-        }
+        // No Nats-Msg-Id: a redelivered turn continues the seq space, so no
+        // two frames repeat, and the server's dedupe window costs per message.
         let body = serde_json::to_vec(frame)?;
-        Ok(self
-            .js
-            .publish_with_headers(subject.to_owned(), headers, body.into())
-            .await?)
+        Ok(self.js.publish(subject.to_owned(), body.into()).await?)
     }
 
     async fn publish_record(
@@ -413,7 +400,8 @@ struct Turn {
     usage: Option<Usage>,
     error: Option<String>,
     first_token_at: Option<DateTime<Utc>>,
-    acks: Vec<PublishAckFuture>,
+    /// Publish acks not yet awaited, oldest first; at most [`ACK_WINDOW`].
+    acks: std::collections::VecDeque<PublishAckFuture>,
     created_at: DateTime<Utc>,
 }
 
@@ -429,9 +417,23 @@ impl Turn {
             usage: None,
             error: None,
             first_token_at: None,
-            acks: Vec::new(),
+            acks: std::collections::VecDeque::new(),
             created_at: request.created_at,
         }
+    }
+
+    /// Keeps a frame's publish ack, awaiting the oldest beyond the window.
+    /// Holding every ack until the turn ends would deadlock: the JetStream
+    /// context allows 5,000 un-awaited publishes in all, so enough long
+    /// turns at once would each wait for a permit only another could free.
+    async fn track(&mut self, ack: PublishAckFuture) -> anyhow::Result<()> {
+        self.acks.push_back(ack);
+        while self.acks.len() > ACK_WINDOW {
+            if let Some(oldest) = self.acks.pop_front() {
+                oldest.await.context("a frame was not stored")?;
+            }
+        }
+        Ok(())
     }
 
     fn saw_finish(&self) -> bool {
