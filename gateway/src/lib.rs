@@ -128,7 +128,13 @@ impl Gateway {
     /// When the server fails.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "Gateway listening.");
-        let server = axum::serve(self.listener, self.router.into_make_service())
+        use axum::serve::ListenerExt as _;
+        // Without TCP_NODELAY a token frame written right after `accepted`
+        // waits for the client's delayed ACK (~40 ms): Nagle's algorithm.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, self.router.into_make_service())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
         shutdown.cancelled().await;

@@ -81,6 +81,8 @@ pub struct Accepted {
 /// A subscription to one turn's frames, taken before anything was published.
 pub struct Follow {
     live: async_nats::Subscriber,
+    /// Subscribed before the turn's request was published: nothing to replay.
+    fresh: bool,
     subject: String,
     js: async_nats::jetstream::Context,
     slot: Option<TurnSlot>,
@@ -188,19 +190,6 @@ impl AppState {
         let key = format!("{user}\n{}", turn.request_id);
         let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
 
-        // A repeated request_id: the turn exists; follow it instead of starting another.
-        if let Some(index) = self.turn_index(&turn_id).await? {
-            if index.user_id != user {
-                return Err(forbidden(&turn_id));
-            }
-            let follow = self.follow(&index.conversation_id, &turn_id, None).await?;
-            return Ok(Accepted {
-                conversation_id: index.conversation_id,
-                turn_id,
-                follow,
-            });
-        }
-
         let conversation_id = match turn.conversation_id {
             Some(id) => id,
             None => {
@@ -214,8 +203,12 @@ impl AppState {
                 "conversation_id is not a valid id",
             ));
         }
-        self.claim_conversation(user, &conversation_id).await?;
+        let new_conversation = self.claim_conversation(user, &conversation_id).await?;
         let Some(slot) = self.limits.acquire(user) else {
+            // At the limit, a repeat of a running turn may still follow it.
+            if let Some(accepted) = self.repeated(user, &turn_id).await? {
+                return Ok(accepted);
+            }
             return Err(error(
                 None,
                 "too_many_turns",
@@ -233,13 +226,24 @@ impl AppState {
             created_at,
         };
         let index_bytes = serde_json::to_vec(&index).expect("serializes");
+        // Creating the index is also the repeat check: one round trip for a
+        // new request id, and a repeat finds the turn it made.
         match self.turns.create(&turn_id, index_bytes.into()).await {
             Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                drop(slot);
+                return self
+                    .repeated(user, &turn_id)
+                    .await?
+                    .ok_or_else(|| error(None, "unavailable", "the turn is being created; retry"));
+            }
             Err(e) => return Err(unavailable(&e)),
         }
         // Subscribe before publishing so no live frame can slip past.
-        let follow = self.follow(&conversation_id, &turn_id, Some(slot)).await?;
+        let mut follow = self.follow(&conversation_id, &turn_id, Some(slot)).await?;
+        // Nothing can have been published for this turn before the
+        // subscription, so its relay skips the initial replay.
+        follow.fresh = true;
         let request = ChatRequest {
             turn_id: turn_id.clone(),
             conversation_id: conversation_id.clone(),
@@ -247,6 +251,7 @@ impl AppState {
             request_id: turn.request_id,
             content: turn.content,
             history: turn.history,
+            new_conversation,
             model: turn.model,
             max_tokens: turn.max_tokens,
             temperature: turn.temperature,
@@ -256,20 +261,42 @@ impl AppState {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, turn_id.as_str());
         let subject = subject::chat_req(&conversation_id).expect("checked above");
         let body = serde_json::to_vec(&request).expect("serializes");
-        match self
+        let published = match self
             .js
             .publish_with_headers(subject, headers, body.into())
             .await
         {
-            Ok(ack) => ack.await.map_err(|e| unavailable(&e))?,
-            Err(e) => return Err(unavailable(&e)),
+            Ok(ack) => ack.await.map_err(|e| unavailable(&e)),
+            Err(e) => Err(unavailable(&e)),
         };
+        if let Err(frame) = published {
+            // Without the request the index would make a retry of this
+            // request id follow a turn that never runs.
+            let _ = self.turns.delete(&turn_id).await;
+            return Err(frame);
+        }
         metrics::counter!("gateway_turns_accepted_total").increment(1);
         Ok(Accepted {
             conversation_id,
             turn_id,
             follow,
         })
+    }
+
+    /// The turn a repeated request id made, followed from its start.
+    async fn repeated(&self, user: &str, turn_id: &str) -> Result<Option<Accepted>, ServerFrame> {
+        let Some(index) = self.turn_index(turn_id).await? else {
+            return Ok(None);
+        };
+        if index.user_id != user {
+            return Err(forbidden(turn_id));
+        }
+        let follow = self.follow(&index.conversation_id, turn_id, None).await?;
+        Ok(Some(Accepted {
+            conversation_id: index.conversation_id,
+            turn_id: turn_id.to_owned(),
+            follow,
+        }))
     }
 
     /// Checks that `user` owns the turn and subscribes to its frames (resume).
@@ -320,18 +347,19 @@ impl AppState {
         }
     }
 
-    /// Records the user as the conversation's owner, or checks that they are.
+    /// Records the user as the conversation's owner (true: it is new), or
+    /// checks that they are (false).
     async fn claim_conversation(
         &self,
         user: &str,
         conversation_id: &str,
-    ) -> Result<(), ServerFrame> {
+    ) -> Result<bool, ServerFrame> {
         let kv = &self.conversations;
         match kv.create(conversation_id, user.to_owned().into()).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 match kv.get(conversation_id).await {
-                    Ok(Some(owner)) if owner == user.as_bytes() => Ok(()),
+                    Ok(Some(owner)) if owner == user.as_bytes() => Ok(false),
                     Ok(_) => Err(error(
                         None,
                         "forbidden",
@@ -359,6 +387,7 @@ impl AppState {
             .map_err(|e| unavailable(&e))?;
         Ok(Follow {
             live,
+            fresh: false,
             subject,
             js: self.js.clone(),
             slot,
@@ -377,7 +406,7 @@ impl Follow {
             started,
             first: std::sync::atomic::AtomicBool::new(after_seq == 0),
         };
-        if self.replay(&mut last_seq, &sink).await {
+        if !self.fresh && self.replay(&mut last_seq, &sink).await {
             return;
         }
         while let Some(message) = self.live.next().await {

@@ -32,6 +32,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest WebSocket message read at all; bigger ones close the socket
 /// (1009). Up to this size, oversized `content` gets a `too_large` frame.
 const MAX_MESSAGE: usize = 1024 * 1024;
+/// Initial read buffer per socket.
+const READ_BUFFER: usize = 4 * 1024;
 /// Server pings this often; a client that answers nothing for
 /// [`IDLE_TIMEOUT`] is closed.
 const PING_EVERY: Duration = Duration::from_secs(25);
@@ -45,7 +47,11 @@ pub async fn upgrade(
     StreamUser(user): StreamUser,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // tungstenite zero-fills its whole read buffer before each read; the
+    // 128 KiB default made every idle socket cost ~150 KiB. Client frames
+    // are small, and the buffer still grows for a large one.
     ws.max_message_size(MAX_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| Session::new(state, user).run(socket))
 }
 
@@ -145,7 +151,9 @@ impl Session {
                     last_heard = tokio::time::Instant::now();
                     match message {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
-                        Some(Ok(Message::Text(text))) => self.on_text(&text, &outbox).await,
+                        // Boxed: the accept path's futures are large, and an
+                        // idle socket should not carry their space.
+                        Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&text, &outbox)).await,
                         Some(Ok(Message::Binary(_))) => {
                             outbox.send(&ServerFrame::error(None, "binary_not_supported", "send JSON text frames"));
                         }
@@ -274,13 +282,22 @@ async fn write(
                 }
                 break;
             }
-            message = rx.recv() => match message {
-                Some(message) => match tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await {
+            message = rx.recv() => {
+                let Some(message) = message else { break };
+                // Queue what is waiting and flush once: a burst of frames
+                // costs one write, not one per frame.
+                let write = async {
+                    sink.feed(message).await?;
+                    while let Ok(more) = rx.try_recv() {
+                        sink.feed(more).await?;
+                    }
+                    sink.flush().await
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
                     Ok(Ok(())) => {}
                     _ => break,
-                },
-                None => break,
-            },
+                }
+            }
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;

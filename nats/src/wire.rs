@@ -178,6 +178,10 @@ pub struct ChatRequest {
     /// sends the whole conversation this way); empty for WebSocket turns.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<ChatMessage>,
+    /// The gateway created the conversation for this turn: it has no earlier
+    /// turns, so the streamer need not ask for history.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub new_conversation: bool,
     /// A model override; `None` uses the streamer's configured model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,

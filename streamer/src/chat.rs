@@ -150,7 +150,7 @@ impl Worker {
             role: "system".into(),
             content: self.system_prompt.clone(),
         }];
-        if request.history.is_empty() {
+        if request.history.is_empty() && !request.new_conversation {
             messages.extend(self.earlier_turns(request).await);
         } else {
             messages.extend(request.history.iter().cloned());

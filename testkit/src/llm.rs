@@ -116,6 +116,11 @@ impl StandInLlm {
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         tokio::spawn(async move {
+            use axum::serve::ListenerExt as _;
+            // Like a real provider's server: no Nagle delay on small chunks.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(stopped.cancelled_owned())
                 .await;

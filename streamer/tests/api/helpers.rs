@@ -131,6 +131,7 @@ impl TestStreamer {
             request_id: format!("req-{turn_id}"),
             content: content.into(),
             history: vec![],
+            new_conversation: false,
             model: None,
             max_tokens: None,
             temperature: None,
