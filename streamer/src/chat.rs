@@ -24,8 +24,9 @@ use futures::StreamExt as _;
 
 use crate::upstream::{self, Event, Upstream};
 
-/// Frame publishes a turn keeps in flight before awaiting the oldest ack.
-const ACK_WINDOW: usize = 32;
+/// Un-awaited publishes a JetStream context allows in all (async-nats's
+/// `max_ack_inflight`), less headroom for records and dead letters.
+pub const ACK_BUDGET: usize = 4_000;
 
 /// Earlier turns put into a prompt.
 const HISTORY_TURNS: usize = 10;
@@ -50,6 +51,9 @@ pub struct Worker {
     pub progress_every: Duration,
     /// Asks the persisters for a conversation's earlier turns.
     pub history: bus::history::HistoryClient,
+    /// Frame publishes one turn keeps un-awaited: [`ACK_BUDGET`] shared by
+    /// the turns this process runs at once.
+    pub ack_window: usize,
 }
 
 impl Worker {
@@ -123,6 +127,7 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let tok_subject = subject::chat_tok(&request.conversation_id, &request.turn_id)?;
         let mut turn = Turn::new(request, self.upstream.model());
+        turn.window = self.ack_window;
         if deliveries > 1 {
             let earlier = earlier_frames(&self.js, &tok_subject).await?;
             if turn.rebuild(&earlier) {
@@ -400,8 +405,9 @@ struct Turn {
     usage: Option<Usage>,
     error: Option<String>,
     first_token_at: Option<DateTime<Utc>>,
-    /// Publish acks not yet awaited, oldest first; at most [`ACK_WINDOW`].
+    /// Publish acks not yet awaited, oldest first; at most `window`.
     acks: std::collections::VecDeque<PublishAckFuture>,
+    window: usize,
     created_at: DateTime<Utc>,
 }
 
@@ -418,17 +424,19 @@ impl Turn {
             error: None,
             first_token_at: None,
             acks: std::collections::VecDeque::new(),
+            window: 1,
             created_at: request.created_at,
         }
     }
 
     /// Keeps a frame's publish ack, awaiting the oldest beyond the window.
-    /// Holding every ack until the turn ends would deadlock: the JetStream
-    /// context allows 5,000 un-awaited publishes in all, so enough long
-    /// turns at once would each wait for a permit only another could free.
+    /// The JetStream context allows 5,000 un-awaited publishes in all, and a
+    /// publish waits for a free one: if the turns in flight together held
+    /// that many, each would wait for a permit only another could free. The
+    /// window keeps their sum under [`ACK_BUDGET`].
     async fn track(&mut self, ack: PublishAckFuture) -> anyhow::Result<()> {
         self.acks.push_back(ack);
-        while self.acks.len() > ACK_WINDOW {
+        while self.acks.len() > self.window {
             if let Some(oldest) = self.acks.pop_front() {
                 oldest.await.context("a frame was not stored")?;
             }

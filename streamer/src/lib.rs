@@ -46,8 +46,9 @@ impl Streamer {
     /// An actionable message for each startup failure.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            config.concurrency > 0,
-            "STREAMER_CONCURRENCY must be at least 1"
+            (1..=chat::ACK_BUDGET).contains(&config.concurrency),
+            "STREAMER_CONCURRENCY must be between 1 and {}",
+            chat::ACK_BUDGET
         );
         let listener = bus::ops::bind(&config.listen, "STREAMER_LISTEN").await?;
         let client = bus::connect::connect(&config.nats_url, "streamer").await?;
@@ -67,6 +68,7 @@ impl Streamer {
             max_tokens: config.max_tokens,
             progress_every: consumer.ack_wait / 3,
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
+            ack_window: (chat::ACK_BUDGET / config.concurrency).clamp(1, 64),
         };
         Ok(Self {
             config,

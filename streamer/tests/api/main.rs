@@ -454,15 +454,15 @@ async fn an_answer_too_big_for_one_bus_message_is_recorded_truncated_not_redeliv
 
 #[tokio::test]
 async fn many_long_turns_at_once_do_not_exhaust_the_publish_ack_window() {
-    // 40 turns x 200 tokens = 8,000 token publishes in flight at once, more
-    // than the 5,000 un-awaited publishes a JetStream context allows.
+    // 200 turns x 200 tokens in flight at once: far more publishes than the
+    // 5,000 un-awaited ones a JetStream context allows.
     let words: Vec<String> = (0..200).map(|i| format!("t{i} ")).collect();
     let llm = StandInLlm::start(Script::new(words.clone(), Duration::from_millis(1)))
         .await
         .unwrap();
-    let app = TestStreamer::start_with(llm.base_url(), &["--concurrency", "40"]).await;
+    let app = TestStreamer::start_with(llm.base_url(), &["--concurrency", "200"]).await;
     let mut turns = Vec::new();
-    for i in 0..40 {
+    for i in 0..200 {
         turns.push((
             format!("conv-w{i}"),
             app.send(&format!("conv-w{i}"), "count").await,
