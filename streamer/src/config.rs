@@ -35,6 +35,13 @@ pub struct Config {
     /// System prompt put before every conversation.
     #[arg(long, env = "STREAMER_SYSTEM_PROMPT", default_value = DEFAULT_SYSTEM_PROMPT)]
     pub system_prompt: String,
+    /// Fallback providers, tried in order when the primary fails before the
+    /// first token (after its retries): comma-separated
+    /// `BASE_URL|MODEL|API_KEY_ENV` entries, MODEL and API_KEY_ENV optional
+    /// (the key is read from the named variable, so no secret sits in this
+    /// list). Example: `http://127.0.0.1:11434/v1|llama3.1,https://api.openai.com/v1|gpt-4o-mini|OPENAI_API_KEY`.
+    #[arg(long, env = "LLM_FALLBACKS", default_value = "")]
+    pub llm_fallbacks: String,
     /// Chat turns generated at once by this process.
     #[arg(long, env = "STREAMER_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
@@ -60,7 +67,74 @@ pub struct Config {
     pub log_json: bool,
 }
 
+/// One OpenAI-compatible provider.
+#[derive(Clone)]
+pub struct Provider {
+    /// Base URL (before `/chat/completions`).
+    pub base_url: String,
+    /// Model name sent to it.
+    pub model: String,
+    /// Its API key, if any.
+    pub api_key: Option<SecretString>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
 impl Config {
+    /// The primary provider, then the fallbacks, in the order to try them.
+    ///
+    /// # Errors
+    /// When a fallback entry is malformed or names an unset key variable.
+    pub fn providers(&self) -> anyhow::Result<Vec<Provider>> {
+        let mut providers = vec![Provider {
+            base_url: self.llm_base_url.trim_end_matches('/').to_owned(),
+            model: self.llm_model.clone(),
+            api_key: self.llm_api_key.clone(),
+        }];
+        for entry in self
+            .llm_fallbacks
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            let mut parts = entry.split('|');
+            let base_url = parts
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_owned();
+            anyhow::ensure!(
+                base_url.starts_with("http://") || base_url.starts_with("https://"),
+                "LLM_FALLBACKS entry {entry:?} does not start with an http(s) URL"
+            );
+            let model = parts
+                .next()
+                .filter(|m| !m.is_empty())
+                .unwrap_or(&self.llm_model)
+                .to_owned();
+            let api_key = match parts.next().filter(|k| !k.is_empty()) {
+                Some(var) => Some(SecretString::from(std::env::var(var).map_err(|_| {
+                    anyhow::anyhow!("LLM_FALLBACKS names the key variable {var}, which is not set")
+                })?)),
+                None => None,
+            };
+            providers.push(Provider {
+                base_url,
+                model,
+                api_key,
+            });
+        }
+        Ok(providers)
+    }
+
     /// The connect timeout.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)

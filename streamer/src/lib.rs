@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use config::{Config, DEFAULT_SYSTEM_PROMPT};
+pub use config::{Config, DEFAULT_SYSTEM_PROMPT, Provider};
 
 /// Runs the streamer until `shutdown` fires.
 ///

@@ -14,7 +14,7 @@ use bus::wire::{ChatMessage, FinishReason, Usage};
 use eventsource_stream::Eventsource as _;
 use futures::{Stream, StreamExt as _};
 use rand::Rng as _;
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
 
 /// One thing the provider told us.
@@ -99,24 +99,13 @@ pub struct Request {
     pub temperature: Option<f32>,
 }
 
-/// One OpenAI-compatible provider.
-#[derive(Clone)]
+/// The configured OpenAI-compatible providers: the primary, then fallbacks.
+#[derive(Debug, Clone)]
 pub struct Upstream {
     http: reqwest::Client,
-    base_url: String,
-    api_key: Option<SecretString>,
-    model: String,
+    providers: Vec<crate::config::Provider>,
     read_timeout: Duration,
     max_retries: u32,
-}
-
-impl std::fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upstream")
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Upstream {
@@ -132,17 +121,15 @@ impl Upstream {
             .build()?;
         Ok(Self {
             http,
-            base_url: config.llm_base_url.trim_end_matches('/').to_owned(),
-            api_key: config.llm_api_key.clone(),
-            model: config.llm_model.clone(),
+            providers: config.providers()?,
             read_timeout: config.read_timeout(),
             max_retries: config.max_retries,
         })
     }
 
-    /// The configured model name.
+    /// The primary provider's model name.
     pub fn model(&self) -> &str {
-        &self.model
+        &self.providers[0].model
     }
 
     /// Opens a streaming completion, retrying failures that happen before the
@@ -151,9 +138,36 @@ impl Upstream {
     /// # Errors
     /// The last error once retries are spent, or at once for a non-retryable one.
     pub async fn stream(&self, request: &Request) -> Result<EventStream, UpstreamError> {
+        let mut last = None;
+        for (index, provider) in self.providers.iter().enumerate() {
+            // A model override names the primary's model; a fallback uses its own.
+            let model = match (index, &request.model) {
+                (0, Some(model)) => model.as_str(),
+                _ => provider.model.as_str(),
+            };
+            match self.stream_from(provider, model, request).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => {
+                    if index + 1 < self.providers.len() {
+                        metrics::counter!("streamer_upstream_fallbacks_total").increment(1);
+                        tracing::warn!(%error, provider = %bus::connect::redact(&provider.base_url), "LLM provider failed; trying the next one.");
+                    }
+                    last = Some(error);
+                }
+            }
+        }
+        Err(last.expect("at least one provider"))
+    }
+
+    async fn stream_from(
+        &self,
+        provider: &crate::config::Provider,
+        model: &str,
+        request: &Request,
+    ) -> Result<EventStream, UpstreamError> {
         let mut attempt = 0;
         loop {
-            match self.open(request).await {
+            match self.open(provider, model, request).await {
                 Ok(stream) => return Ok(stream),
                 Err(error) if error.retryable() && attempt < self.max_retries => {
                     metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind())
@@ -172,9 +186,14 @@ impl Upstream {
         }
     }
 
-    async fn open(&self, request: &Request) -> Result<EventStream, UpstreamError> {
+    async fn open(
+        &self,
+        provider: &crate::config::Provider,
+        model: &str,
+        request: &Request,
+    ) -> Result<EventStream, UpstreamError> {
         let mut body = json!({
-            "model": request.model.as_deref().unwrap_or(&self.model),
+            "model": model,
             "messages": request.messages,
             "stream": true,
             "stream_options": {"include_usage": true},
@@ -185,10 +204,10 @@ impl Upstream {
         }
         let mut builder = self
             .http
-            .post(format!("{}/chat/completions", self.base_url))
+            .post(format!("{}/chat/completions", provider.base_url))
             .header("accept", "text/event-stream")
             .json(&body);
-        if let Some(key) = &self.api_key {
+        if let Some(key) = &provider.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }
         let response = builder

@@ -476,3 +476,32 @@ async fn many_long_turns_at_once_do_not_exhaust_the_publish_ack_window() {
         assert_eq!(record.assistant_text, words.concat());
     }
 }
+
+#[tokio::test]
+async fn a_failing_primary_falls_back_to_the_next_provider_before_the_first_token() {
+    let primary = StandInLlm::start(Script::new(["never"], Duration::ZERO).with_quirks(Quirks {
+        fail_first: vec![(503, None); 10],
+        ..Quirks::default()
+    }))
+    .await
+    .unwrap();
+    let mut backup_script = Script::new(["from ", "the ", "backup"], Duration::ZERO);
+    backup_script.model = "backup-model".into();
+    let backup = StandInLlm::start(backup_script).await.unwrap();
+    let fallbacks = format!("{}|backup-model", backup.base_url());
+    let app = TestStreamer::start_with(
+        primary.base_url(),
+        &["--llm-fallbacks", &fallbacks, "--max-retries", "1"],
+    )
+    .await;
+    let turn = app.send("conv-fb", "hi").await;
+    let record = app.turn_record("conv-fb", &turn).await;
+    assert_eq!(record.assistant_text, "from the backup");
+    assert_eq!(record.model, "backup-model");
+    assert_eq!(
+        primary.requests().len(),
+        2,
+        "the primary was tried with its retries"
+    );
+    assert_eq!(backup.requests()[0]["model"], "backup-model");
+}
