@@ -89,23 +89,8 @@ impl Service {
             .with_context(|| format!("cannot start {}", self.binary.display()))?;
         self.child = Some(child);
         let url = format!("http://{}/readyz", self.addr);
-        let http = reqwest::Client::new();
-        let name = self.name;
-        testkit::wait_for(
-            &format!("{name} to be ready"),
-            Duration::from_secs(30),
-            || {
-                let request = http.get(&url).send();
-                async move {
-                    request
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ())
-                }
-            },
-        )
-        .await
+        let what = format!("{} to be ready", self.name);
+        testkit::wait_http_ok(&what, &url, Duration::from_secs(30)).await
     }
 
     /// SIGKILL: no drain, no acks, nothing flushed.

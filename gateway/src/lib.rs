@@ -148,21 +148,7 @@ impl Gateway {
 }
 
 fn router(state: AppState, config: &Config) -> Router {
-    let ready: bus::ops::ReadyFn = {
-        let (client, js) = (state.client.clone(), state.js.clone());
-        Arc::new(move || {
-            let (client, js) = (client.clone(), js.clone());
-            Box::pin(async move {
-                let mut checks = serde_json::Map::new();
-                let ok = bus::ops::nats_checks(&client, &js, &mut checks).await;
-                bus::ops::Readiness {
-                    ready: ok,
-                    status: if ok { "ok" } else { "unavailable" },
-                    checks,
-                }
-            })
-        })
-    };
+    let ready = bus::ops::nats_ready(state.client.clone(), state.js.clone());
     let web = ServeDir::new(&config.web_dir).fallback(bus::ops::not_found.into_service());
     let api = Router::new()
         .route("/v1/dev/token", post(dev_token))

@@ -134,3 +134,20 @@ pub async fn nats_checks(
     );
     connected && streams
 }
+
+/// A readiness probe for a service whose only dependency is NATS: ready when
+/// connected and every stream of the contract exists.
+pub fn nats_ready(client: async_nats::Client, js: async_nats::jetstream::Context) -> ReadyFn {
+    Arc::new(move || {
+        let (client, js) = (client.clone(), js.clone());
+        Box::pin(async move {
+            let mut checks = serde_json::Map::new();
+            let ok = nats_checks(&client, &js, &mut checks).await;
+            Readiness {
+                ready: ok,
+                status: if ok { "ok" } else { "unavailable" },
+                checks,
+            }
+        })
+    })
+}

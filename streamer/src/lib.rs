@@ -94,21 +94,7 @@ impl Streamer {
     /// # Errors
     /// When the consumer cannot be created.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let ready: bus::ops::ReadyFn = {
-            let (client, js) = (self.client.clone(), self.js.clone());
-            Arc::new(move || {
-                let (client, js) = (client.clone(), js.clone());
-                Box::pin(async move {
-                    let mut checks = serde_json::Map::new();
-                    let ok = bus::ops::nats_checks(&client, &js, &mut checks).await;
-                    bus::ops::Readiness {
-                        ready: ok,
-                        status: if ok { "ok" } else { "unavailable" },
-                        checks,
-                    }
-                })
-            })
-        };
+        let ready = bus::ops::nats_ready(self.client.clone(), self.js.clone());
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
 
         let consumer = bus::streams::STREAMER_CHAT

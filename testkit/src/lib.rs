@@ -90,3 +90,22 @@ pub async fn port_open(port: u16) -> bool {
         .await
         .is_ok()
 }
+
+/// Polls `url` until it answers 2xx or `timeout` passes.
+///
+/// # Errors
+/// When the timeout passes first; the message names `what`.
+pub async fn wait_http_ok(what: &str, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    wait_for(what, timeout, || {
+        let request = http.get(url).send();
+        async move {
+            request
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    })
+    .await
+}

@@ -378,18 +378,7 @@ impl LocalLlm {
             .context("cannot start the local LLM (run scripts/setup.sh)")?;
         let server = Self { port, child };
         let health = format!("http://127.0.0.1:{port}/health");
-        let http = reqwest::Client::new();
-        crate::wait_for("the local LLM's /health", Duration::from_secs(120), || {
-            let request = http.get(&health).send();
-            async move {
-                request
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
-            }
-        })
-        .await?;
+        crate::wait_http_ok("the local LLM's /health", &health, Duration::from_secs(120)).await?;
         Ok(server)
     }
 

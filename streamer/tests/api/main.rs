@@ -2,6 +2,17 @@
 
 mod helpers;
 
+/// The text of a turn's token frames, in order.
+fn text_of(frames: &[ServerFrame]) -> String {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 use std::time::Duration;
 
 use bus::wire::{FinishReason, ServerFrame, TurnRecord};
@@ -101,13 +112,7 @@ async fn the_real_local_model_answers_through_the_bus() {
         )
         .await;
     let frames = app.frames_until_done(&turn).await;
-    let text: String = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text: String = text_of(&frames);
     assert!(!text.trim().is_empty(), "the model said nothing");
     let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
     assert_eq!(
@@ -404,21 +409,9 @@ async fn a_streamer_killed_mid_generation_is_replaced_and_the_client_sees_a_rese
         .map(|(i, _)| i)
         .collect();
     assert_eq!(resets.len(), 1, "exactly one reset: {frames:?}");
-    let before: String = frames[..resets[0]]
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect();
+    let before: String = text_of(&frames[..resets[0]]);
     assert!(full.starts_with(&before) && before.len() >= 4 * 3);
-    let after: String = frames[resets[0]..]
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect();
+    let after: String = text_of(&frames[resets[0]..]);
     assert_eq!(after, full, "the answer after the reset is whole");
     let record = app.turn_record("conv-k", &turn).await;
     assert_eq!(record.assistant_text, full);
@@ -437,13 +430,7 @@ async fn an_answer_too_big_for_one_bus_message_is_recorded_truncated_not_redeliv
     let app = TestStreamer::start(llm.base_url()).await;
     let turn = app.send("conv-big", "long").await;
     let frames = app.frames_until_done(&turn).await;
-    let text: String = frames
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text: String = text_of(&frames);
     assert_eq!(text, words.concat(), "every token is on the bus");
     let record = app.turn_record("conv-big", &turn).await;
     assert!(words.concat().starts_with(&record.assistant_text));
