@@ -44,6 +44,8 @@ pub struct AppState {
     history: bus::history::HistoryClient,
     /// Frames a socket may have queued before it counts as too slow.
     ws_outbox: usize,
+    /// How long a turn's frames stay in `CHAT_TOK` (its `max_age`).
+    replay_window: std::time::Duration,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
     shutdown: CancellationToken,
 }
@@ -106,6 +108,11 @@ impl Gateway {
             limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
             history,
             ws_outbox: config.ws_outbox_frames.max(1),
+            replay_window: bus::streams::definitions()?
+                .into_iter()
+                .find(|d| d.name == bus::streams::CHAT_TOK)
+                .map(|d| d.max_age)
+                .context("no CHAT_TOK definition")?,
             shutdown,
         };
         Ok(Self {

@@ -314,6 +314,16 @@ impl AppState {
         if index.user_id != user {
             return Err(forbidden(turn_id));
         }
+        // The index outlives the frames (7 days against CHAT_TOK's max_age):
+        // past the replay window there is nothing left to resume from.
+        let age = (Utc::now() - index.created_at).to_std().unwrap_or_default();
+        if age > self.replay_window {
+            return Err(error(
+                Some(turn_id),
+                "resume_expired",
+                "this turn is older than the replay window; load it from history",
+            ));
+        }
         self.follow(&index.conversation_id, turn_id, None).await
     }
 

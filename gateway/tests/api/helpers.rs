@@ -92,6 +92,11 @@ impl TestApp {
         }
     }
 
+    /// A JetStream context on the app's nats-server.
+    pub async fn js(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self._nats.client().await.unwrap())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

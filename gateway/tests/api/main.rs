@@ -243,6 +243,30 @@ async fn resume_replays_exactly_the_frames_after_the_clients_seq() {
     assert!(
         matches!(unknown.next().await, ServerFrame::Error { code, .. } if code == "resume_expired")
     );
+
+    // A turn whose frames have aged out of CHAT_TOK (its index lives longer).
+    let old = bus::wire::TurnIndex {
+        user_id: "bob".into(),
+        conversation_id: "conv-old".into(),
+        request_id: "r-old".into(),
+        created_at: chrono::Utc::now() - chrono::Duration::hours(2),
+    };
+    let turns = app
+        .js()
+        .await
+        .get_key_value(bus::streams::KV_TURNS)
+        .await
+        .unwrap();
+    turns
+        .put("old-turn", serde_json::to_vec(&old).unwrap().into())
+        .await
+        .unwrap();
+    unknown
+        .send_json(json!({"type": "resume", "turn_id": "old-turn", "after_seq": 3}))
+        .await;
+    assert!(
+        matches!(unknown.next().await, ServerFrame::Error { code, .. } if code == "resume_expired")
+    );
 }
 
 #[tokio::test]
