@@ -4,8 +4,14 @@
 # upstream directly, token frames per second, that no frame is lost, the
 # highest token rate, and memory per idle authenticated WebSocket.
 # The load tool starts everything it measures itself, on loopback, and stops
-# by itself. Options go to `loadgen chat` (e.g. `scripts/bench.sh --idle 5000`;
-# `--help` lists them).
+# by itself.
+#
+# Usage:
+#   scripts/bench.sh [chat] [OPTIONS]   the chat path (default; e.g. `scripts/bench.sh --idle 5000`)
+#   scripts/bench.sh persister [OPTIONS] the persister: SQLite ingest and the
+#       Postgres drain after an outage; appends its section to BENCHMARKS.md
+# Options go to the `loadgen` subcommand (`scripts/bench.sh persister --help`
+# lists them).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -23,4 +29,11 @@ log "cargo build --release -p loadgen -p gateway"
 cargo build --release -p loadgen -p gateway
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
-exec "$TARGET_DIR/release/loadgen" chat "$@"
+MODE=chat
+case "${1:-}" in
+  chat | persister)
+    MODE="$1"
+    shift
+    ;;
+esac
+exec "$TARGET_DIR/release/loadgen" "$MODE" "$@"

@@ -14,6 +14,7 @@
 
 mod idle;
 mod load;
+mod persister;
 mod procfs;
 mod report;
 mod stack;
@@ -47,6 +48,8 @@ struct Cli {
 enum Mode {
     /// Starts the system, runs every phase, prints the report and writes BENCHMARKS.md.
     Chat(Box<ChatArgs>),
+    /// Measures the persister: ingest into SQLite, drain into Postgres; appends to BENCHMARKS.md.
+    Persister(Box<persister::PersisterArgs>),
     /// Runs only a gateway, configured from the environment like the
     /// `gateway` binary (the memory phase uses it when that binary is missing).
     #[command(hide = true)]
@@ -123,6 +126,7 @@ struct ChatArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Mode::Chat(args) => chat(*args),
+        Mode::Persister(args) => persister::run(*args),
         Mode::ServeGateway => serve_gateway(),
     }
 }
