@@ -238,21 +238,11 @@ impl GatewayProcess {
             program,
             log,
         };
-        let http = reqwest::Client::new();
         let url = format!("http://{addr}/readyz");
-        testkit::wait_for(
+        testkit::wait_http_ok(
             "the gateway process's /readyz",
+            &url,
             Duration::from_secs(30),
-            || {
-                let request = http.get(&url).send();
-                async move {
-                    request
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ())
-                }
-            },
         )
         .await
         .with_context(|| format!("see {}", process.log.display()))?;
