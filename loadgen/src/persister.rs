@@ -94,85 +94,6 @@ fn write_section(path: &Path, section: &str) -> std::io::Result<()> {
     std::fs::write(path, out)
 }
 
-/// A Postgres server this module starts and stops itself (on the testkit
-/// cluster's data directory and port), without `-c fsync=off`.
-struct DurablePostgres {
-    bin: PathBuf,
-    data: String,
-    port: u16,
-    running: bool,
-}
-
-impl DurablePostgres {
-    fn pg_ctl(&self, args: &[&str]) -> anyhow::Result<()> {
-        let program = self.bin.join("pg_ctl");
-        let mut command = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        let output = command.args(args).current_dir("/tmp").output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "pg_ctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(())
-    }
-
-    fn start(&mut self) -> anyhow::Result<()> {
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c max_connections=200",
-            self.port, self.data
-        );
-        let log = format!("{}/server.log", self.data);
-        self.pg_ctl(&[
-            "-D", &self.data, "-l", &log, "-w", "-t", "30", "-o", &options, "start",
-        ])?;
-        self.running = true;
-        Ok(())
-    }
-
-    fn stop(&mut self) -> anyhow::Result<()> {
-        if self.running {
-            self.running = false;
-            self.pg_ctl(&["-D", &self.data, "-m", "immediate", "-w", "stop"])?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for DurablePostgres {
-    fn drop(&mut self) {
-        let _ = self.stop();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
-}
-
-fn pg_bin() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("PG_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("pg_ctl").exists())
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .context("no pg_ctl under /usr/lib/postgresql")
-}
-
-/// About 1 KB of JSON per record; 1,000 conversations.
 fn records(n: usize, nonce: &str) -> Vec<TurnRecord> {
     let user_text = "How do I keep a turn durable across a Postgres outage? ".repeat(4);
     let assistant_text =
@@ -268,21 +189,11 @@ async fn measure(args: &PersisterArgs) -> anyhow::Result<String> {
     pg.psql("postgres", "SELECT pg_reload_conf()")?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let fsync_after_reload = pg.psql("postgres", "SHOW fsync")?;
-    let data = pg.psql("postgres", "SHOW data_directory")?;
-    let port: u16 = pg
-        .url()
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .context("port in the testkit URL")?
-        .parse()?;
+    // testkit starts Postgres with `-c fsync=off`, which outranks ALTER
+    // SYSTEM: restart the same cluster with fsync on.
     pg.stop()?;
-    let mut durable = DurablePostgres {
-        bin: pg_bin()?,
-        data,
-        port,
-        running: false,
-    };
-    durable.start()?;
+    pg.set_fsync(true);
+    pg.start_again().await?;
     let fsync = pg.psql("postgres", "SHOW fsync")?;
     let synchronous_commit = pg.psql("postgres", "SHOW synchronous_commit")?;
     say(&format!(
@@ -372,7 +283,7 @@ async fn measure(args: &PersisterArgs) -> anyhow::Result<String> {
     // 3. Ingest through the real persister while Postgres is down.
     let gateway_url = pg.create_database("gateway")?;
     say("Stopping Postgres (an outage) and starting the persister.");
-    durable.stop()?;
+    pg.stop()?;
     let sqlite = tmp.join("persister.db");
     let config = persister::Config::parse_from([
         "persister",
@@ -476,7 +387,7 @@ async fn measure(args: &PersisterArgs) -> anyhow::Result<String> {
         "Starting Postgres again with {total} rows unsynced."
     ));
     let backlog_start = Instant::now();
-    durable.start()?;
+    pg.start_again().await?;
     let up = backlog_start.elapsed();
     let mut first_synced: Option<Instant> = None;
     loop {
@@ -502,7 +413,7 @@ async fn measure(args: &PersisterArgs) -> anyhow::Result<String> {
     );
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), persister_task).await;
-    durable.stop()?;
+    pg.stop()?;
     drop(nats);
     let _ = std::fs::remove_dir_all(&tmp);
 

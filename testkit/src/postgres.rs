@@ -18,6 +18,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     running: bool,
+    /// `fsync=off` unless a benchmark asked for real durability.
+    fsync: bool,
 }
 
 fn bin_dir() -> anyhow::Result<PathBuf> {
@@ -105,6 +107,7 @@ impl Postgres {
             dir,
             bin,
             running: false,
+            fsync: false,
         };
         pg.start_again().await?;
         Ok(pg)
@@ -120,8 +123,10 @@ impl Postgres {
     /// When it does not start.
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         let data = self.data();
+        // Tests need no durability; a benchmark of it does (`set_fsync`).
+        let fsync = if self.fsync { "on" } else { "off" };
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=200",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync={fsync} -c max_connections=200",
             self.port, data
         );
         let log = format!("{data}/server.log");
@@ -137,6 +142,12 @@ impl Postgres {
             crate::port_open(port).await.then_some(())
         })
         .await
+    }
+
+    /// Whether the next [`Self::start_again`] runs with `fsync` on (off by
+    /// default: tests need no durability, benchmarks of it do).
+    pub fn set_fsync(&mut self, on: bool) {
+        self.fsync = on;
     }
 
     /// Stops the cluster at once (`-m immediate`: like a crash, no checkpoint).
