@@ -19,7 +19,7 @@ pub struct Config {
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// HS256 key for JWTs: its bytes as given. Set this or AUTH_JWT_PUBLIC_KEY.
-    #[arg(long, env = "AUTH_JWT_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    #[arg(long, env = "AUTH_JWT_SECRET", value_parser = bus::parse_secret, hide_env_values = true)]
     pub auth_jwt_secret: Option<SecretString>,
     /// RS256/ES256 public key: PEM text, or the path of a PEM file.
     #[arg(long, env = "AUTH_JWT_PUBLIC_KEY", allow_hyphen_values = true)]
@@ -51,12 +51,4 @@ pub struct Config {
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,
-}
-
-/// clap value parser for secrets, so `Debug` never prints them.
-///
-/// # Errors
-/// Never; the signature is clap's.
-pub fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(value.to_owned()))
 }

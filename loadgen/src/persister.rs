@@ -571,7 +571,7 @@ async fn measure(args: &PersisterArgs) -> anyhow::Result<String> {
 }
 
 fn secret(url: &str) -> secrecy::SecretString {
-    persister::config::parse_secret(url).unwrap_or_else(|never| match never {})
+    bus::parse_secret(url).unwrap_or_else(|never| match never {})
 }
 
 fn tempfile_dir() -> anyhow::Result<PathBuf> {

@@ -26,3 +26,12 @@ pub fn exit_on_error(result: anyhow::Result<()>) {
         std::process::exit(1);
     }
 }
+
+/// clap value parser for secrets (`LLM_API_KEY`, `AUTH_JWT_SECRET`,
+/// `DATABASE_URL`), so a config's `Debug` never prints them.
+///
+/// # Errors
+/// Never; the signature is clap's.
+pub fn parse_secret(value: &str) -> Result<secrecy::SecretString, std::convert::Infallible> {
+    Ok(secrecy::SecretString::from(value.to_owned()))
+}

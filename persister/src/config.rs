@@ -19,7 +19,7 @@ pub struct Config {
     #[arg(
         long,
         env = "DATABASE_URL",
-        value_parser = parse_secret,
+        value_parser = bus::parse_secret,
         default_value = "postgres://postgres@127.0.0.1:5432/gateway",
         hide_env_values = true
     )]
@@ -91,14 +91,6 @@ impl Config {
         );
         Ok(())
     }
-}
-
-/// clap value parser for secrets, so `Debug` never prints them.
-///
-/// # Errors
-/// Never; the signature is clap's.
-pub fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(value.to_owned()))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub struct Config {
     #[arg(long, env = "LLM_BASE_URL", default_value = "http://127.0.0.1:8090/v1")]
     pub llm_base_url: String,
     /// API key sent as `Authorization: Bearer`; unset sends none.
-    #[arg(long, env = "LLM_API_KEY", value_parser = parse_secret, hide_env_values = true)]
+    #[arg(long, env = "LLM_API_KEY", value_parser = bus::parse_secret, hide_env_values = true)]
     pub llm_api_key: Option<SecretString>,
     /// Model name sent to the provider.
     #[arg(long, env = "LLM_MODEL", default_value = "smollm2-135m-instruct")]
@@ -144,12 +144,4 @@ impl Config {
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
     }
-}
-
-/// clap value parser for secrets, so `Debug` never prints them.
-///
-/// # Errors
-/// Never; the signature is clap's.
-pub fn parse_secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(value.to_owned()))
 }
