@@ -73,6 +73,15 @@ pub const KV_TURNS: &str = "chat_turns";
 /// many persisters to wait for.
 pub const KV_PERSISTERS: &str = "persisters";
 
+/// KV bucket: scan id -> owner (`ScanOwner`), 30 days, for ownership checks.
+pub const KV_SCANS: &str = "scans";
+/// KV bucket: perceptual hash -> cached `ScanRecord`, 7 days.
+pub const KV_SCAN_CACHE: &str = "scan_cache";
+/// Object store bucket: the uploaded images, 30 days.
+pub const OBJ_SCAN_IMAGES: &str = "scan_images";
+/// How long uploaded images and scan ownership are kept.
+pub const SCAN_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// The KV buckets of the contract. Kept in code rather than JSON because
 /// the JetStream CLI's `nats kv add` takes flags, not a config file.
 pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
@@ -103,7 +112,36 @@ pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         },
+        jetstream::kv::Config {
+            bucket: KV_SCANS.into(),
+            description: "Scan id -> owning user id, for ownership checks.".into(),
+            history: 1,
+            max_age: SCAN_RETENTION,
+            max_value_size: 4096,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_SCAN_CACHE.into(),
+            description: "Perceptual hash -> cached scan result, a week.".into(),
+            history: 1,
+            max_age: week,
+            max_value_size: 256 * 1024,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
     ]
+}
+
+/// The object store of the contract: uploaded images.
+pub fn object_store() -> jetstream::object_store::Config {
+    jetstream::object_store::Config {
+        bucket: OBJ_SCAN_IMAGES.into(),
+        description: Some("Uploaded scan images, kept 30 days.".into()),
+        max_age: SCAN_RETENTION,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
 }
 
 /// Every stream definition of the contract.
@@ -182,6 +220,13 @@ pub async fn ensure_all(js: &jetstream::Context) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot create KV bucket {bucket}"))?;
         }
+    }
+    let objects = object_store();
+    if js.get_object_store(&objects.bucket).await.is_err() {
+        let bucket = objects.bucket.clone();
+        js.create_object_store(objects)
+            .await
+            .with_context(|| format!("cannot create object store {bucket}"))?;
     }
     Ok(())
 }

@@ -116,6 +116,8 @@ pub fn dlq(kind: &str) -> Result<String, BadId> {
 pub const HISTORY_LIST: &str = "history.list";
 /// One conversation's turns, answered by the persister.
 pub const HISTORY_GET: &str = "history.get";
+/// A user's completed scans, answered by the persister.
+pub const HISTORY_SCANS: &str = "history.scans";
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,63 @@
+//! Vision: turns a prepared image into waste-category evidence.
+//!
+//! One trait, two providers: [`local`] runs EfficientNet-Lite0 in-process
+//! (the embedded default) and [`openai`] asks an OpenAI-compatible vision
+//! model. The pipeline only sees [`Vision`] and [`Classification`].
+
+pub mod local;
+pub mod openai;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use bus::wire::ScanLabel;
+
+/// The image the pipeline hands to a provider: decoded, EXIF-oriented and at
+/// most 1024 px on its long side, plus the same image re-encoded as JPEG
+/// for providers that take bytes.
+#[derive(Clone)]
+pub struct PreparedImage {
+    /// Decoded RGB pixels.
+    pub rgb: Arc<image::RgbImage>,
+    /// The same image as JPEG.
+    pub jpeg: bytes::Bytes,
+}
+
+/// What a provider saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    /// The waste category (a key of the rules file), `unknown` when the
+    /// confidence is below the provider's threshold.
+    pub category: String,
+    /// Confidence in `category`, 0-1.
+    pub confidence: f64,
+    /// The model's top classes, best first (at most 5).
+    pub labels: Vec<ScanLabel>,
+    /// Provider and model, for the record (`local:efficientnet-lite0`, ...).
+    pub model: String,
+}
+
+/// Why a provider gave no answer. `retryable` tells the pipeline whether
+/// another attempt can help (a timeout or a 5xx) or not (a corrupt model).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct VisionError {
+    /// What went wrong, for logs and the DLQ.
+    pub message: String,
+    /// True when retrying may succeed.
+    pub retryable: bool,
+}
+
+/// A boxed future, so the trait stays object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An image classifier for the scan pipeline.
+pub trait Vision: Send + Sync {
+    /// Classifies one image into a waste category.
+    fn classify<'a>(
+        &'a self,
+        image: &'a PreparedImage,
+    ) -> BoxFuture<'a, Result<Classification, VisionError>>;
+
+    /// Provider and model name, for logs and the record.
+    fn name(&self) -> String;
+}
