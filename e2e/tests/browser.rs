@@ -1,0 +1,192 @@
+//! The web pages in a real headless Chromium: the real gateway, streamer and
+//! persister binaries against real nats-server and Postgres, with a stand-in
+//! only for the cloud LLM (slow scripted tokens, so the browser has time to
+//! act mid-answer). `webtest/run.mjs` drives the browser with playwright-core;
+//! this test starts everything, answers its control requests (SIGKILL the
+//! gateway and start it again on the same port) and asserts its exit status.
+//!
+//! Needs `scripts/setup.sh` (Debian `chromium`, `npm ci` in `webtest/`).
+//! `UPDATE_SCREENSHOTS=1` rewrites `docs/screenshots/`.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use e2e::{SECRET, Service, build_binaries, token_for};
+use testkit::{NatsServer, Postgres, Script, StandInLlm, free_port};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// The whole browser run must finish within this.
+const BUDGET: Duration = Duration::from_secs(170);
+
+/// The scripted answer: 40 chunks, 150 ms apart (6 s per answer).
+fn answer_tokens() -> Vec<String> {
+    let words = "Rinse the glass bottle, take off the metal cap and put the bottle in the glass \
+                 bin; the cap goes with metal cans. Labels may stay on. Broken glass is wrapped \
+                 in newspaper and goes to general waste, never in the glass bin, for safety.";
+    let mut tokens: Vec<String> = words
+        .split(' ')
+        .enumerate()
+        .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
+        .collect();
+    tokens.truncate(40);
+    tokens
+}
+
+/// A scan fixture image if the repository has one, else a PNG made here.
+fn scan_image(dir: &Path) -> std::path::PathBuf {
+    let fixtures = testkit::project_root().join("streamer/tests/fixtures/images");
+    if let Ok(entries) = std::fs::read_dir(&fixtures) {
+        let mut images: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("jpg" | "jpeg" | "png" | "webp")
+                )
+            })
+            .collect();
+        images.sort();
+        if let Some(first) = images.into_iter().next() {
+            return first;
+        }
+    }
+    let path = dir.join("bottle.png");
+    let image = image::RgbImage::from_fn(96, 160, |x, y| {
+        // A green bottle-like shape on white.
+        let neck = (40..56).contains(&x) && y < 50;
+        let body = (24..72).contains(&x) && (50..150).contains(&y);
+        if neck || body {
+            image::Rgb([30, 120 + (y % 40) as u8, 60])
+        } else {
+            image::Rgb([250, 250, 250])
+        }
+    });
+    image.save(&path).expect("test PNG written");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_pages_work_in_headless_chromium() {
+    testkit::init_logs();
+    let root = testkit::project_root();
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: run scripts/setup.sh (it installs Debian's chromium)"
+    );
+    assert!(
+        root.join("webtest/node_modules/playwright-core").exists(),
+        "webtest/node_modules is missing: run scripts/setup.sh (npm ci in webtest/)"
+    );
+    let bin = build_binaries().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start().await.unwrap();
+    let pg = Postgres::start().await.unwrap();
+    let db = pg.create_database("browser").unwrap();
+    let tokens = answer_tokens();
+    let llm = StandInLlm::start(Script::new(tokens.clone(), Duration::from_millis(150)))
+        .await
+        .unwrap();
+
+    let common = |extra: &[(&str, String)]| {
+        let mut env = vec![("NATS_URL".to_owned(), nats.url())];
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        env
+    };
+    let gateway_addr = format!("127.0.0.1:{}", free_port());
+    let mut gateway = Service::new(
+        &bin,
+        "gateway",
+        gateway_addr.clone(),
+        common(&[
+            ("GATEWAY_LISTEN", gateway_addr.clone()),
+            ("AUTH_JWT_SECRET", SECRET.into()),
+            ("GATEWAY_DEV_LOGIN", "true".into()),
+            ("GATEWAY_WEB_DIR", root.join("web").display().to_string()),
+        ]),
+        logs.path(),
+    );
+    let streamer_addr = format!("127.0.0.1:{}", free_port());
+    // The streamer inherits VISION_LOCAL_MODEL (the local image model) from
+    // this process's environment, as setup.sh exports it.
+    let mut streamer = Service::new(
+        &bin,
+        "streamer",
+        streamer_addr.clone(),
+        common(&[
+            ("STREAMER_LISTEN", streamer_addr.clone()),
+            ("LLM_BASE_URL", llm.base_url().to_owned()),
+        ]),
+        logs.path(),
+    );
+    let persister_addr = format!("127.0.0.1:{}", free_port());
+    let mut persister = Service::new(
+        &bin,
+        "persister",
+        persister_addr.clone(),
+        common(&[
+            ("PERSISTER_LISTEN", persister_addr.clone()),
+            ("DATABASE_URL", db.clone()),
+            (
+                "PERSISTER_SQLITE_PATH",
+                data.path().join("persister.db").display().to_string(),
+            ),
+            ("PERSISTER_SYNC_INTERVAL_MS", "200".into()),
+        ]),
+        logs.path(),
+    );
+    persister.start().await.unwrap();
+    streamer.start().await.unwrap();
+    gateway.start().await.unwrap();
+
+    let image = scan_image(data.path());
+    let mut node = tokio::process::Command::new("node")
+        .arg(root.join("webtest/run.mjs"))
+        .current_dir(root.join("webtest"))
+        .env("BASE_URL", format!("http://{gateway_addr}"))
+        .env("EXPECTED_ANSWER", tokens.concat())
+        .env("PASTE_TOKEN", token_for("pasted-user"))
+        .env("SCAN_IMAGE", &image)
+        .env("SCREENSHOT_DIR", root.join("docs/screenshots"))
+        .env("CHROMIUM", CHROMIUM)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs (installed by scripts/setup.sh)");
+    let mut control = node.stdin.take().unwrap();
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+
+    // The node side asks for server-side actions with `@@control <what>`
+    // lines on stdout and waits for `ok` on stdin; everything else is its
+    // report, passed through.
+    let run = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            match line.strip_prefix("@@control ") {
+                Some("kill-gateway") => {
+                    gateway.kill();
+                    eprintln!("control: gateway SIGKILLed");
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    gateway.start().await.unwrap();
+                    eprintln!("control: gateway started again on {gateway_addr}");
+                    control.write_all(b"ok\n").await.unwrap();
+                }
+                Some(other) => panic!("unknown control request {other:?}"),
+                None => println!("{line}"),
+            }
+        }
+        node.wait().await.unwrap()
+    };
+    let outcome = tokio::time::timeout(BUDGET, run).await;
+    let logs = format!(
+        "gateway log:\n{}\nstreamer log:\n{}\npersister log:\n{}",
+        gateway.log_tail(),
+        streamer.log_tail(),
+        persister.log_tail()
+    );
+    match outcome {
+        Ok(status) => assert!(status.success(), "browser tests failed ({status})\n{logs}"),
+        Err(_) => panic!("the browser tests took longer than {BUDGET:?}\n{logs}"),
+    }
+}
