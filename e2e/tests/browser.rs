@@ -18,18 +18,16 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// The whole browser run must finish within this.
 const BUDGET: Duration = Duration::from_secs(170);
 
-/// The scripted answer: 40 chunks, 150 ms apart (6 s per answer).
+/// The scripted answer: 38 chunks, 150 ms apart (under 6 s per answer).
 fn answer_tokens() -> Vec<String> {
     let words = "Rinse the glass bottle, take off the metal cap and put the bottle in the glass \
                  bin; the cap goes with metal cans. Labels may stay on. Broken glass is wrapped \
-                 in newspaper and goes to general waste, never in the glass bin, for safety.";
-    let mut tokens: Vec<String> = words
+                 in newspaper and goes to general waste.";
+    words
         .split(' ')
         .enumerate()
         .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
-        .collect();
-    tokens.truncate(40);
-    tokens
+        .collect()
 }
 
 /// A scan fixture image if the repository has one, else a PNG made here.
