@@ -240,6 +240,7 @@ test("chat: Stop sends cancel and the answer ends as stopped", async (t) => {
   await connected(page);
   await send(page, "Tell me everything about glass.");
   await waitSeq(page, 3);
+  await screenshot(page, "chat-streaming");
   await page.click("#stop");
   const text = await finished(page, "cancelled");
   assert.ok(text.length > 0 && text.length < EXPECTED.length && EXPECTED.startsWith(text), `a partial answer: ${JSON.stringify(text)}`);

@@ -26,7 +26,13 @@ fn answer_tokens() -> Vec<String> {
     words
         .split(' ')
         .enumerate()
-        .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
+        .map(|(i, w)| {
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
         .collect()
 }
 
