@@ -19,7 +19,29 @@ pub const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0123456";
 /// # Errors
 /// When cargo fails.
 pub fn build_binaries() -> anyhow::Result<PathBuf> {
-    let status = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    // Not the variables cargo sets for this test: build scripts that watch
+    // one (ring watches CARGO_MANIFEST_DIR) would otherwise see a change and
+    // rebuild half the tree here, and again in the next plain `cargo build`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            cargo.env_remove(key.as_ref());
+        }
+    }
+    let status = cargo
         .args([
             "build",
             "--quiet",
