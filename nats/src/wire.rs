@@ -345,6 +345,13 @@ pub struct ScanRequest {
     /// How many times an operator sent it back from the DLQ (0 at first).
     #[serde(default)]
     pub reprocessed: u32,
+    /// Language of the explanation: `en` or `ko`.
+    #[serde(default = "default_lang")]
+    pub lang: String,
+}
+
+fn default_lang() -> String {
+    "en".into()
 }
 
 /// The owner record of a scan, in the `scans` KV bucket.
@@ -429,6 +436,10 @@ pub struct ScanProgress {
     pub percent: u8,
     /// A human-readable line about the stage.
     pub message: String,
+    /// True when the explanation starts over (a worker died mid-answer and
+    /// another one took the job): drop the `token` text received so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// One of the model's top classes.
@@ -509,6 +520,9 @@ pub struct ScanError {
     pub code: String,
     /// A human-readable explanation.
     pub message: String,
+    /// The stage that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<ScanStage>,
 }
 
 /// The data of one scan event, tagged with its SSE `event:` name.
