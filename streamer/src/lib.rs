@@ -10,6 +10,7 @@
 pub mod chat;
 mod config;
 pub mod upstream;
+pub mod vision;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

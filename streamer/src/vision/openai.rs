@@ -1,0 +1,1 @@
+//! OpenAI-compatible vision provider (written by another engineer).
