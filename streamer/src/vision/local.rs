@@ -491,7 +491,7 @@ fn depthwise(x: &Tensor, conv: &Conv) -> candle_core::Result<Tensor> {
 /// scaled to [-1, 1], as `[224, 224, 3]` row-major.
 ///
 /// The scaling is TensorFlow EfficientNet-Lite's (mean 127, stddev 128 on
-/// 0-255 pixels in the TF builder); timm 1.0 `timm/models/efficientnet.py`,
+/// 0-255 pixels in the TF builder); timm 1.0.31 `timm/models/efficientnet.py`,
 /// `tf_efficientnet_lite0.in1k`, gives the same as mean = std = 0.5 on 0-1
 /// pixels, which is what this uses (x / 127.5 - 1). The crop and the
 /// antialiased bilinear (triangle) resize are spelt out in docs/vision.md
