@@ -26,6 +26,7 @@ use crate::error::WalError;
 
 mod scans;
 
+pub(crate) use scans::parse_status as parse_scan_status;
 pub use scans::{PendingScan, ScanKey, ScanStored};
 
 /// Version of the schema below, kept in `PRAGMA user_version`. 2 added the
