@@ -411,3 +411,128 @@ pub fn merge_list(
     conversations.truncate(limit);
     Some(HistoryReply::Ok(ConversationList { conversations }))
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::wire::{ErrorDetail, ScanStatus};
+
+    fn scan(id: &str, status: ScanStatus, created: i64, completed: Option<i64>) -> ScanRecord {
+        let at = |s: i64| DateTime::<Utc>::from_timestamp(1_700_000_000 + s, 0).unwrap();
+        ScanRecord {
+            scan_id: id.into(),
+            user_id: "u".into(),
+            status,
+            category: None,
+            confidence: None,
+            labels: Vec::new(),
+            vision_model: None,
+            phash: None,
+            sha256: None,
+            rule: None,
+            answer: None,
+            cached: false,
+            error: None,
+            created_at: at(created),
+            completed_at: completed.map(at),
+        }
+    }
+
+    fn error(code: &str) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: code.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_later_record_supersedes_and_done_wins_a_tie() {
+        let failed = scan("s", ScanStatus::Failed, 0, Some(10));
+        let done_later = scan("s", ScanStatus::Done, 0, Some(20));
+        let done_same = scan("s", ScanStatus::Done, 0, Some(10));
+        let unfinished = scan("s", ScanStatus::Running, 0, None);
+        assert!(done_later.supersedes(&failed));
+        assert!(!failed.supersedes(&done_later));
+        assert!(done_same.supersedes(&failed));
+        assert!(!failed.supersedes(&done_same));
+        assert!(!failed.supersedes(&failed.clone()), "a repeat is a no-op");
+        assert!(failed.supersedes(&unfinished));
+        // A sub-microsecond difference is not "later": Postgres could not tell.
+        let mut nanos = failed.clone();
+        nanos.completed_at = nanos
+            .completed_at
+            .map(|t| t + chrono::Duration::nanoseconds(999));
+        assert!(!nanos.supersedes(&failed));
+    }
+
+    #[test]
+    fn scan_listings_merge_by_id_keep_the_later_record_newest_first() {
+        let a_failed = scan("a", ScanStatus::Failed, 1, Some(5));
+        let a_done = scan("a", ScanStatus::Done, 1, Some(9));
+        let b = scan("b", ScanStatus::Done, 3, Some(4));
+        let c = scan("c", ScanStatus::Done, 2, Some(4));
+        let merged = merge_scans(
+            vec![
+                HistoryReply::Ok(ScanList {
+                    scans: vec![b.clone(), a_done.clone()],
+                    truncated: false,
+                }),
+                HistoryReply::Err(error("unavailable")),
+                HistoryReply::Ok(ScanList {
+                    scans: vec![c.clone(), a_failed],
+                    truncated: true,
+                }),
+            ],
+            10,
+        );
+        assert_eq!(
+            merged,
+            Some(HistoryReply::Ok(ScanList {
+                scans: vec![b.clone(), c, a_done],
+                truncated: true,
+            }))
+        );
+        let Some(HistoryReply::Ok(one)) = merge_scans(
+            vec![HistoryReply::Ok(ScanList {
+                scans: vec![b.clone()],
+                truncated: false,
+            })],
+            1,
+        ) else {
+            panic!("one answer is an answer");
+        };
+        assert_eq!(one.scans, [b]);
+        assert_eq!(
+            merge_scans(vec![HistoryReply::Err(error("unavailable"))], 10),
+            Some(HistoryReply::Err(error("unavailable")))
+        );
+        assert_eq!(merge_scans(Vec::new(), 10), None);
+    }
+
+    #[test]
+    fn one_scan_merges_to_the_later_record_and_not_found_yields_to_it() {
+        let failed = scan("s", ScanStatus::Failed, 0, Some(10));
+        let done = scan("s", ScanStatus::Done, 0, Some(12));
+        assert_eq!(
+            merge_scan(vec![
+                HistoryReply::Ok(done.clone()),
+                HistoryReply::Err(error("not_found")),
+                HistoryReply::Ok(failed),
+            ]),
+            Some(HistoryReply::Ok(done))
+        );
+        assert_eq!(
+            merge_scan(vec![
+                HistoryReply::Err(error("not_found")),
+                HistoryReply::Err(error("unavailable")),
+                HistoryReply::Err(error("not_found")),
+            ]),
+            Some(HistoryReply::Err(error("unavailable")))
+        );
+        assert_eq!(merge_scan(Vec::new()), None);
+    }
+}

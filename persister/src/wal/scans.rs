@@ -489,6 +489,15 @@ mod tests {
         );
         assert_eq!(wal.user_scans("u1", 1).await.unwrap(), vec![done]);
         assert_eq!(wal.backlogs().await.unwrap().scans.pending, 1);
+
+        // Retention purges synced scans only.
+        let purged = wal
+            .purge_synced(Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap();
+        assert_eq!(purged, 1);
+        assert_eq!(wal.scan("s1").await.unwrap(), None);
+        assert!(wal.scan("s2").await.unwrap().is_some());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

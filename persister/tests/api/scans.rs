@@ -409,6 +409,22 @@ async fn scans_are_accepted_while_postgres_is_down_and_synced_when_it_returns() 
 }
 
 #[tokio::test]
+async fn a_restarted_persister_first_syncs_the_scans_the_previous_run_left_in_sqlite() {
+    let mut app = TestPersister::start().await;
+    app.wait_ready_status("ok").await;
+    app.servers.pg.stop().unwrap();
+    let record = scan("user-1");
+    let seq = app.publish_scan(&record, &record.scan_id).await;
+    // Acked: JetStream will not deliver it again, SQLite is the only copy.
+    app.wait_acked_on(PERSISTER_SCANS, seq).await;
+
+    let mut servers = app.stop().await;
+    servers.pg.start_again().await.unwrap();
+    let app = TestPersister::on(servers).await;
+    app.wait_pg_scan(&record).await;
+}
+
+#[tokio::test]
 async fn history_lists_a_users_scans_newest_first_and_hides_other_users_scans() {
     let mut app = TestPersister::start().await;
     let mut mine: Vec<ScanRecord> = Vec::new();
