@@ -182,7 +182,7 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/conversations", get(history::list))
         .route("/v1/conversations/{id}", get(history::get))
-        .route("/v1/scans", post(scans::upload))
+        .route("/v1/scans", post(scans::upload).get(scans::list))
         .route("/v1/scans/{id}", get(scans::status))
         .route("/v1/scans/{id}/events", get(scans::events))
         .with_state(state);

@@ -1,6 +1,6 @@
 //! Scans at the edge: `POST /v1/scans` (upload), `GET /v1/scans/{id}`
 //! (status), `GET /v1/scans/{id}/events` (SSE) and `GET /v1/scans` (the
-//! caller's past scans).
+//! caller's past scans, from the persisters).
 //!
 //! An upload is checked completely before anything is stored: size, magic
 //! bytes, the decoded header's dimensions (so a decompression bomb is refused
@@ -487,6 +487,17 @@ pub async fn status(
         Err(e) => return unavailable("Reading scan events", e),
     };
     let event = last.and_then(|m| serde_json::from_slice::<ScanEvent>(&m.payload).ok());
+    if event.is_none() {
+        // No events: queued, or finished so long ago that its events aged
+        // out of SCAN_EVT while the record lives on in the persister.
+        if let Ok(Some(record)) = state.history.scan(&user, &scan_id).await {
+            let event = ScanEvent {
+                id: 0,
+                data: ScanEventData::Result(Box::new(record)),
+            };
+            return Json(status_of(&scan_id, Some(&event))).into_response();
+        }
+    }
     Json(status_of(&scan_id, event.as_ref())).into_response()
 }
 
@@ -683,6 +694,44 @@ impl Follow {
             if self.send_all(&batch).await {
                 return;
             }
+        }
+    }
+}
+
+/// Query of `GET /v1/scans`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// `GET /v1/scans?limit=N` (default 20, at most 100): the caller's finished
+/// scans, newest first, from the persisters.
+pub async fn list(
+    State(state): State<AppState>,
+    User(user): User,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    let limit = match query {
+        Ok(Query(ListQuery { limit: None })) => 20,
+        Ok(Query(ListQuery { limit: Some(n) })) if n >= 1 => n,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_limit",
+                "limit must be a positive integer",
+            );
+        }
+    };
+    match state.history.scans(&user, limit).await {
+        Ok(scans) => Json(json!({ "scans": scans })).into_response(),
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "Listing scans failed.");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "scan history is unavailable (no persister answered in time); try again",
+            )
         }
     }
 }

@@ -58,8 +58,9 @@ pub struct Config {
     /// Retries of a failed request before its first token (429, 5xx, network).
     #[arg(long, env = "LLM_MAX_RETRIES", default_value_t = 3)]
     pub max_retries: u32,
-    /// Overrides the chat consumer's ack wait (ms): how long a turn whose
-    /// worker died waits before redelivery. Default: nats/consumers/*.json.
+    /// Overrides the chat and scan consumers' ack wait (ms): how long a turn
+    /// or scan whose worker died waits before redelivery. Default:
+    /// nats/consumers/*.json.
     #[arg(long, env = "STREAMER_ACK_WAIT_MS")]
     pub ack_wait_ms: Option<u64>,
     /// OpenAI-compatible vision API base URL; unset = the embedded local

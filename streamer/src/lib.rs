@@ -104,7 +104,11 @@ impl Streamer {
                 max_attempts: config.scan_max_attempts.max(1),
                 retry_base: Duration::from_millis(config.scan_retry_base_ms),
                 max_tokens: config.max_tokens,
-                progress_every: bus::streams::STREAMER_SCAN.config()?.ack_wait / 3,
+                progress_every: config
+                    .ack_wait_ms
+                    .map(|ms| Duration::from_millis(ms.max(500)))
+                    .unwrap_or(bus::streams::STREAMER_SCAN.config()?.ack_wait)
+                    / 3,
             }),
         };
         tracing::info!(vision = %scan.vision.name(), "Scan pipeline configured.");
@@ -152,7 +156,13 @@ impl Streamer {
                 async move { worker.handle(message).await }
             },
         );
-        let scans = bus::streams::STREAMER_SCAN.ensure(&self.js).await?;
+        let mut scan_consumer = bus::streams::STREAMER_SCAN.config()?;
+        if let Some(ms) = self.config.ack_wait_ms {
+            scan_consumer.ack_wait = Duration::from_millis(ms.max(500));
+        }
+        let scans = bus::streams::STREAMER_SCAN
+            .ensure_with(&self.js, scan_consumer)
+            .await?;
         let scan = self.scan.clone();
         let scans = consume(
             scans,
