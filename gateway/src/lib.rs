@@ -1,7 +1,8 @@
 //! The gateway: the stateless edge of the system.
 //!
 //! It owns authentication ([`auth`]), the HTTP API and its JSON errors
-//! ([`error`]), the WebSocket chat sessions ([`ws`]) and serving `web/`.
+//! ([`error`]), the WebSocket chat sessions ([`ws`]), scan uploads and their
+//! SSE streams ([`scans`]) and serving `web/`.
 //! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
 //! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
 //! come from the `CHAT_TOK` stream, so any gateway node serves any client.
@@ -11,6 +12,7 @@ mod config;
 pub mod error;
 mod history;
 mod openai;
+pub mod scans;
 mod turns;
 mod ws;
 
@@ -39,6 +41,12 @@ pub struct AppState {
     js: async_nats::jetstream::Context,
     conversations: async_nats::jetstream::kv::Store,
     turns: async_nats::jetstream::kv::Store,
+    /// Scan id -> owner.
+    scans: async_nats::jetstream::kv::Store,
+    /// Uploaded images.
+    scan_images: async_nats::jetstream::object_store::ObjectStore,
+    /// Interval of SSE keep-alive comments.
+    sse_keepalive: std::time::Duration,
     limits: Arc<turns::Limits>,
     /// Asks every live persister for history.
     history: bus::history::HistoryClient,
@@ -93,6 +101,14 @@ impl Gateway {
             .get_key_value(bus::streams::KV_TURNS)
             .await
             .context("KV bucket chat_turns is missing")?;
+        let scans = js
+            .get_key_value(bus::streams::KV_SCANS)
+            .await
+            .context("KV bucket scans is missing")?;
+        let scan_images = js
+            .get_object_store(bus::streams::OBJ_SCAN_IMAGES)
+            .await
+            .context("object store scan_images is missing")?;
         if auth.dev_login() {
             tracing::warn!(
                 "Dev login is enabled: POST /v1/dev/token mints a token for any user. Never enable it in production."
@@ -105,6 +121,9 @@ impl Gateway {
             js,
             conversations,
             turns,
+            scans,
+            scan_images,
+            sse_keepalive: std::time::Duration::from_millis(config.sse_keepalive_ms.max(100)),
             limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
             history,
             ws_outbox: config.ws_outbox_frames.max(1),
@@ -163,6 +182,9 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/conversations", get(history::list))
         .route("/v1/conversations/{id}", get(history::get))
+        .route("/v1/scans", post(scans::upload).get(scans::list))
+        .route("/v1/scans/{id}", get(scans::status))
+        .route("/v1/scans/{id}/events", get(scans::events))
         .with_state(state);
     bus::ops::router(ready)
         .merge(api)

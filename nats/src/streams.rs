@@ -64,6 +64,12 @@ pub const PERSISTER_SCANS: ConsumerDef = ConsumerDef {
     json: include_str!("../consumers/SCAN_DONE.persister-scans.json"),
 };
 
+/// Failed scans waiting for a reprocess pass.
+pub const STREAMER_DLQ_SCAN: ConsumerDef = ConsumerDef {
+    stream: DLQ,
+    json: include_str!("../consumers/DLQ.streamer-dlq-scan.json"),
+};
+
 /// KV bucket: conversation id -> owner (`ConversationOwner`), for ownership checks.
 pub const KV_CONVERSATIONS: &str = "conversations";
 /// KV bucket: turn id -> `TurnIndex`, for idempotent sends, resume and cancel.
@@ -259,6 +265,7 @@ mod tests {
             STREAMER_SCAN,
             PERSISTER_TURNS,
             PERSISTER_SCANS,
+            STREAMER_DLQ_SCAN,
         ] {
             let config = c.config().unwrap();
             assert!(config.durable_name.is_some());

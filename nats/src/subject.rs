@@ -118,6 +118,8 @@ pub const HISTORY_LIST: &str = "history.list";
 pub const HISTORY_GET: &str = "history.get";
 /// A user's completed scans, answered by the persister.
 pub const HISTORY_SCANS: &str = "history.scans";
+/// One completed scan by id, answered by the persister.
+pub const HISTORY_SCAN: &str = "history.scan";
 
 #[cfg(test)]
 mod tests {

@@ -345,6 +345,13 @@ pub struct ScanRequest {
     /// How many times an operator sent it back from the DLQ (0 at first).
     #[serde(default)]
     pub reprocessed: u32,
+    /// Language of the explanation: `en` or `ko`.
+    #[serde(default = "default_lang")]
+    pub lang: String,
+}
+
+fn default_lang() -> String {
+    "en".into()
 }
 
 /// The owner record of a scan, in the `scans` KV bucket.
@@ -429,6 +436,10 @@ pub struct ScanProgress {
     pub percent: u8,
     /// A human-readable line about the stage.
     pub message: String,
+    /// True when the explanation starts over (a worker died mid-answer and
+    /// another one took the job): drop the `token` text received so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }
 
 /// One of the model's top classes.
@@ -502,6 +513,33 @@ pub struct ScanRecord {
     pub completed_at: Option<DateTime<Utc>>,
 }
 
+impl ScanRecord {
+    /// True when `self` replaces `other` as the record of the same scan.
+    ///
+    /// A scan can be published more than once: a redelivered job, or a
+    /// `failed` scan an operator sent back from the DLQ that later completes.
+    /// The later record wins, by `completed_at` (none is earliest) and, at
+    /// the same instant, `done` over `failed` over anything else. Instants
+    /// are compared to the microsecond, the precision Postgres keeps, so the
+    /// persister's SQLite buffer, Postgres and the merge of several
+    /// persisters' answers all pick the same record. A record equal by this
+    /// order does not replace: the same record twice is a no-op.
+    pub fn supersedes(&self, other: &ScanRecord) -> bool {
+        scan_order(self.status, self.completed_at) > scan_order(other.status, other.completed_at)
+    }
+}
+
+/// The order of [`ScanRecord::supersedes`] on the two fields it reads, for
+/// callers that hold only those (the persister's SQL mirrors it).
+pub fn scan_order(status: ScanStatus, completed_at: Option<DateTime<Utc>>) -> impl Ord {
+    let rank: u8 = match status {
+        ScanStatus::Done => 2,
+        ScanStatus::Failed => 1,
+        ScanStatus::Queued | ScanStatus::Running => 0,
+    };
+    (completed_at.map(|t| t.timestamp_micros()), rank)
+}
+
 /// An `error` event's data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanError {
@@ -509,6 +547,9 @@ pub struct ScanError {
     pub code: String,
     /// A human-readable explanation.
     pub message: String,
+    /// The stage that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<ScanStage>,
 }
 
 /// The data of one scan event, tagged with its SSE `event:` name.
@@ -571,6 +612,21 @@ pub struct HistoryScansRequest {
 pub struct ScanList {
     /// Newest first.
     pub scans: Vec<ScanRecord>,
+    /// True when the oldest of the requested scans were left out so that the
+    /// reply fits in one NATS message (the server's `max_payload`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// `history.scan` request: one scan by id. Another user's scan is answered
+/// exactly like a scan that does not exist (`not_found`), so scan ids cannot
+/// be probed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryScanRequest {
+    /// Who asks (only the owner may read it).
+    pub user_id: String,
+    /// The scan.
+    pub scan_id: String,
 }
 
 /// An HTTP error body: `{"error":{"code","message"}}`.

@@ -3,7 +3,7 @@
 //! the same files and database as a running persister and are safe to run
 //! beside it: SQLite serializes writers, and Postgres inserts are idempotent.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
@@ -15,11 +15,13 @@ use crate::{Config, Wal, sync};
 pub enum Command {
     /// Run the service (the default).
     Run,
-    /// Print the SQLite backlog: rows waiting for Postgres, and rows it refused.
+    /// Print the SQLite backlog (turns and scans): rows waiting for Postgres,
+    /// and rows it refused.
     Backlog,
-    /// Copy every unsynced SQLite row to Postgres now, then exit.
+    /// Copy every unsynced SQLite row (turns and scans) to Postgres now, then exit.
     Sync,
-    /// Compare SQLite with Postgres: counts, and turn ids missing from Postgres.
+    /// Compare SQLite with Postgres: counts, and turn and scan ids missing
+    /// from Postgres (or, for scans, holding an older record there).
     Compare,
 }
 
@@ -33,11 +35,14 @@ pub async fn run(command: &Command, config: &Config) -> anyhow::Result<Value> {
     match command {
         Command::Run => anyhow::bail!("`run` is not an operator command"),
         Command::Backlog => {
-            let backlog = wal.backlog().await?;
+            let backlogs = wal.backlogs().await?;
+            let (turns, scans) = (backlogs.turns, backlogs.scans);
             Ok(json!({
                 "sqlite": config.sqlite_path.display().to_string(),
-                "pending": backlog.pending,
-                "rejected": backlog.rejected,
+                "pending": turns.pending + scans.pending,
+                "rejected": turns.rejected + scans.rejected,
+                "turns": {"pending": turns.pending, "rejected": turns.rejected},
+                "scans": {"pending": scans.pending, "rejected": scans.rejected},
             }))
         }
         Command::Sync => {
@@ -57,8 +62,34 @@ pub async fn run(command: &Command, config: &Config) -> anyhow::Result<Value> {
                 wal.mark_synced(rows.into_iter().map(|r| r.turn_id).collect())
                     .await?;
             }
+            let mut copied_scans = 0usize;
+            loop {
+                let scans = wal
+                    .unsynced_scans(config.sync_batch.clamp(1, crate::config::MAX_SYNC_BATCH))
+                    .await?;
+                if scans.is_empty() {
+                    break;
+                }
+                sync::write_scans(&postgres.pool, &scans).await.context(
+                    "Postgres refused a batch of scans (see `persister compare` and the persister log)",
+                )?;
+                copied_scans += scans.len();
+                wal.mark_scans_synced(
+                    scans
+                        .into_iter()
+                        .map(|s| (s.record.scan_id, s.revision))
+                        .collect(),
+                )
+                .await?;
+            }
             let backlog = wal.backlog().await?;
-            Ok(json!({"copied": copied, "pending": backlog.pending, "rejected": backlog.rejected}))
+            Ok(json!({
+                "copied": copied + copied_scans,
+                "copied_turns": copied,
+                "copied_scans": copied_scans,
+                "pending": backlog.pending,
+                "rejected": backlog.rejected,
+            }))
         }
         Command::Compare => {
             let postgres = reachable(config).await?;
@@ -87,6 +118,8 @@ pub async fn run(command: &Command, config: &Config) -> anyhow::Result<Value> {
                 .filter(|(id, synced)| !*synced && !present.contains(id))
                 .map(|(id, _)| id.as_str())
                 .collect();
+            let scans = compare_scans(&wal, &postgres.pool).await?;
+            let consistent = lost.is_empty() && scans["consistent"] == true;
             Ok(json!({
                 "sqlite_rows": local.len(),
                 "sqlite_synced": local.iter().filter(|(_, s)| *s).count(),
@@ -94,10 +127,61 @@ pub async fn run(command: &Command, config: &Config) -> anyhow::Result<Value> {
                 "missing_in_postgres": pending.len() + lost.len(),
                 "missing_pending_sync": pending.iter().take(100).collect::<Vec<_>>(),
                 "missing_but_marked_synced": lost.iter().take(100).collect::<Vec<_>>(),
-                "consistent": lost.is_empty(),
+                "scans": scans,
+                "consistent": consistent,
             }))
         }
     }
+}
+
+/// `compare` for scans: besides ids missing from Postgres, a scan whose
+/// SQLite row is marked synced while Postgres holds an earlier record of it
+/// (by [`bus::wire::scan_order`]) lost an update, which must never happen.
+async fn compare_scans(wal: &Wal, pool: &sqlx::PgPool) -> anyhow::Result<Value> {
+    let local = wal.all_scan_keys().await?;
+    let mut remote = HashMap::new();
+    let ids: Vec<String> = local.iter().map(|k| k.scan_id.clone()).collect();
+    for chunk in ids.chunks(10_000) {
+        let found: Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+            "SELECT scan_id, status, completed_at FROM scans WHERE scan_id = ANY($1)",
+        )
+        .bind(chunk)
+        .fetch_all(pool)
+        .await?;
+        for (id, status, completed_at) in found {
+            remote.insert(id, (status, completed_at));
+        }
+    }
+    let postgres_total: i64 = sqlx::query_scalar("SELECT count(*) FROM scans")
+        .fetch_one(pool)
+        .await?;
+    let (mut pending, mut lost, mut outdated) = (Vec::new(), Vec::new(), Vec::new());
+    for key in &local {
+        match remote.get(&key.scan_id) {
+            None if key.synced => lost.push(key.scan_id.as_str()),
+            None => pending.push(key.scan_id.as_str()),
+            Some((status, completed_at)) if key.synced => {
+                let behind = crate::wal::parse_scan_status(status).is_none_or(|status| {
+                    bus::wire::scan_order(key.status, key.completed_at)
+                        > bus::wire::scan_order(status, *completed_at)
+                });
+                if behind {
+                    outdated.push(key.scan_id.as_str());
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(json!({
+        "sqlite_rows": local.len(),
+        "sqlite_synced": local.iter().filter(|k| k.synced).count(),
+        "postgres_rows": postgres_total,
+        "missing_in_postgres": pending.len() + lost.len(),
+        "missing_pending_sync": pending.iter().take(100).collect::<Vec<_>>(),
+        "missing_but_marked_synced": lost.iter().take(100).collect::<Vec<_>>(),
+        "older_in_postgres_but_marked_synced": outdated.iter().take(100).collect::<Vec<_>>(),
+        "consistent": lost.is_empty() && outdated.is_empty(),
+    }))
 }
 
 async fn reachable(config: &Config) -> anyhow::Result<sync::Postgres> {

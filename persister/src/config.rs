@@ -9,7 +9,7 @@ use secrecy::SecretString;
 #[command(
     name = "persister",
     version,
-    about = "Drains completed turns from NATS JetStream into SQLite (WAL), then Postgres."
+    about = "Drains completed turns and scans from NATS JetStream into SQLite (WAL), then Postgres."
 )]
 pub struct Config {
     /// NATS server URL.

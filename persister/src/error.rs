@@ -8,10 +8,10 @@ pub enum WalError {
     #[error("local buffer write failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// A stored row could not be turned back into a record (a bug or a hand-edited file).
-    #[error("local buffer holds an unreadable row {turn_id:?}: {reason}")]
+    #[error("local buffer holds an unreadable row {id:?}: {reason}")]
     BadRow {
-        /// The row's key.
-        turn_id: String,
+        /// The row's key (a turn or scan id).
+        id: String,
         /// What was wrong with it.
         reason: String,
     },

@@ -1,5 +1,6 @@
-//! Answering history requests: `history.list` and `history.get` over core
-//! NATS request-reply. Every persister answers every request (no queue
+//! Answering history requests: `history.list` and `history.get` (turns),
+//! `history.scans` and `history.scan` ([`scans`]) over core NATS
+//! request-reply. Every persister answers every request (no queue
 //! group): with several persisters each SQLite file holds different unsynced
 //! turns, and the asker ([`bus::history::HistoryClient`]) merges the answers
 //! of all live persisters, which announce themselves with [`heartbeat`].
@@ -86,10 +87,14 @@ pub struct History {
     pub status: Arc<SyncStatus>,
 }
 
+mod scans;
+
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     List,
     Get,
+    Scans,
+    Scan,
 }
 
 /// Why a request got no answer.
@@ -99,6 +104,9 @@ enum HistoryError {
     Invalid(String),
     #[error("no such conversation")]
     NotFound,
+    /// Also the answer for another user's scan, so scan ids cannot be probed.
+    #[error("no such scan")]
+    NoScan,
     #[error("this conversation belongs to another user")]
     Forbidden,
     #[error("history is unavailable; try again")]
@@ -109,7 +117,7 @@ impl HistoryError {
     fn code(&self) -> &'static str {
         match self {
             Self::Invalid(_) => "invalid_request",
-            Self::NotFound => "not_found",
+            Self::NotFound | Self::NoScan => "not_found",
             Self::Forbidden => "forbidden",
             Self::Unavailable(_) => "unavailable",
         }
@@ -125,6 +133,8 @@ impl History {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut list = self.client.subscribe(bus::subject::HISTORY_LIST).await?;
         let mut get = self.client.subscribe(bus::subject::HISTORY_GET).await?;
+        let mut scans = self.client.subscribe(bus::subject::HISTORY_SCANS).await?;
+        let mut scan = self.client.subscribe(bus::subject::HISTORY_SCAN).await?;
         let permits = Arc::new(Semaphore::new(CONCURRENCY));
         let tracker = TaskTracker::new();
         loop {
@@ -132,6 +142,8 @@ impl History {
                 _ = shutdown.cancelled() => break,
                 Some(message) = list.next() => (message, Kind::List),
                 Some(message) = get.next() => (message, Kind::Get),
+                Some(message) = scans.next() => (message, Kind::Scans),
+                Some(message) = scan.next() => (message, Kind::Scan),
                 else => break,
             };
             let permit = tokio::select! {
@@ -156,6 +168,22 @@ impl History {
         let body = match kind {
             Kind::List => encode(self.list(&message.payload).await),
             Kind::Get => encode(self.get(&message.payload).await),
+            Kind::Scans => {
+                let budget = scans::reply_budget(&self.client);
+                encode(
+                    self.scans(&message.payload)
+                        .await
+                        .map(|list| scans::fit_list(list, budget)),
+                )
+            }
+            Kind::Scan => {
+                let budget = scans::reply_budget(&self.client);
+                encode(
+                    self.scan(&message.payload)
+                        .await
+                        .map(|scan| scans::fit_one(scan, budget)),
+                )
+            }
         };
         if let Err(error) = self.client.publish(reply, body.into()).await {
             tracing::debug!(%error, "History reply not sent.");

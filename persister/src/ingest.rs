@@ -1,23 +1,26 @@
-//! Draining completed turns from JetStream into SQLite.
+//! Draining completed turns and scans from JetStream into SQLite.
 //!
-//! It owns the durable pull consumer on `chat.done.>` and the acknowledgement
-//! of every message on it. A batch is decoded, the good records are written in
-//! one SQLite transaction, and only after that commit is every message of the
-//! batch acked. An undecodable message is put on `dlq.turns` (and that publish
+//! It owns the durable pull consumers on `chat.done.>` and `scan.done.>` and
+//! the acknowledgement of every message on them; one [`Ingest`] loop runs per
+//! consumer, the same code for both kinds of [`Record`]. A batch is decoded,
+//! the good records are written in one SQLite transaction, and only after
+//! that commit is every message of the batch acked. An undecodable or
+//! invalid message is put on `dlq.turns` or `dlq.scans` (and that publish
 //! confirmed) before it is terminated. A failed SQLite commit acks nothing:
 //! the messages are handed back with a delay, and one that has used all its
 //! deliveries goes to the dead-letter stream rather than being dropped.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, marker::PhantomData, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use bus::wire::{DeadLetter, TurnRecord};
+use bus::wire::{DeadLetter, ScanRecord, TurnRecord};
 use chrono::Utc;
 use futures::StreamExt as _;
+use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::wal::Wal;
+use crate::{error::WalError, wal::Wal};
 
 /// Expiry of the no-wait fetch. Recent servers read "no-wait with an
 /// expiry" as: wait up to this long for the first message, then answer with
@@ -30,12 +33,122 @@ const IDLE_WAIT: Duration = Duration::from_secs(2);
 const FETCH_RETRY: Duration = Duration::from_secs(1);
 /// Longest redelivery delay after a failed SQLite commit.
 const MAX_NAK_DELAY: Duration = Duration::from_secs(30);
-/// The dead-letter kind of this consumer: `dlq.turns`.
-const DLQ_KIND: &str = "turns";
 
-/// The ingest loop and what it needs.
+/// The metric names of one kind of record. The turn names predate scans and
+/// are kept unlabelled, because dashboards and `loadgen` read them as they are.
 #[derive(Debug)]
-pub struct Ingest {
+pub struct MetricNames {
+    commit_seconds: &'static str,
+    commits: &'static str,
+    ingested: &'static str,
+    superseded: &'static str,
+    duplicates: &'static str,
+    commit_failures: &'static str,
+    dead_letters: &'static str,
+}
+
+/// How many records of a batch changed the buffer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// New rows.
+    pub inserted: usize,
+    /// Rows replaced by a later record.
+    pub superseded: usize,
+    /// Records already stored (a redelivery, a repeat, or an older version).
+    pub duplicates: usize,
+}
+
+/// A kind of record the persister drains: how it is named, checked and stored.
+pub trait Record: DeserializeOwned + Send + Sync + 'static {
+    /// The dead-letter kind (`dlq.<KIND>`) and the log noun's plural.
+    const KIND: &'static str;
+    /// Its metric names.
+    const METRICS: MetricNames;
+
+    /// Why a decoded record cannot be stored, if it cannot.
+    ///
+    /// # Errors
+    /// A one-line reason, kept in the dead letter.
+    fn check(&self) -> Result<(), String>;
+
+    /// Commits `records` to the buffer in one transaction.
+    fn store(
+        wal: &Wal,
+        records: Vec<Self>,
+    ) -> impl Future<Output = Result<Stored, WalError>> + Send;
+}
+
+impl Record for TurnRecord {
+    const KIND: &'static str = "turns";
+    const METRICS: MetricNames = MetricNames {
+        commit_seconds: "persister_commit_seconds",
+        commits: "persister_commits_total",
+        ingested: "persister_rows_ingested_total",
+        superseded: "persister_rows_superseded_total",
+        duplicates: "persister_duplicates_total",
+        commit_failures: "persister_commit_failures_total",
+        dead_letters: "persister_dead_letters_total",
+    };
+
+    fn check(&self) -> Result<(), String> {
+        for (field, value) in [
+            ("turn_id", &self.turn_id),
+            ("conversation_id", &self.conversation_id),
+            ("user_id", &self.user_id),
+        ] {
+            if value.is_empty() {
+                return Err(format!("invalid turn record: empty {field}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn store(wal: &Wal, records: Vec<Self>) -> Result<Stored, WalError> {
+        let stored = wal.insert_turns(records).await?;
+        Ok(Stored {
+            inserted: stored.inserted,
+            superseded: 0,
+            duplicates: stored.duplicates,
+        })
+    }
+}
+
+impl Record for ScanRecord {
+    const KIND: &'static str = "scans";
+    const METRICS: MetricNames = MetricNames {
+        commit_seconds: "persister_scan_commit_seconds",
+        commits: "persister_scan_commits_total",
+        ingested: "persister_scan_rows_ingested_total",
+        superseded: "persister_scan_rows_superseded_total",
+        duplicates: "persister_scan_duplicates_total",
+        commit_failures: "persister_scan_commit_failures_total",
+        dead_letters: "persister_scan_dead_letters_total",
+    };
+
+    fn check(&self) -> Result<(), String> {
+        // The scan id names subjects (`scan.evt.<scan>`) and KV keys; one that
+        // cannot is a producer bug, and storing it would only spread it. The
+        // user id is a JWT `sub` and may hold dots: it only has to be there.
+        bus::subject::token(&self.scan_id).map_err(|e| format!("invalid scan record: {e}"))?;
+        if self.user_id.is_empty() {
+            return Err("invalid scan record: empty user_id".into());
+        }
+        Ok(())
+    }
+
+    async fn store(wal: &Wal, records: Vec<Self>) -> Result<Stored, WalError> {
+        let stored = wal.insert_scans(records).await?;
+        Ok(Stored {
+            inserted: stored.inserted,
+            superseded: stored.superseded,
+            duplicates: stored.unchanged,
+        })
+    }
+}
+
+/// The ingest loop of one kind of record and what it needs.
+#[derive(Debug)]
+pub struct Ingest<R> {
     /// JetStream, for dead letters.
     pub js: jetstream::Context,
     /// Where records are committed before they are acked.
@@ -47,9 +160,11 @@ pub struct Ingest {
     pub max_deliver: i64,
     /// Wakes the sync loop after each commit.
     pub committed: Arc<Notify>,
+    /// The kind of record.
+    pub kind: PhantomData<fn() -> R>,
 }
 
-impl Ingest {
+impl<R: Record> Ingest<R> {
     /// Fetches and stores batches until `shutdown` fires. The batch in hand
     /// when it fires is finished and acked; no new one is fetched.
     pub async fn run(self, consumer: PullConsumer, shutdown: CancellationToken) {
@@ -58,7 +173,7 @@ impl Ingest {
             match self.next_batch(&consumer, &shutdown).await {
                 Ok(messages) => {
                     if failing {
-                        tracing::info!("Fetching turn records works again.");
+                        tracing::info!(kind = R::KIND, "Fetching records works again.");
                         failing = false;
                     }
                     if !messages.is_empty() {
@@ -68,7 +183,7 @@ impl Ingest {
                 Err(error) => {
                     // Once per outage; the NATS client logs its reconnects.
                     if !failing {
-                        tracing::warn!(%error, "Fetching turn records failed; retrying.");
+                        tracing::warn!(kind = R::KIND, %error, "Fetching records failed; retrying.");
                         failing = true;
                     }
                     tokio::select! {
@@ -78,7 +193,7 @@ impl Ingest {
                 }
             }
         }
-        tracing::debug!("Ingest stopped.");
+        tracing::debug!(kind = R::KIND, "Ingest stopped.");
     }
 
     /// Whatever is waiting (up to the batch size); when nothing is, waits for
@@ -117,17 +232,17 @@ impl Ingest {
 
     /// Decodes, commits and acknowledges one batch.
     async fn handle(&self, messages: Vec<jetstream::Message>) {
+        let names = &R::METRICS;
         let mut good = Vec::with_capacity(messages.len());
         let mut records = Vec::with_capacity(messages.len());
         for message in messages {
-            match decode(&message.payload) {
+            match decode::<R>(&message.payload) {
                 Ok(record) => {
                     records.push(record);
                     good.push(message);
                 }
                 Err(reason) => {
-                    metrics::counter!("persister_dead_letters_total", "reason" => "undecodable")
-                        .increment(1);
+                    metrics::counter!(names.dead_letters, "reason" => "undecodable").increment(1);
                     self.dead_letter(&message, &reason).await;
                 }
             }
@@ -137,31 +252,33 @@ impl Ingest {
         }
         let rows = records.len();
         let started = Instant::now();
-        match self.wal.insert_turns(records).await {
+        match R::store(&self.wal, records).await {
             Ok(stored) => {
-                metrics::histogram!("persister_commit_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("persister_commits_total").increment(1);
-                metrics::counter!("persister_rows_ingested_total")
-                    .increment(stored.inserted as u64);
-                metrics::counter!("persister_duplicates_total").increment(stored.duplicates as u64);
+                metrics::histogram!(names.commit_seconds).record(started.elapsed().as_secs_f64());
+                metrics::counter!(names.commits).increment(1);
+                metrics::counter!(names.ingested).increment(stored.inserted as u64);
+                if stored.superseded > 0 {
+                    metrics::counter!(names.superseded).increment(stored.superseded as u64);
+                }
+                metrics::counter!(names.duplicates).increment(stored.duplicates as u64);
                 tracing::debug!(
+                    kind = R::KIND,
                     rows,
                     inserted = stored.inserted,
-                    "Committed turns to SQLite."
+                    superseded = stored.superseded,
+                    "Committed to SQLite."
                 );
                 self.committed.notify_one();
                 ack_all(&good).await;
             }
             Err(error) => {
                 // An operator must act: the disk is full, or the file is broken.
-                metrics::counter!("persister_commit_failures_total").increment(1);
-                tracing::error!(%error, rows, path = %self.wal.path().display(), "Committing turns to SQLite failed; nothing acked, handing them back.");
+                metrics::counter!(names.commit_failures).increment(1);
+                tracing::error!(kind = R::KIND, %error, rows, path = %self.wal.path().display(), "Committing to SQLite failed; nothing acked, handing the records back.");
                 for message in &good {
                     let delivered = deliveries(message);
                     if self.max_deliver > 0 && delivered >= self.max_deliver as u64 {
-                        metrics::counter!("persister_dead_letters_total", "reason" => "sqlite")
-                            .increment(1);
+                        metrics::counter!(names.dead_letters, "reason" => "sqlite").increment(1);
                         let reason =
                             format!("SQLite commit failed on all {delivered} deliveries: {error}");
                         self.dead_letter(message, &reason).await;
@@ -176,11 +293,11 @@ impl Ingest {
         }
     }
 
-    /// Puts `message` on `dlq.turns` with `reason`, then terminates it; if
+    /// Puts `message` on `dlq.<kind>` with `reason`, then terminates it; if
     /// the dead letter is not confirmed, hands the message back instead.
     async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
         let delivered = deliveries(message);
-        tracing::warn!(subject = %message.subject, error = reason, "Dead-lettering a turn record.");
+        tracing::warn!(kind = R::KIND, subject = %message.subject, error = reason, "Dead-lettering a record.");
         let letter = DeadLetter {
             subject: message.subject.to_string(),
             error: reason.to_owned(),
@@ -193,10 +310,10 @@ impl Ingest {
         if let Ok(info) = message.info() {
             headers.insert(
                 async_nats::header::NATS_MESSAGE_ID,
-                format!("persister-turns:{}", info.stream_sequence).as_str(),
+                format!("persister-{}:{}", R::KIND, info.stream_sequence).as_str(),
             );
         }
-        let subject = bus::subject::dlq(DLQ_KIND).expect("static kind is a valid token");
+        let subject = bus::subject::dlq(R::KIND).expect("static kind is a valid token");
         let stored = match serde_json::to_vec(&letter) {
             Ok(body) => match self
                 .js
@@ -266,19 +383,11 @@ fn nak_delay(delivered: u64) -> Duration {
     Duration::from_secs(1u64 << exponent).min(MAX_NAK_DELAY)
 }
 
-/// A turn record, or why it is not one.
-fn decode(payload: &[u8]) -> Result<TurnRecord, String> {
-    let record: TurnRecord =
-        serde_json::from_slice(payload).map_err(|e| format!("undecodable turn record: {e}"))?;
-    for (field, value) in [
-        ("turn_id", &record.turn_id),
-        ("conversation_id", &record.conversation_id),
-        ("user_id", &record.user_id),
-    ] {
-        if value.is_empty() {
-            return Err(format!("invalid turn record: empty {field}"));
-        }
-    }
+/// A record, or why it is not one.
+fn decode<R: Record>(payload: &[u8]) -> Result<R, String> {
+    let record: R = serde_json::from_slice(payload)
+        .map_err(|e| format!("undecodable {} record: {e}", R::KIND))?;
+    record.check()?;
     Ok(record)
 }
 
@@ -296,7 +405,11 @@ mod tests {
 
     #[test]
     fn records_without_ids_are_refused() {
-        assert!(decode(b"{not json").unwrap_err().starts_with("undecodable"));
+        assert!(
+            decode::<TurnRecord>(b"{not json")
+                .unwrap_err()
+                .starts_with("undecodable")
+        );
         let record = serde_json::json!({
             "turn_id": "", "conversation_id": "c", "user_id": "u", "request_id": "r",
             "model": "m", "user_text": "", "assistant_text": "", "finish_reason": "stop",
@@ -304,7 +417,28 @@ mod tests {
             "created_at": "2024-01-01T00:00:00Z", "first_token_at": null,
             "completed_at": "2024-01-01T00:00:01Z"
         });
-        let error = decode(record.to_string().as_bytes()).unwrap_err();
+        let error = decode::<TurnRecord>(record.to_string().as_bytes()).unwrap_err();
         assert_eq!(error, "invalid turn record: empty turn_id");
+    }
+
+    #[test]
+    fn scans_whose_id_is_not_one_subject_token_are_refused() {
+        let scan = |scan_id: &str, user_id: &str| {
+            serde_json::json!({
+                "scan_id": scan_id, "user_id": user_id, "status": "done", "category": null,
+                "confidence": null, "phash": null, "sha256": null, "rule": null,
+                "answer": null, "cached": false, "error": null,
+                "created_at": "2024-01-01T00:00:00Z", "completed_at": null
+            })
+            .to_string()
+        };
+        for bad in ["", "a.b", "a b", "scan.>", "*"] {
+            let error = decode::<ScanRecord>(scan(bad, "u").as_bytes()).unwrap_err();
+            assert!(error.starts_with("invalid scan record"), "{bad:?}: {error}");
+        }
+        assert!(decode::<ScanRecord>(scan("s1", "").as_bytes()).is_err());
+        // A JWT sub may be an email address: dots are fine in a user id.
+        let ok = decode::<ScanRecord>(scan("s1", "a.b@example.com").as_bytes()).unwrap();
+        assert_eq!(ok.user_id, "a.b@example.com");
     }
 }

@@ -1,4 +1,4 @@
-//! The persister: every completed turn ends up in Postgres exactly once.
+//! The persister: every completed turn and scan ends up in Postgres exactly once.
 //!
 //! It owns the durable consumer on completed turns (`chat.done.>`,
 //! [`ingest`]), the local SQLite buffer in WAL mode that each turn is
@@ -9,7 +9,8 @@
 //! turn being lost or the persister refusing work. It also answers history
 //! requests from both stores ([`history`]). It leaves producing the records
 //! to the streamer and ownership checks for clients to the gateway.
-//! Completed scans will be drained the same way (the scan issue).
+//! Completed scans (`scan.done.>`) are drained the same way, into a `scans`
+//! table where a later record of the same scan replaces an earlier one.
 
 pub mod admin;
 pub mod config;
@@ -19,7 +20,7 @@ pub mod ingest;
 pub mod sync;
 pub mod wal;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Duration};
 
 use serde_json::json;
 use tokio::sync::Notify;
@@ -50,6 +51,8 @@ pub struct Persister {
     js: async_nats::jetstream::Context,
     consumer: async_nats::jetstream::consumer::PullConsumer,
     max_deliver: i64,
+    scan_consumer: async_nats::jetstream::consumer::PullConsumer,
+    scan_max_deliver: i64,
     /// The buffer; ingest, sync and readiness each hold a clone.
     wal: Wal,
     postgres: sync::Postgres,
@@ -73,6 +76,8 @@ impl Persister {
         bus::streams::ensure_all(&js).await?;
         let consumer = bus::streams::PERSISTER_TURNS.ensure(&js).await?;
         let max_deliver = bus::streams::PERSISTER_TURNS.config()?.max_deliver;
+        let scan_consumer = bus::streams::PERSISTER_SCANS.ensure(&js).await?;
+        let scan_max_deliver = bus::streams::PERSISTER_SCANS.config()?.max_deliver;
         tracing::info!(sqlite = %config.sqlite_path.display(), "Persister configured.");
         Ok(Self {
             config,
@@ -81,6 +86,8 @@ impl Persister {
             js,
             consumer,
             max_deliver,
+            scan_consumer,
+            scan_max_deliver,
             wal,
             postgres,
         })
@@ -124,12 +131,21 @@ impl Persister {
             retention: self.config.retention(),
             committed: committed.clone(),
         };
-        let ingest = ingest::Ingest {
+        let ingest = ingest::Ingest::<bus::wire::TurnRecord> {
+            js: self.js.clone(),
+            wal: self.wal.clone(),
+            batch_size: self.config.batch_size,
+            max_deliver: self.max_deliver,
+            committed: committed.clone(),
+            kind: PhantomData,
+        };
+        let scan_ingest = ingest::Ingest::<bus::wire::ScanRecord> {
             js: self.js.clone(),
             wal: self.wal,
             batch_size: self.config.batch_size,
-            max_deliver: self.max_deliver,
+            max_deliver: self.scan_max_deliver,
             committed,
+            kind: PhantomData,
         };
         let history = history::History {
             client: self.client.clone(),
@@ -142,11 +158,13 @@ impl Persister {
         let mut history_task = tokio::spawn(history.run(stop.clone()));
         let heartbeat_task = tokio::spawn(history::heartbeat(self.js.clone(), stop.clone()));
         let mut ingest_task = tokio::spawn(ingest.run(self.consumer, stop.clone()));
-        tracing::info!("Persister consuming completed turns.");
+        let mut scan_ingest_task = tokio::spawn(scan_ingest.run(self.scan_consumer, stop.clone()));
+        tracing::info!("Persister consuming completed turns and scans.");
 
         let failure = tokio::select! {
             _ = stop.cancelled() => None,
             result = &mut ingest_task => Some(format!("the ingest loop stopped unexpectedly: {result:?}")),
+            result = &mut scan_ingest_task => Some(format!("the scan ingest loop stopped unexpectedly: {result:?}")),
             result = &mut sync_task => Some(format!("the sync loop stopped unexpectedly: {result:?}")),
             result = &mut history_task => Some(format!("the history responder stopped unexpectedly: {result:?}")),
         };
@@ -154,6 +172,9 @@ impl Persister {
         let drained = tokio::time::timeout(bus::shutdown::DRAIN, async {
             if !ingest_task.is_finished() {
                 let _ = (&mut ingest_task).await;
+            }
+            if !scan_ingest_task.is_finished() {
+                let _ = (&mut scan_ingest_task).await;
             }
             if !sync_task.is_finished() {
                 let _ = (&mut sync_task).await;
@@ -164,8 +185,9 @@ impl Persister {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("Drain timed out; unacked turns will be redelivered.");
+            tracing::warn!("Drain timed out; unacked records will be redelivered.");
             ingest_task.abort();
+            scan_ingest_task.abort();
             sync_task.abort();
             history_task.abort();
         }

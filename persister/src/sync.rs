@@ -38,7 +38,10 @@ use sqlx::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::{error::WalError, wal::Wal};
+use crate::{
+    error::WalError,
+    wal::{PendingScan, Wal},
+};
 
 /// The migrations under `persister/migrations`, embedded at compile time.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
@@ -238,10 +241,20 @@ impl Syncer {
             self.postgres.migrated = true;
             tracing::info!("Postgres migrations applied.");
         }
+        let turns = self.sync_turns().await?;
+        let scans = self.sync_scans().await?;
+        if turns == 0 && scans == 0 {
+            sqlx::query("SELECT 1").execute(&self.postgres.pool).await?;
+        }
+        self.postgres.status.set_reachable(true);
+        // The caller goes again at once when either table filled a batch.
+        Ok(turns.max(scans))
+    }
+
+    /// Copies one batch of turns; returns how many rows it handled.
+    async fn sync_turns(&self) -> Result<usize, SyncError> {
         let rows = self.wal.unsynced(self.batch).await?;
         if rows.is_empty() {
-            sqlx::query("SELECT 1").execute(&self.postgres.pool).await?;
-            self.postgres.status.set_reachable(true);
             return Ok(0);
         }
         let started = Instant::now();
@@ -250,8 +263,63 @@ impl Syncer {
             Err(error) if is_row_error(&error) => self.one_by_one(&rows).await?,
             Err(error) => return Err(error.into()),
         }
-        self.postgres.status.set_reachable(true);
         Ok(rows.len())
+    }
+
+    /// Copies one batch of scans; returns how many rows it handled.
+    async fn sync_scans(&self) -> Result<usize, SyncError> {
+        let pending = self.wal.unsynced_scans(self.batch).await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        match write_scans(&self.postgres.pool, &pending).await {
+            Ok(()) => self.scans_synced(&pending, started).await?,
+            Err(error) if is_row_error(&error) => {
+                for scan in &pending {
+                    let started = Instant::now();
+                    let one = std::slice::from_ref(scan);
+                    match write_scans(&self.postgres.pool, one).await {
+                        Ok(()) => self.scans_synced(one, started).await?,
+                        Err(error) if is_row_error(&error) => {
+                            tracing::error!(scan = %scan.record.scan_id, %error, "Postgres refused a scan; it stays in SQLite with the reason.");
+                            metrics::counter!("persister_scan_sync_rejected_total").increment(1);
+                            self.wal
+                                .reject_scan(
+                                    scan.record.scan_id.clone(),
+                                    scan.revision,
+                                    error.to_string(),
+                                )
+                                .await?;
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+        Ok(pending.len())
+    }
+
+    async fn scans_synced(&self, scans: &[PendingScan], started: Instant) -> Result<(), WalError> {
+        self.wal
+            .mark_scans_synced(
+                scans
+                    .iter()
+                    .map(|s| (s.record.scan_id.clone(), s.revision))
+                    .collect(),
+            )
+            .await?;
+        metrics::counter!("persister_scan_rows_synced_total").increment(scans.len() as u64);
+        metrics::histogram!("persister_scan_sync_seconds").record(started.elapsed().as_secs_f64());
+        let now = Utc::now();
+        for scan in scans {
+            if let Some(completed_at) = scan.record.completed_at {
+                let lag = (now - completed_at).to_std().unwrap_or_default();
+                metrics::histogram!("persister_scan_sync_lag_seconds").record(lag.as_secs_f64());
+            }
+        }
+        Ok(())
     }
 
     async fn synced(&self, rows: &[TurnRecord], started: Instant) -> Result<(), WalError> {
@@ -295,14 +363,17 @@ impl Syncer {
         match self.wal.purge_synced(before).await {
             Ok(0) => {}
             Ok(purged) => {
-                tracing::info!(purged, "Purged synced turns past retention from SQLite.");
+                tracing::info!(
+                    purged,
+                    "Purged synced turns and scans past retention from SQLite."
+                );
                 // Give the freed pages back: without a checkpoint the WAL
                 // file keeps its high-water size.
                 if let Err(error) = self.wal.checkpoint().await {
                     tracing::warn!(%error, "WAL checkpoint after purge failed.");
                 }
             }
-            Err(error) => tracing::warn!(%error, "Purging synced turns from SQLite failed."),
+            Err(error) => tracing::warn!(%error, "Purging synced rows from SQLite failed."),
         }
     }
 
@@ -314,9 +385,14 @@ impl Syncer {
         let mut wal_path = path.as_os_str().to_owned();
         wal_path.push("-wal");
         metrics::gauge!("persister_sqlite_wal_bytes").set(size(std::path::Path::new(&wal_path)));
-        if let Ok(backlog) = self.wal.backlog().await {
-            metrics::gauge!("persister_rows_pending_sync").set(backlog.pending as f64);
-            metrics::gauge!("persister_rows_rejected_sync").set(backlog.rejected as f64);
+        if let Ok(backlogs) = self.wal.backlogs().await {
+            let (turns, scans) = (backlogs.turns, backlogs.scans);
+            metrics::gauge!("persister_rows_pending_sync")
+                .set((turns.pending + scans.pending) as f64);
+            metrics::gauge!("persister_rows_rejected_sync")
+                .set((turns.rejected + scans.rejected) as f64);
+            metrics::gauge!("persister_scan_rows_pending_sync").set(scans.pending as f64);
+            metrics::gauge!("persister_scan_rows_rejected_sync").set(scans.rejected as f64);
         }
     }
 }
@@ -391,6 +467,74 @@ pub async fn write_turns(pool: &PgPool, rows: &[TurnRecord]) -> Result<(), sqlx:
     insert.push(" ON CONFLICT (turn_id) DO NOTHING");
     insert.build().persistent(false).execute(&mut *tx).await?;
     tx.commit().await
+}
+
+/// Writes `scans` in one Postgres transaction. Idempotent, and an upsert by
+/// the later-record rule ([`bus::wire::ScanRecord::supersedes`]): a stored
+/// scan is replaced only by a record that completed later (to the
+/// microsecond), or at the same instant with a higher status (`done` over
+/// `failed` over anything else). The same record again, or an older one,
+/// changes nothing.
+///
+/// # Errors
+/// The database error; nothing was written.
+pub async fn write_scans(pool: &PgPool, scans: &[PendingScan]) -> Result<(), sqlx::Error> {
+    let mut insert = QueryBuilder::<sqlx::Postgres>::new(
+        "INSERT INTO scans (scan_id, user_id, status, category, confidence, labels, \
+         vision_model, phash, sha256, rule, answer, cached, error, created_at, completed_at) ",
+    );
+    insert.push_values(scans, |mut b, s| {
+        let r = &s.record;
+        b.push_bind(pg_text(&r.scan_id))
+            .push_bind(pg_text(&r.user_id))
+            .push_bind(r.status.as_str())
+            .push_bind(r.category.as_deref().map(pg_text))
+            .push_bind(r.confidence)
+            .push_bind(sqlx::types::Json(pg_json(&r.labels)))
+            .push_bind(r.vision_model.as_deref().map(pg_text))
+            .push_bind(r.phash.as_deref().map(pg_text))
+            .push_bind(r.sha256.as_deref().map(pg_text))
+            .push_bind(r.rule.as_ref().map(|rule| sqlx::types::Json(pg_json(rule))))
+            .push_bind(r.answer.as_deref().map(pg_text))
+            .push_bind(r.cached)
+            .push_bind(r.error.as_deref().map(pg_text))
+            .push_bind(r.created_at)
+            .push_bind(r.completed_at);
+    });
+    // Mirrors bus::wire::scan_order: a missing completed_at is earliest.
+    insert.push(
+        " ON CONFLICT (scan_id) DO UPDATE SET \
+         user_id = excluded.user_id, status = excluded.status, category = excluded.category, \
+         confidence = excluded.confidence, labels = excluded.labels, \
+         vision_model = excluded.vision_model, phash = excluded.phash, \
+         sha256 = excluded.sha256, rule = excluded.rule, answer = excluded.answer, \
+         cached = excluded.cached, error = excluded.error, created_at = excluded.created_at, \
+         completed_at = excluded.completed_at \
+         WHERE (coalesce(excluded.completed_at, '-infinity'::timestamptz), \
+                CASE excluded.status WHEN 'done' THEN 2 WHEN 'failed' THEN 1 ELSE 0 END) \
+             > (coalesce(scans.completed_at, '-infinity'::timestamptz), \
+                CASE scans.status WHEN 'done' THEN 2 WHEN 'failed' THEN 1 ELSE 0 END)",
+    );
+    // One statement is its own transaction. Its text varies with the row
+    // count: do not cache it.
+    insert.build().persistent(false).execute(pool).await?;
+    Ok(())
+}
+
+/// [`pg_text`] for every string inside a JSON value: `jsonb` refuses `\u0000`
+/// just as `text` refuses NUL.
+fn pg_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    fn clean(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => *s = pg_text(s),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(clean),
+            serde_json::Value::Object(fields) => fields.values_mut().for_each(clean),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(value).expect("wire types serialize");
+    clean(&mut value);
+    value
 }
 
 /// Postgres `text` cannot hold NUL, which JSON (and so a user's message) can.
@@ -479,5 +623,14 @@ mod tests {
     fn nul_is_the_only_character_changed_for_postgres() {
         assert_eq!(pg_text("a\0b"), "a\u{FFFD}b");
         assert_eq!(pg_text(" é\n\u{1F642} "), " é\n\u{1F642} ");
+    }
+
+    #[test]
+    fn nul_inside_json_strings_is_replaced_at_any_depth() {
+        let value = serde_json::json!({"a": ["x\0y", {"b": "\0"}], "n": 0.5, "s": "\\u0000"});
+        assert_eq!(
+            pg_json(&value),
+            serde_json::json!({"a": ["x\u{FFFD}y", {"b": "\u{FFFD}"}], "n": 0.5, "s": "\\u0000"})
+        );
     }
 }

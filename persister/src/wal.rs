@@ -7,6 +7,8 @@
 //! reached Postgres yet ([`crate::sync`] copies it and then marks it).
 //! Acking JetStream after [`Wal::insert_turns`] returns is what makes
 //! "accepted means persisted" hold; that decision lives in [`crate::ingest`].
+//! The `scans` table is the same outbox for completed scans, with one
+//! difference: a scan's row can be replaced by a later record ([`scans`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -22,8 +24,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::WalError;
 
-/// Version of the schema below, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+mod scans;
+
+pub(crate) use scans::parse_status as parse_scan_status;
+pub use scans::{PendingScan, ScanKey, ScanStored};
+
+/// Version of the schema below, kept in `PRAGMA user_version`. 2 added the
+/// `scans` table: an older persister would leave its unsynced rows behind.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS turns (
@@ -86,6 +94,15 @@ pub struct Inserted {
     pub inserted: usize,
     /// Records whose `turn_id` was already stored (a redelivery or a repeat).
     pub duplicates: usize,
+}
+
+/// [`Backlog`] per table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlogs {
+    /// The `turns` table.
+    pub turns: Backlog,
+    /// The `scans` table.
+    pub scans: Backlog,
 }
 
 /// What the buffer holds that is not in Postgres yet.
@@ -263,21 +280,42 @@ impl Wal {
         .await
     }
 
-    /// How many rows are waiting for Postgres, and how many it refused.
+    /// How many rows (turns and scans) are waiting for Postgres, and how
+    /// many it refused.
     ///
     /// # Errors
     /// [`WalError`] when the buffer cannot be read.
     pub async fn backlog(&self) -> Result<Backlog, WalError> {
+        let backlogs = self.backlogs().await?;
+        Ok(Backlog {
+            pending: backlogs.turns.pending + backlogs.scans.pending,
+            rejected: backlogs.turns.rejected + backlogs.scans.rejected,
+        })
+    }
+
+    /// [`Wal::backlog`] for each table.
+    ///
+    /// # Errors
+    /// [`WalError`] when the buffer cannot be read.
+    pub async fn backlogs(&self) -> Result<Backlogs, WalError> {
         self.call(|conn| {
             let count = |sql: &str| -> Result<u64, WalError> {
                 let n: i64 = conn.prepare_cached(sql)?.query_row([], |row| row.get(0))?;
                 Ok(u64::try_from(n).unwrap_or(0))
             };
-            Ok(Backlog {
-                pending: count(
-                    "SELECT count(*) FROM turns WHERE synced_at IS NULL AND sync_error IS NULL",
-                )?,
-                rejected: count("SELECT count(*) FROM turns WHERE sync_error IS NOT NULL")?,
+            let table = |table: &str| -> Result<Backlog, WalError> {
+                Ok(Backlog {
+                    pending: count(&format!(
+                        "SELECT count(*) FROM {table} WHERE synced_at IS NULL AND sync_error IS NULL"
+                    ))?,
+                    rejected: count(&format!(
+                        "SELECT count(*) FROM {table} WHERE sync_error IS NOT NULL"
+                    ))?,
+                })
+            };
+            Ok(Backlogs {
+                turns: table("turns")?,
+                scans: table("scans")?,
             })
         })
         .await
@@ -316,17 +354,24 @@ impl Wal {
         .await
     }
 
-    /// Deletes rows that reached Postgres before `before`; returns how many.
+    /// Deletes turns and scans that reached Postgres before `before`;
+    /// returns how many.
     ///
     /// # Errors
     /// [`WalError`] when the delete fails.
     pub async fn purge_synced(&self, before: DateTime<Utc>) -> Result<usize, WalError> {
         let before = before.timestamp_millis();
         self.call(move |conn| {
-            Ok(conn.execute(
-                "DELETE FROM turns WHERE synced_at IS NOT NULL AND synced_at < ?1",
-                [before],
-            )?)
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut purged = 0;
+            for table in ["turns", "scans"] {
+                purged += tx.execute(
+                    &format!("DELETE FROM {table} WHERE synced_at IS NOT NULL AND synced_at < ?1"),
+                    [before],
+                )?;
+            }
+            tx.commit()?;
+            Ok(purged)
         })
         .await
     }
@@ -456,6 +501,7 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
         path.display()
     );
     conn.execute_batch(SCHEMA).with_context(hint)?;
+    conn.execute_batch(scans::SCHEMA).with_context(hint)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
         .with_context(hint)?;
     Ok(conn)
@@ -509,7 +555,7 @@ struct StoredTurn {
 impl StoredTurn {
     fn parse(self) -> Result<TurnRecord, WalError> {
         let bad = |reason: String| WalError::BadRow {
-            turn_id: self.turn_id.clone(),
+            id: self.turn_id.clone(),
             reason,
         };
         let time = |text: &str| {

@@ -58,13 +58,77 @@ pub struct Config {
     /// Retries of a failed request before its first token (429, 5xx, network).
     #[arg(long, env = "LLM_MAX_RETRIES", default_value_t = 3)]
     pub max_retries: u32,
-    /// Overrides the chat consumer's ack wait (ms): how long a turn whose
-    /// worker died waits before redelivery. Default: nats/consumers/*.json.
+    /// Overrides the chat and scan consumers' ack wait (ms): how long a turn
+    /// or scan whose worker died waits before redelivery. Default:
+    /// nats/consumers/*.json.
     #[arg(long, env = "STREAMER_ACK_WAIT_MS")]
     pub ack_wait_ms: Option<u64>,
+    /// OpenAI-compatible vision API base URL; unset = the embedded local
+    /// image model (VISION_LOCAL_MODEL).
+    #[arg(long, env = "VISION_BASE_URL")]
+    pub vision_base_url: Option<String>,
+    /// Vision model name sent to VISION_BASE_URL.
+    #[arg(long, env = "VISION_MODEL", default_value = "gpt-4o-mini")]
+    pub vision_model: String,
+    /// API key for VISION_BASE_URL (default: LLM_API_KEY).
+    #[arg(long, env = "VISION_API_KEY", value_parser = bus::parse_secret, hide_env_values = true)]
+    pub vision_api_key: Option<SecretString>,
+    /// The local model's weights (safetensors); default
+    /// `$DATA_DIR/models/efficientnet-lite0.safetensors`, as `scripts/setup.sh` leaves it.
+    #[arg(long, env = "VISION_LOCAL_MODEL")]
+    pub vision_local_model: Option<std::path::PathBuf>,
+    /// Below this confidence the category is `unknown`.
+    #[arg(long, env = "VISION_THRESHOLD", default_value_t = 0.25)]
+    pub vision_threshold: f64,
+    /// Scan jobs run at once by this process (vision is CPU-bound).
+    #[arg(long, env = "SCAN_CONCURRENCY", default_value_t = 4)]
+    pub scan_concurrency: usize,
+    /// A disposal-rules JSON file replacing the built-in one (streamer/rules).
+    #[arg(long, env = "SCAN_RULES")]
+    pub scan_rules: Option<std::path::PathBuf>,
+    /// Vision stage: after this many ms a "taking longer" progress is sent.
+    #[arg(long, env = "SCAN_VISION_SOFT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub vision_soft_timeout_ms: u64,
+    /// Vision stage: an attempt is abandoned (and retried) after this many ms.
+    #[arg(long, env = "SCAN_VISION_HARD_TIMEOUT_MS", default_value_t = 90_000)]
+    pub vision_hard_timeout_ms: u64,
+    /// Answer stage: after this many ms a "taking longer" progress is sent.
+    #[arg(long, env = "SCAN_ANSWER_SOFT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub answer_soft_timeout_ms: u64,
+    /// Answer stage: an attempt is abandoned (and retried) after this many ms.
+    #[arg(long, env = "SCAN_ANSWER_HARD_TIMEOUT_MS", default_value_t = 90_000)]
+    pub answer_hard_timeout_ms: u64,
+    /// Attempts per stage (vision, answer) before the scan fails.
+    #[arg(long, env = "SCAN_MAX_ATTEMPTS", default_value_t = 3)]
+    pub scan_max_attempts: u32,
+    /// First retry delay in ms; doubles each attempt, with jitter.
+    #[arg(long, env = "SCAN_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub scan_retry_base_ms: u64,
+    /// How often failed scans are sent back from the DLQ, in seconds (0 = never;
+    /// `streamer dlq-reprocess` does one pass by hand).
+    #[arg(long, env = "SCAN_DLQ_REPROCESS_EVERY_S", default_value_t = 300)]
+    pub dlq_reprocess_every_s: u64,
+    /// Operator commands; none runs the streamer.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,
+}
+
+/// The streamer's operator commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Runs the streamer (the default).
+    Run,
+    /// Sends failed scans in the DLQ back to the pipeline once: at most
+    /// `--limit` of them; a scan already reprocessed 3 times is archived on
+    /// `dlq.scan_archive` instead. Prints what it did as JSON.
+    DlqReprocess {
+        /// Dead letters handled in this pass.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
 }
 
 /// One OpenAI-compatible provider.
@@ -143,5 +207,24 @@ impl Config {
     /// The read timeout.
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
+    }
+
+    /// Where the local image model is: the flag, else `$DATA_DIR/models`,
+    /// else the source tree's `.data/models` (what `scripts/setup.sh` fills).
+    pub fn local_model_path(&self) -> std::path::PathBuf {
+        const FILE: &str = "models/efficientnet-lite0.safetensors";
+        if let Some(path) = &self.vision_local_model {
+            return path.clone();
+        }
+        if let Some(dir) = std::env::var_os("DATA_DIR") {
+            return std::path::PathBuf::from(dir).join(FILE);
+        }
+        let cwd = std::path::Path::new(".data").join(FILE);
+        if cwd.exists() {
+            return cwd;
+        }
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../.data")
+            .join(FILE)
     }
 }

@@ -3,13 +3,20 @@
 //! It owns the durable pull consumer on chat requests (`chat.req.>`), the
 //! calls to OpenAI-compatible streaming APIs ([`upstream`]), and the
 //! publishing of each turn's frames and its completed record ([`chat`]).
+//! It also owns the scan pipeline ([`scan`]): the durable consumer on scan
+//! jobs (`scan.req.>`), the image model behind [`vision::Vision`], the
+//! perceptual hash ([`phash`]), the disposal rules ([`rules`]) and the DLQ
+//! reprocessing of failed scans.
 //! It keeps no state of its own: everything it knows is in JetStream, so any
 //! number of streamers share the work and a killed one loses nothing.
-//! The scan pipeline will live here too (the scan issue).
 
 pub mod chat;
 mod config;
+pub mod phash;
+pub mod rules;
+pub mod scan;
 pub mod upstream;
+pub mod vision;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -19,7 +26,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use config::{Config, DEFAULT_SYSTEM_PROMPT, Provider};
+pub use config::{Command, Config, DEFAULT_SYSTEM_PROMPT, Provider};
 
 /// Runs the streamer until `shutdown` fires.
 ///
@@ -37,6 +44,7 @@ pub struct Streamer {
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
     worker: chat::Worker,
+    scan: scan::ScanWorker,
 }
 
 impl Streamer {
@@ -54,6 +62,10 @@ impl Streamer {
         let client = bus::connect::connect(&config.nats_url, "streamer").await?;
         let js = async_nats::jetstream::new(client.clone());
         bus::streams::ensure_all(&js).await?;
+        anyhow::ensure!(
+            (1..=256).contains(&config.scan_concurrency),
+            "SCAN_CONCURRENCY must be between 1 and 256"
+        );
         let upstream = upstream::Upstream::build(&config)?;
         tracing::info!(llm = %bus::connect::redact(&config.llm_base_url), model = %config.llm_model, "Streamer configured.");
         let mut consumer = bus::streams::STREAMER_CHAT.config()?;
@@ -70,6 +82,36 @@ impl Streamer {
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
             ack_window: (chat::ACK_BUDGET / config.concurrency).clamp(1, 64),
         };
+        let scan = scan::ScanWorker {
+            client: client.clone(),
+            js: js.clone(),
+            images: js
+                .get_object_store(bus::streams::OBJ_SCAN_IMAGES)
+                .await
+                .context("object store scan_images is missing")?,
+            cache: js
+                .get_key_value(bus::streams::KV_SCAN_CACHE)
+                .await
+                .context("KV bucket scan_cache is missing")?,
+            vision: build_vision(&config)?,
+            upstream: worker.upstream.clone(),
+            rules: Arc::new(rules::Rules::load(config.scan_rules.as_deref())?),
+            settings: Arc::new(scan::Settings {
+                vision_soft: Duration::from_millis(config.vision_soft_timeout_ms),
+                vision_hard: Duration::from_millis(config.vision_hard_timeout_ms),
+                answer_soft: Duration::from_millis(config.answer_soft_timeout_ms),
+                answer_hard: Duration::from_millis(config.answer_hard_timeout_ms),
+                max_attempts: config.scan_max_attempts.max(1),
+                retry_base: Duration::from_millis(config.scan_retry_base_ms),
+                max_tokens: config.max_tokens,
+                progress_every: config
+                    .ack_wait_ms
+                    .map(|ms| Duration::from_millis(ms.max(500)))
+                    .unwrap_or(bus::streams::STREAMER_SCAN.config()?.ack_wait)
+                    / 3,
+            }),
+        };
+        tracing::info!(vision = %scan.vision.name(), "Scan pipeline configured.");
         Ok(Self {
             config,
             consumer,
@@ -77,6 +119,7 @@ impl Streamer {
             client,
             js,
             worker,
+            scan,
         })
     }
 
@@ -97,43 +140,50 @@ impl Streamer {
         let ready = bus::ops::nats_ready(self.client.clone(), self.js.clone());
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
 
-        let consumer = bus::streams::STREAMER_CHAT
+        let tracker = TaskTracker::new();
+        let chat = bus::streams::STREAMER_CHAT
             .ensure_with(&self.js, self.consumer.clone())
             .await?;
-        let concurrency = self.config.concurrency;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(concurrency)
-            .messages()
-            .await
-            .context("cannot start consuming chat requests")?;
-        let permits = Arc::new(Semaphore::new(concurrency));
-        let tracker = TaskTracker::new();
-        tracing::info!(concurrency, "Streamer consuming chat requests.");
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
-            };
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                message = messages.next() => message,
-            };
-            match message {
-                Some(Ok(message)) => {
-                    let worker = self.worker.clone();
-                    tracker.spawn(async move {
-                        worker.handle(message).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "Pulling chat requests failed; retrying.");
-                }
-                None => break,
-            }
+        let worker = self.worker.clone();
+        let chat = consume(
+            chat,
+            "chat requests",
+            self.config.concurrency,
+            tracker.clone(),
+            shutdown.clone(),
+            move |message| {
+                let worker = worker.clone();
+                async move { worker.handle(message).await }
+            },
+        );
+        let mut scan_consumer = bus::streams::STREAMER_SCAN.config()?;
+        if let Some(ms) = self.config.ack_wait_ms {
+            scan_consumer.ack_wait = Duration::from_millis(ms.max(500));
         }
-        drop(messages);
+        let scans = bus::streams::STREAMER_SCAN
+            .ensure_with(&self.js, scan_consumer)
+            .await?;
+        let scan = self.scan.clone();
+        let scans = consume(
+            scans,
+            "scan jobs",
+            self.config.scan_concurrency,
+            tracker.clone(),
+            shutdown.clone(),
+            move |message| {
+                let scan = scan.clone();
+                async move { scan.handle(message).await }
+            },
+        );
+        let reprocess = reprocess_periodically(
+            self.js.clone(),
+            Duration::from_secs(self.config.dlq_reprocess_every_s),
+            shutdown.clone(),
+        );
+        tokio::try_join!(chat, scans, async {
+            reprocess.await;
+            Ok(())
+        })?;
         tracker.close();
         if tokio::time::timeout(bus::shutdown::DRAIN, tracker.wait())
             .await
@@ -141,12 +191,119 @@ impl Streamer {
         {
             tracing::warn!(
                 in_flight = tracker.len(),
-                "Drain timed out; unfinished turns will be redelivered to another worker."
+                "Drain timed out; unfinished turns and scans will be redelivered to another worker."
             );
         }
         let _ = self.client.flush().await;
         let _ = ops.await;
         tracing::info!(status = %json!("stopped"), "Streamer stopped.");
         Ok(())
+    }
+}
+
+fn build_vision(config: &Config) -> anyhow::Result<Arc<dyn vision::Vision>> {
+    Ok(match &config.vision_base_url {
+        Some(url) => Arc::new(vision::openai::OpenAiVision::new(
+            url,
+            &config.vision_model,
+            config
+                .vision_api_key
+                .clone()
+                .or_else(|| config.llm_api_key.clone()),
+            config.vision_threshold,
+            config.connect_timeout(),
+        )?),
+        None => {
+            let path = config.local_model_path();
+            Arc::new(
+                vision::local::LocalVision::load(&path, config.vision_threshold).with_context(
+                    || {
+                        format!(
+                            "cannot load the local image model from {} (run scripts/setup.sh, set VISION_LOCAL_MODEL, or set VISION_BASE_URL)",
+                            path.display()
+                        )
+                    },
+                )?,
+            )
+        }
+    })
+}
+
+/// Pulls from `consumer` and runs `handle` on each message, at most
+/// `concurrency` at once, until `shutdown` fires.
+async fn consume<F, Fut>(
+    consumer: async_nats::jetstream::consumer::Consumer<
+        async_nats::jetstream::consumer::pull::Config,
+    >,
+    what: &'static str,
+    concurrency: usize,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    handle: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(async_nats::jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .messages()
+        .await
+        .with_context(|| format!("cannot start consuming {what}"))?;
+    let permits = Arc::new(Semaphore::new(concurrency));
+    tracing::info!(concurrency, "Streamer consuming {what}.");
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore never closes"),
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.next() => message,
+        };
+        match message {
+            Some(Ok(message)) => {
+                let work = handle(message);
+                tracker.spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "Pulling {what} failed; retrying.");
+            }
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Runs a DLQ reprocess pass every `every` (never when zero), like the
+/// seeds' five-minute job: at most ten scans a pass.
+async fn reprocess_periodically(
+    js: async_nats::jetstream::Context,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match scan::reprocess_dead_letters(&js, 10).await {
+            Ok(report) if report.requeued.is_empty() && report.archived.is_empty() => {}
+            Ok(report) => tracing::info!(
+                requeued = report.requeued.len(),
+                archived = report.archived.len(),
+                "Reprocessed failed scans from the DLQ."
+            ),
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "DLQ reprocess pass failed.")
+            }
+        }
     }
 }

@@ -1,11 +1,30 @@
-//! `streamer` binary: parses its configuration and runs [`streamer::run`].
+//! `streamer` binary: parses its configuration and runs [`streamer::run`],
+//! or the operator command `dlq-reprocess`.
 
 use clap::Parser as _;
 
 #[tokio::main]
 async fn main() {
     let config = streamer::Config::parse();
-    bus::telemetry::init("streamer=info,bus=info,async_nats=warn", config.log_json);
-    let shutdown = bus::shutdown::on_signal();
-    bus::exit_on_error(streamer::run(config, shutdown).await);
+    match config.command.clone() {
+        None | Some(streamer::Command::Run) => {
+            bus::telemetry::init("streamer=info,bus=info,async_nats=warn", config.log_json);
+            let shutdown = bus::shutdown::on_signal();
+            bus::exit_on_error(streamer::run(config, shutdown).await);
+        }
+        Some(streamer::Command::DlqReprocess { limit }) => {
+            bus::telemetry::init("streamer=warn", config.log_json);
+            bus::exit_on_error(
+                async {
+                    let client = bus::connect::connect(&config.nats_url, "streamer-dlq").await?;
+                    let js = async_nats::jetstream::new(client);
+                    bus::streams::ensure_all(&js).await?;
+                    let report = streamer::scan::reprocess_dead_letters(&js, limit).await?;
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    Ok(())
+                }
+                .await,
+            );
+        }
+    }
 }

@@ -60,23 +60,31 @@ impl TestApp {
     }
 
     pub async fn start_with(script: Script, extra: &[&str]) -> Self {
+        Self::start_full(script, extra, &[]).await
+    }
+
+    /// With extra gateway and streamer flags.
+    pub async fn start_full(script: Script, extra: &[&str], streamer_extra: &[&str]) -> Self {
         testkit::init_logs();
         let nats = NatsServer::start()
             .await
             .expect("nats-server (run scripts/setup.sh)");
         let llm = StandInLlm::start(script).await.unwrap();
         let shutdown = CancellationToken::new();
-        let streamer = streamer::Streamer::build(streamer::Config::parse_from([
+        let nats_url = nats.url();
+        let mut args = vec![
             "streamer",
             "--nats-url",
-            &nats.url(),
+            &nats_url,
             "--listen",
             "127.0.0.1:0",
             "--llm-base-url",
             llm.base_url(),
-        ]))
-        .await
-        .unwrap();
+        ];
+        args.extend_from_slice(streamer_extra);
+        let streamer = streamer::Streamer::build(streamer::Config::parse_from(args))
+            .await
+            .unwrap();
         tokio::spawn(streamer.run(shutdown.clone()));
         let gateway = gateway::Gateway::build(gateway_config(&nats.url(), extra), shutdown.clone())
             .await

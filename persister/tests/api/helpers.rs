@@ -174,14 +174,12 @@ impl TestPersister {
     /// Waits until the persister's consumer has acked (or terminated) every
     /// message up to stream sequence `seq`.
     pub async fn wait_acked(&self, seq: u64) {
-        let stream = self
-            .servers
-            .js
-            .get_stream(bus::streams::CHAT_DONE)
-            .await
-            .unwrap();
-        let consumer: jetstream::consumer::Consumer<pull::Config> =
-            stream.get_consumer("persister-turns").await.unwrap();
+        self.wait_acked_on(bus::streams::PERSISTER_TURNS, seq).await;
+    }
+
+    /// [`Self::wait_acked`] for the consumer `def`.
+    pub async fn wait_acked_on(&self, def: bus::streams::ConsumerDef, seq: u64) {
+        let consumer = self.consumer(def).await;
         testkit::wait_for("the consumer's ack floor", WAIT, || {
             let consumer = &consumer;
             async move {
@@ -191,6 +189,16 @@ impl TestPersister {
         })
         .await
         .unwrap();
+    }
+
+    /// The persister's durable consumer `def`.
+    pub async fn consumer(
+        &self,
+        def: bus::streams::ConsumerDef,
+    ) -> jetstream::consumer::Consumer<pull::Config> {
+        let name = def.config().unwrap().durable_name.unwrap();
+        let stream = self.servers.js.get_stream(def.stream).await.unwrap();
+        stream.get_consumer(&name).await.unwrap()
     }
 
     /// The consumer's ack floor (stream sequence).
@@ -215,7 +223,7 @@ impl TestPersister {
         .unwrap()
     }
 
-    async fn pg(&self) -> Option<PgConnection> {
+    pub async fn pg(&self) -> Option<PgConnection> {
         PgConnection::connect(&self.servers.database_url).await.ok()
     }
 
@@ -382,8 +390,13 @@ impl TestPersister {
 
     /// Every dead letter on `dlq.turns`, once there are at least `n`.
     pub async fn dead_letters(&self, n: usize) -> Vec<DeadLetter> {
+        self.dead_letters_on("dlq.turns", n).await
+    }
+
+    /// Every dead letter on `subject`, once there are at least `n`.
+    pub async fn dead_letters_on(&self, subject: &str, n: usize) -> Vec<DeadLetter> {
         testkit::wait_for("dead letters", WAIT, || async {
-            let payloads = bus::replay::payloads(&self.servers.js, bus::streams::DLQ, "dlq.turns")
+            let payloads = bus::replay::payloads(&self.servers.js, bus::streams::DLQ, subject)
                 .await
                 .ok()?;
             let letters: Vec<DeadLetter> = payloads

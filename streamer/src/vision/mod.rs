@@ -6,6 +6,7 @@
 
 pub mod local;
 pub mod openai;
+pub mod waste;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

@@ -1,0 +1,1126 @@
+//! The scan pipeline: one `scan.req.<scan>` job in, the events of
+//! `scan.evt.<scan>` and one record on `scan.done.<scan>` out.
+//!
+//! Stages and their progress: stored 10 %, hashed 20 % (SHA-256 and a
+//! perceptual hash; a hit in the `scan_cache` KV bucket ends the scan with
+//! the cached result at 100 %), preprocessed 30 % (EXIF orientation, at
+//! most 1024 px), vision 50-60 %, rules 70 %, answer 80-90 % (the LLM's
+//! explanation as `token` events), done 100 % and the `result`.
+//!
+//! Event ids are contiguous per scan across every worker that ever touched
+//! it: a worker starts from the last stored event, and publishes with
+//! `Nats-Expected-Last-Subject-Sequence`, so two workers that somehow run
+//! the same scan cannot interleave (the loser stops). A worker taking over
+//! from a dead one skips the progress already reported, and restarts the
+//! explanation with a `progress` event marked `reset`.
+//!
+//! Vision and answer attempts are bounded by a soft timeout (a "taking
+//! longer" progress) and a hard one (the attempt is abandoned), retried
+//! with backoff; when the attempts are spent the scan ends with an `error`
+//! event, a `failed` record and a dead letter on `dlq.scan`, which
+//! [`reprocess_dead_letters`] sends back to the pipeline.
+
+use std::{io::Cursor, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, AckKind, kv, object_store::ObjectStore},
+};
+use bus::{
+    subject,
+    wire::{
+        ChatMessage, DeadLetter, DisposalRule, ScanError, ScanEvent, ScanEventData, ScanProgress,
+        ScanRecord, ScanRequest, ScanStage, ScanStatus,
+    },
+};
+use chrono::Utc;
+use futures::{FutureExt as _, StreamExt as _};
+use image::{DynamicImage, ImageDecoder as _, imageops::FilterType};
+use rand::Rng as _;
+use sha2::Digest as _;
+use tokio::io::AsyncReadExt as _;
+
+use crate::{
+    phash::phash,
+    rules::Rules,
+    upstream::{self, Upstream},
+    vision::{Classification, PreparedImage, Vision},
+};
+
+/// The header naming which run (0, then one more per DLQ reprocess) wrote an event.
+const RUN_HEADER: &str = "Scan-Run";
+/// Longest side of the image handed to vision.
+const MAX_SIDE: u32 = 1024;
+/// Reprocess passes after which a dead letter is archived instead.
+pub const MAX_REPROCESS: u32 = 3;
+/// The dead-letter kind of failed scans.
+pub const DLQ_KIND: &str = "scan";
+/// Where dead letters go once they were reprocessed [`MAX_REPROCESS`] times.
+pub const DLQ_ARCHIVE_KIND: &str = "scan_archive";
+
+/// Timeouts and retries of the pipeline.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Vision: when to say it takes longer.
+    pub vision_soft: Duration,
+    /// Vision: when to abandon an attempt.
+    pub vision_hard: Duration,
+    /// Answer: when to say it takes longer.
+    pub answer_soft: Duration,
+    /// Answer: when to abandon an attempt.
+    pub answer_hard: Duration,
+    /// Attempts per stage.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with jitter.
+    pub retry_base: Duration,
+    /// Token cap of the explanation.
+    pub max_tokens: u32,
+    /// How often a running job tells JetStream it is alive.
+    pub progress_every: Duration,
+}
+
+/// What a scan worker needs; cloned cheaply into each task.
+#[derive(Clone)]
+pub struct ScanWorker {
+    /// Core NATS, for keep-alive acks.
+    pub client: async_nats::Client,
+    /// JetStream, for events, records and dead letters.
+    pub js: jetstream::Context,
+    /// The uploaded images.
+    pub images: ObjectStore,
+    /// Perceptual hash -> earlier result.
+    pub cache: kv::Store,
+    /// The image model.
+    pub vision: Arc<dyn Vision>,
+    /// The LLM for the explanation.
+    pub upstream: Upstream,
+    /// Disposal rules by category.
+    pub rules: Arc<Rules>,
+    /// Timeouts and retries.
+    pub settings: Arc<Settings>,
+}
+
+/// Why a stage stopped the pipeline.
+#[derive(Debug)]
+enum Stop {
+    /// The bus failed: hand the job back, it is redone from the stored events.
+    Bus(anyhow::Error),
+    /// Another worker is writing this scan's events.
+    Superseded,
+    /// The scan failed for good.
+    Failed(Failure),
+}
+
+impl From<anyhow::Error> for Stop {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Bus(e)
+    }
+}
+
+/// A terminal failure of one scan.
+#[derive(Debug, Clone)]
+struct Failure {
+    code: &'static str,
+    message: String,
+    stage: ScanStage,
+    /// Worth a dead letter: retrying later might succeed (a provider was
+    /// down), unlike a corrupt image.
+    dead_letter: bool,
+}
+
+impl Failure {
+    fn input(code: &'static str, message: String, stage: ScanStage) -> Self {
+        Self {
+            code,
+            message,
+            stage,
+            dead_letter: false,
+        }
+    }
+}
+
+/// Codes whose failures go to the DLQ.
+fn dead_letters(code: &str) -> bool {
+    matches!(code, "vision_failed" | "answer_failed" | "internal")
+}
+
+/// The scan's event stream as this worker writes it.
+struct Events {
+    js: jetstream::Context,
+    subject: String,
+    run: u32,
+    next_id: u64,
+    /// Stream sequence of the subject's last message (0: none yet).
+    last_seq: u64,
+    /// Progress at or below this was reported by an earlier delivery of this run.
+    floor: u8,
+    /// True when earlier events exist, so the explanation must start with a reset.
+    has_history: bool,
+}
+
+/// The last stored event, if it ended this very run.
+#[allow(clippy::large_enum_variant)] // one per job, short-lived
+enum Opened {
+    Fresh(Events),
+    Finished(ScanEvent),
+}
+
+impl Events {
+    async fn open(js: &jetstream::Context, request: &ScanRequest) -> anyhow::Result<Opened> {
+        let subject = subject::scan_evt(&request.scan_id)?;
+        let stream = js.get_stream(bus::streams::SCAN_EVT).await?;
+        let mut events = Self {
+            js: js.clone(),
+            subject: subject.clone(),
+            run: request.reprocessed,
+            next_id: 1,
+            last_seq: 0,
+            floor: 0,
+            has_history: false,
+        };
+        let last = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Opened::Fresh(events));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let event: ScanEvent = serde_json::from_slice(&last.payload)
+            .with_context(|| format!("undecodable event on {subject}"))?;
+        let run = last
+            .headers
+            .get(RUN_HEADER)
+            .and_then(|v| v.as_str().parse::<u32>().ok())
+            .unwrap_or(0);
+        events.next_id = event.id + 1;
+        events.last_seq = last.sequence;
+        events.has_history = true;
+        if run == request.reprocessed {
+            if event.data.is_terminal() {
+                return Ok(Opened::Finished(event));
+            }
+            events.floor = match &event.data {
+                ScanEventData::Progress(p) => p.percent,
+                _ => 80,
+            };
+        }
+        Ok(Opened::Fresh(events))
+    }
+
+    async fn emit(&mut self, data: ScanEventData) -> Result<(), Stop> {
+        let event = ScanEvent {
+            id: self.next_id,
+            data,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(RUN_HEADER, self.run.to_string().as_str());
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(&event).expect("event serialises").into())
+            .headers(headers)
+            .expected_last_subject_sequence(self.last_seq);
+        let ack = self
+            .js
+            .send_publish(self.subject.clone(), publish)
+            .await
+            .context("publishing a scan event")?
+            .await;
+        match ack {
+            Ok(ack) => {
+                self.last_seq = ack.sequence;
+                self.next_id += 1;
+                Ok(())
+            }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(Stop::Superseded)
+            }
+            Err(e) => Err(Stop::Bus(
+                anyhow::Error::new(e).context("publishing a scan event"),
+            )),
+        }
+    }
+
+    async fn progress(
+        &mut self,
+        stage: ScanStage,
+        percent: u8,
+        message: String,
+    ) -> Result<(), Stop> {
+        if percent <= self.floor {
+            return Ok(());
+        }
+        self.emit(ScanEventData::Progress(ScanProgress {
+            stage,
+            percent,
+            message,
+            reset: false,
+        }))
+        .await
+    }
+
+    /// A notice that does not move the bar (a soft timeout).
+    async fn notice(&mut self, stage: ScanStage, percent: u8, message: String) -> Result<(), Stop> {
+        self.emit(ScanEventData::Progress(ScanProgress {
+            stage,
+            percent,
+            message,
+            reset: false,
+        }))
+        .await
+    }
+}
+
+/// What the hashing stage learnt.
+struct Hashed {
+    image: DynamicImage,
+    sha256: String,
+    phash: String,
+}
+
+impl ScanWorker {
+    /// Handles one delivery of a `scan.req.*` message, acking it once the
+    /// scan's outcome is stored, or handing it back when the bus failed.
+    pub async fn handle(&self, message: jetstream::Message) {
+        let deliveries = message.info().map(|i| i.delivered).unwrap_or(1) as u64;
+        let request: ScanRequest = match serde_json::from_slice(&message.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.poison(
+                    &message,
+                    &format!("undecodable scan request: {e}"),
+                    deliveries,
+                )
+                .await;
+                return;
+            }
+        };
+        if subject::token(&request.scan_id).is_err() || subject::token(&request.user_id).is_err() {
+            self.poison(&message, "scan request with an invalid id", deliveries)
+                .await;
+            return;
+        }
+        let span = tracing::info_span!("scan", scan = %request.scan_id, run = request.reprocessed);
+        let _enter = span.enter();
+        let alive = self.keep_alive(&message);
+        let outcome = AssertUnwindSafe(self.run(&request)).catch_unwind().await;
+        alive.abort();
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(_) => {
+                // A panic in a stage (a decoder bug on a hostile file, say)
+                // must not be redelivered until max_deliver: fail it once.
+                metrics::counter!("streamer_scan_panics_total").increment(1);
+                tracing::error!("The scan pipeline panicked; failing the scan.");
+                self.finish_failed(
+                    &request,
+                    None,
+                    Failure {
+                        code: "internal",
+                        message: "the pipeline failed unexpectedly".into(),
+                        stage: ScanStage::Done,
+                        dead_letter: true,
+                    },
+                    deliveries,
+                )
+                .await
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                if let Err(error) = message.double_ack().await {
+                    tracing::warn!(%error, "Ack of a finished scan failed; it will be redelivered and found finished.");
+                }
+            }
+            Err(Stop::Superseded) => {
+                tracing::warn!("Another worker is writing this scan; leaving it to them.");
+            }
+            Err(Stop::Bus(error)) => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "Scan failed on the bus; handing it back."
+                );
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+            Err(Stop::Failed(_)) => unreachable!("failures are finished inside run"),
+        }
+    }
+
+    /// Tells JetStream the job is alive while a long stage runs.
+    fn keep_alive(&self, message: &jetstream::Message) -> tokio::task::JoinHandle<()> {
+        let every = self.settings.progress_every;
+        let client = self.client.clone();
+        let reply = message.reply.clone();
+        tokio::spawn(async move {
+            let Some(reply) = reply else { return };
+            loop {
+                tokio::time::sleep(every).await;
+                let _ = client.publish(reply.clone(), "+WPI".into()).await;
+            }
+        })
+    }
+
+    async fn run(&self, request: &ScanRequest) -> Result<(), Stop> {
+        let mut events = match Events::open(&self.js, request).await? {
+            Opened::Finished(last) => return self.refinish(request, last).await,
+            Opened::Fresh(events) => events,
+        };
+        match self.pipeline(request, &mut events).await {
+            Ok(record) => {
+                self.publish_done(&record, request.reprocessed).await?;
+                if !record.cached {
+                    self.remember(&record, &request.lang).await;
+                }
+                metrics::counter!("streamer_scans_total", "status" => "done", "cached" => record.cached.to_string())
+                    .increment(1);
+                Ok(())
+            }
+            Err(Stop::Failed(failure)) => {
+                let attempts = u64::from(self.settings.max_attempts);
+                self.finish_failed(request, Some(&mut events), failure, attempts)
+                    .await
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The run already ended (its terminal event is stored) but the job was
+    /// not acked: make sure the record and dead letter are out, then ack.
+    async fn refinish(&self, request: &ScanRequest, last: ScanEvent) -> Result<(), Stop> {
+        match last.data {
+            ScanEventData::Result(record) => self.publish_done(&record, request.reprocessed).await,
+            ScanEventData::Error(error) => {
+                let failure = Failure {
+                    dead_letter: dead_letters(&error.code),
+                    code: "internal",
+                    message: error.message,
+                    stage: error.stage.unwrap_or(ScanStage::Done),
+                };
+                let record = failed_record(request, &failure);
+                self.publish_done(&record, request.reprocessed).await?;
+                if failure.dead_letter {
+                    self.dead_letter(request, &failure, u64::from(self.settings.max_attempts))
+                        .await?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn finish_failed(
+        &self,
+        request: &ScanRequest,
+        events: Option<&mut Events>,
+        failure: Failure,
+        attempts: u64,
+    ) -> Result<(), Stop> {
+        tracing::warn!(code = failure.code, error = %failure.message, "Scan failed.");
+        metrics::counter!("streamer_scans_total", "status" => "failed", "cached" => "false")
+            .increment(1);
+        let error = ScanEventData::Error(ScanError {
+            code: failure.code.into(),
+            message: failure.message.clone(),
+            stage: Some(failure.stage),
+        });
+        match events {
+            Some(events) => events.emit(error).await?,
+            None => {
+                let mut events = match Events::open(&self.js, request).await? {
+                    Opened::Finished(_) => return Ok(()),
+                    Opened::Fresh(events) => events,
+                };
+                events.emit(error).await?;
+            }
+        }
+        let record = failed_record(request, &failure);
+        self.publish_done(&record, request.reprocessed).await?;
+        if failure.dead_letter {
+            self.dead_letter(request, &failure, attempts).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_done(&self, record: &ScanRecord, run: u32) -> Result<(), Stop> {
+        let subject = subject::scan_done(&record.scan_id).context("scan id")?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(
+                serde_json::to_vec(record)
+                    .expect("record serialises")
+                    .into(),
+            )
+            .message_id(format!("{}:{run}", record.scan_id));
+        self.js
+            .send_publish(subject, publish)
+            .await
+            .context("publishing the scan record")?
+            .await
+            .context("publishing the scan record")?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        request: &ScanRequest,
+        failure: &Failure,
+        attempts: u64,
+    ) -> Result<(), Stop> {
+        let letter = DeadLetter {
+            subject: subject::scan_req(&request.scan_id).context("scan id")?,
+            error: format!("{}: {}", failure.code, failure.message),
+            deliveries: attempts,
+            payload: serde_json::to_string(request).expect("request serialises"),
+            failed_at: Utc::now(),
+        };
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(
+                serde_json::to_vec(&letter)
+                    .expect("letter serialises")
+                    .into(),
+            )
+            .message_id(format!("dlq:{}:{}", request.scan_id, request.reprocessed));
+        self.js
+            .send_publish(subject::dlq(DLQ_KIND).expect("static kind"), publish)
+            .await
+            .context("publishing the dead letter")?
+            .await
+            .context("publishing the dead letter")?;
+        metrics::counter!("streamer_scan_dead_letters_total").increment(1);
+        Ok(())
+    }
+
+    async fn poison(&self, message: &jetstream::Message, error: &str, deliveries: u64) {
+        tracing::warn!(subject = %message.subject, error, "Poison scan request; terminating it.");
+        let letter = DeadLetter {
+            subject: message.subject.to_string(),
+            error: error.to_owned(),
+            deliveries,
+            payload: String::from_utf8_lossy(&message.payload).into_owned(),
+            failed_at: Utc::now(),
+        };
+        let body = serde_json::to_vec(&letter).expect("letter serialises");
+        let stored = match self
+            .js
+            .publish(subject::dlq(DLQ_KIND).expect("static kind"), body.into())
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        let kind = if stored {
+            AckKind::Term
+        } else {
+            AckKind::Nak(Some(Duration::from_secs(5)))
+        };
+        let _ = message.ack_with(kind).await;
+    }
+
+    /// Stores a fresh result under its perceptual hash. A failure only costs
+    /// a future cache miss.
+    async fn remember(&self, record: &ScanRecord, lang: &str) {
+        let Some(phash) = &record.phash else { return };
+        let key = cache_key(phash, lang);
+        match serde_json::to_vec(record) {
+            Ok(value) => {
+                if let Err(error) = self.cache.put(&key, value.into()).await {
+                    tracing::warn!(%error, "Caching the scan result failed.");
+                }
+            }
+            Err(error) => tracing::warn!(%error, "Cannot encode the scan result for the cache."),
+        }
+    }
+
+    async fn cached(&self, phash: &str, lang: &str) -> Option<ScanRecord> {
+        match self.cache.get(cache_key(phash, lang)).await {
+            Ok(Some(value)) => serde_json::from_slice(&value).ok(),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::warn!(%error, "Scan cache lookup failed; computing afresh.");
+                None
+            }
+        }
+    }
+
+    async fn pipeline(
+        &self,
+        request: &ScanRequest,
+        events: &mut Events,
+    ) -> Result<ScanRecord, Stop> {
+        let bytes = self.fetch(request).await?;
+        events
+            .progress(
+                ScanStage::Stored,
+                10,
+                format!(
+                    "Image received ({} KB, {} x {}).",
+                    bytes.len().div_ceil(1024),
+                    request.width,
+                    request.height
+                ),
+            )
+            .await?;
+
+        let hashed = blocking(move || hash(&bytes)).await?;
+        events
+            .progress(
+                ScanStage::Hashed,
+                20,
+                format!("Fingerprint {}.", hashed.phash),
+            )
+            .await?;
+        if let Some(earlier) = self.cached(&hashed.phash, &request.lang).await {
+            let record = ScanRecord {
+                scan_id: request.scan_id.clone(),
+                user_id: request.user_id.clone(),
+                sha256: Some(hashed.sha256),
+                cached: true,
+                created_at: request.created_at,
+                completed_at: Some(Utc::now()),
+                ..earlier
+            };
+            events
+                .progress(
+                    ScanStage::CacheHit,
+                    100,
+                    "The same item was scanned before; using that result.".into(),
+                )
+                .await?;
+            return self.finish(events, record).await;
+        }
+
+        let image = hashed.image;
+        let prepared = blocking(move || prepare(image)).await?;
+        events
+            .progress(
+                ScanStage::Preprocessed,
+                30,
+                format!(
+                    "Prepared a {} x {} image.",
+                    prepared.rgb.width(),
+                    prepared.rgb.height()
+                ),
+            )
+            .await?;
+
+        events
+            .progress(ScanStage::Vision, 50, "Looking at the item.".into())
+            .await?;
+        let seen = self.classify(&prepared, events).await?;
+        let rule = self.rules.for_category(&seen.category).clone();
+        events
+            .progress(
+                ScanStage::Vision,
+                60,
+                format!(
+                    "Looks like {} ({:.0} %).",
+                    rule.name.en,
+                    seen.confidence * 100.0
+                ),
+            )
+            .await?;
+        events
+            .progress(
+                ScanStage::Rules,
+                70,
+                format!("Goes to: {}.", localized(&rule.bin, &request.lang)),
+            )
+            .await?;
+
+        let answer = self.explain(request, &seen, &rule, events).await?;
+        events
+            .progress(ScanStage::Answer, 90, "Explanation written.".into())
+            .await?;
+        let record = ScanRecord {
+            scan_id: request.scan_id.clone(),
+            user_id: request.user_id.clone(),
+            status: ScanStatus::Done,
+            category: Some(seen.category),
+            confidence: Some(seen.confidence),
+            labels: seen.labels,
+            vision_model: Some(seen.model),
+            phash: Some(hashed.phash),
+            sha256: Some(hashed.sha256),
+            rule: Some(rule),
+            answer: Some(answer),
+            cached: false,
+            error: None,
+            created_at: request.created_at,
+            completed_at: Some(Utc::now()),
+        };
+        self.finish(events, record).await
+    }
+
+    async fn finish(&self, events: &mut Events, record: ScanRecord) -> Result<ScanRecord, Stop> {
+        events
+            .progress(ScanStage::Done, 100, "Done.".into())
+            .await?;
+        events
+            .emit(ScanEventData::Result(Box::new(record.clone())))
+            .await?;
+        Ok(record)
+    }
+
+    async fn fetch(&self, request: &ScanRequest) -> Result<Vec<u8>, Stop> {
+        let mut object = match self.images.get(&request.object).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
+                return Err(Stop::Failed(Failure::input(
+                    "image_missing",
+                    "the uploaded image is no longer stored".into(),
+                    ScanStage::Stored,
+                )));
+            }
+            Err(e) => {
+                return Err(Stop::Bus(
+                    anyhow::Error::new(e).context("reading the image"),
+                ));
+            }
+        };
+        let mut bytes = Vec::with_capacity(request.bytes as usize);
+        object
+            .read_to_end(&mut bytes)
+            .await
+            .context("reading the image")?;
+        Ok(bytes)
+    }
+
+    async fn classify(
+        &self,
+        image: &PreparedImage,
+        events: &mut Events,
+    ) -> Result<Classification, Stop> {
+        let s = &self.settings;
+        let mut last_error = String::new();
+        for attempt in 0..s.max_attempts {
+            if attempt > 0 {
+                tokio::time::sleep(retry_delay(s.retry_base, attempt)).await;
+            }
+            let started = tokio::time::Instant::now();
+            let mut call = self.vision.classify(image);
+            let outcome = tokio::select! {
+                outcome = &mut call => Some(outcome),
+                _ = tokio::time::sleep(s.vision_soft) => None,
+            };
+            let outcome = match outcome {
+                Some(outcome) => Some(outcome),
+                None => {
+                    events
+                        .notice(
+                            ScanStage::Vision,
+                            50,
+                            "Still looking; this takes longer than usual.".into(),
+                        )
+                        .await?;
+                    let left = s.vision_hard.saturating_sub(started.elapsed());
+                    tokio::time::timeout(left, call).await.ok()
+                }
+            };
+            metrics::histogram!("streamer_scan_vision_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match outcome {
+                Some(Ok(seen)) => return Ok(seen),
+                Some(Err(e)) if !e.retryable => {
+                    return Err(Stop::Failed(Failure {
+                        code: "vision_failed",
+                        message: e.message,
+                        stage: ScanStage::Vision,
+                        dead_letter: true,
+                    }));
+                }
+                Some(Err(e)) => last_error = e.message,
+                None => last_error = format!("no answer within {:?}", s.vision_hard),
+            }
+            metrics::counter!("streamer_scan_retries_total", "stage" => "vision").increment(1);
+            tracing::warn!(attempt, error = %last_error, "Vision attempt failed.");
+        }
+        Err(Stop::Failed(Failure {
+            code: "vision_failed",
+            message: format!(
+                "the image model failed {} times; last: {last_error}",
+                s.max_attempts
+            ),
+            stage: ScanStage::Vision,
+            dead_letter: true,
+        }))
+    }
+
+    async fn explain(
+        &self,
+        request: &ScanRequest,
+        seen: &Classification,
+        rule: &DisposalRule,
+        events: &mut Events,
+    ) -> Result<String, Stop> {
+        let s = &self.settings;
+        let prompt = upstream::Request {
+            messages: answer_prompt(seen, rule, &request.lang),
+            model: None,
+            max_tokens: s.max_tokens,
+            temperature: Some(0.3),
+        };
+        let mut last_error = String::new();
+        for attempt in 0..s.max_attempts {
+            if attempt > 0 {
+                tokio::time::sleep(retry_delay(s.retry_base, attempt)).await;
+            }
+            // Earlier events may hold explanation text (a dead worker, an
+            // earlier attempt, an earlier run): clients drop it on reset.
+            let reset = events.has_history || attempt > 0;
+            events
+                .emit(ScanEventData::Progress(ScanProgress {
+                    stage: ScanStage::Answer,
+                    percent: 80,
+                    message: if reset {
+                        "Writing the explanation again.".into()
+                    } else {
+                        "Writing the explanation.".into()
+                    },
+                    reset,
+                }))
+                .await?;
+            events.has_history = true;
+            match self.stream_answer(&prompt, events).await {
+                Ok(text) if !text.trim().is_empty() => return Ok(text),
+                Ok(_) => last_error = "the model wrote nothing".into(),
+                Err(Stop::Failed(f)) => last_error = f.message,
+                Err(other) => return Err(other),
+            }
+            metrics::counter!("streamer_scan_retries_total", "stage" => "answer").increment(1);
+            tracing::warn!(attempt, error = %last_error, "Answer attempt failed.");
+        }
+        Err(Stop::Failed(Failure {
+            code: "answer_failed",
+            message: format!(
+                "the language model failed {} times; last: {last_error}",
+                s.max_attempts
+            ),
+            stage: ScanStage::Answer,
+            dead_letter: true,
+        }))
+    }
+
+    /// One attempt at the explanation; `Failed` means retry.
+    async fn stream_answer(
+        &self,
+        prompt: &upstream::Request,
+        events: &mut Events,
+    ) -> Result<String, Stop> {
+        let s = &self.settings;
+        let failed = |message: String| {
+            Stop::Failed(Failure {
+                code: "answer_failed",
+                message,
+                stage: ScanStage::Answer,
+                dead_letter: true,
+            })
+        };
+        let hard = tokio::time::sleep(s.answer_hard);
+        let soft = tokio::time::sleep(s.answer_soft);
+        tokio::pin!(hard, soft);
+        let mut soft_sent = false;
+        let open = self.upstream.stream(prompt);
+        let mut stream = tokio::select! {
+            opened = open => opened.map_err(|e| failed(e.to_string()))?,
+            _ = &mut hard => return Err(failed(format!("no answer within {:?}", s.answer_hard))),
+        };
+        let mut text = String::new();
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = &mut hard => return Err(failed(format!("the answer took longer than {:?}", s.answer_hard))),
+                _ = &mut soft, if !soft_sent => {
+                    soft_sent = true;
+                    events.notice(ScanStage::Answer, 80, "Still writing; this takes longer than usual.".into()).await?;
+                    continue;
+                }
+            };
+            match next {
+                None => return Ok(text),
+                Some(Ok(upstream::Event::Delta(delta))) => {
+                    text.push_str(&delta);
+                    events.emit(ScanEventData::Token { delta }).await?;
+                }
+                Some(Ok(upstream::Event::Finish(_))) => {}
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(failed(e.to_string())),
+            }
+        }
+    }
+}
+
+fn cache_key(phash: &str, lang: &str) -> String {
+    format!("{phash}_{lang}")
+}
+
+fn localized<'a>(text: &'a bus::wire::Localized, lang: &str) -> &'a str {
+    if lang == "ko" { &text.ko } else { &text.en }
+}
+
+fn failed_record(request: &ScanRequest, failure: &Failure) -> ScanRecord {
+    ScanRecord {
+        scan_id: request.scan_id.clone(),
+        user_id: request.user_id.clone(),
+        status: ScanStatus::Failed,
+        category: None,
+        confidence: None,
+        labels: Vec::new(),
+        vision_model: None,
+        phash: None,
+        sha256: None,
+        rule: None,
+        answer: None,
+        cached: false,
+        error: Some(format!("{}: {}", failure.code, failure.message)),
+        created_at: request.created_at,
+        completed_at: Some(Utc::now()),
+    }
+}
+
+fn retry_delay(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1 << attempt.min(10));
+    let jitter = rand::rng().random_range(0.5..=1.0);
+    ceiling.mul_f64(jitter)
+}
+
+/// Runs CPU-bound work off the async threads; a panic inside becomes a
+/// failed scan rather than a crashed worker.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Failure> + Send + 'static,
+) -> Result<T, Stop> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(failure)) => Err(Stop::Failed(failure)),
+        Err(e) => Err(Stop::Failed(Failure {
+            code: "internal",
+            message: format!("image processing failed: {e}"),
+            stage: ScanStage::Preprocessed,
+            dead_letter: true,
+        })),
+    }
+}
+
+/// Decodes (honouring EXIF orientation) and fingerprints the upload.
+fn hash(bytes: &[u8]) -> Result<Hashed, Failure> {
+    let corrupt = |e: image::ImageError| {
+        Failure::input(
+            "corrupt_image",
+            format!("the image cannot be decoded: {e}"),
+            ScanStage::Hashed,
+        )
+    };
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| corrupt(image::ImageError::IoError(e)))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(512 * 1024 * 1024);
+    limits.max_image_width = Some(20_000);
+    limits.max_image_height = Some(20_000);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    image.apply_orientation(orientation);
+    let sha256 = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let phash = phash(&image);
+    Ok(Hashed {
+        image,
+        sha256,
+        phash,
+    })
+}
+
+/// Shrinks to at most [`MAX_SIDE`] and encodes the JPEG providers take.
+fn prepare(image: DynamicImage) -> Result<PreparedImage, Failure> {
+    let image = if image.width().max(image.height()) > MAX_SIDE {
+        image.resize(MAX_SIDE, MAX_SIDE, FilterType::Triangle)
+    } else {
+        image
+    };
+    let rgb = image.to_rgb8();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
+        .encode_image(&rgb)
+        .map_err(|e| Failure {
+            code: "internal",
+            message: format!("cannot encode the prepared image: {e}"),
+            stage: ScanStage::Preprocessed,
+            dead_letter: true,
+        })?;
+    Ok(PreparedImage {
+        rgb: Arc::new(rgb),
+        jpeg: jpeg.into(),
+    })
+}
+
+fn answer_prompt(seen: &Classification, rule: &DisposalRule, lang: &str) -> Vec<ChatMessage> {
+    let language = if lang == "ko" { "Korean" } else { "English" };
+    let steps: Vec<String> = rule
+        .steps
+        .iter()
+        .map(|s| format!("- {}", localized(s, lang)))
+        .collect();
+    let seen_as: Vec<String> = seen
+        .labels
+        .iter()
+        .map(|l| format!("{} ({:.0} %)", l.label, l.score * 100.0))
+        .collect();
+    let system = format!(
+        "You are a recycling assistant in Korea. In {language}, in at most five short sentences, \
+         tell the user how to dispose of the item and why, following the rule given. \
+         If the category is unknown, say that the item was not recognised and what to check."
+    );
+    let user = format!(
+        "Category: {} ({:.0} % confidence). The image model saw: {}.\nBin: {}\nSteps:\n{}\nWhy: {}",
+        localized(&rule.name, lang),
+        seen.confidence * 100.0,
+        if seen_as.is_empty() {
+            "-".into()
+        } else {
+            seen_as.join(", ")
+        },
+        localized(&rule.bin, lang),
+        steps.join("\n"),
+        localized(&rule.why, lang),
+    );
+    vec![
+        ChatMessage {
+            role: "system".into(),
+            content: system,
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: user,
+        },
+    ]
+}
+
+/// What one DLQ pass did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct ReprocessReport {
+    /// Scans sent back to the pipeline.
+    pub requeued: Vec<String>,
+    /// Scans archived after [`MAX_REPROCESS`] passes.
+    pub archived: Vec<String>,
+    /// Dead letters that could not be read (kept, terminated).
+    pub unreadable: usize,
+}
+
+/// Sends at most `limit` failed scans from `dlq.scan` back to the pipeline
+/// (one more `reprocessed`), archiving those already reprocessed
+/// [`MAX_REPROCESS`] times on `dlq.scan_archive`.
+///
+/// # Errors
+/// When the DLQ consumer cannot be read or a publish fails (the letter then
+/// stays for the next pass).
+pub async fn reprocess_dead_letters(
+    js: &jetstream::Context,
+    limit: usize,
+) -> anyhow::Result<ReprocessReport> {
+    let consumer = bus::streams::STREAMER_DLQ_SCAN.ensure(js).await?;
+    let mut batch = consumer
+        .fetch()
+        .max_messages(limit.max(1))
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .context("cannot read the DLQ")?;
+    let mut report = ReprocessReport::default();
+    while let Some(message) = batch.next().await {
+        let message = message.map_err(|e| anyhow::anyhow!(e))?;
+        let parsed = serde_json::from_slice::<DeadLetter>(&message.payload)
+            .ok()
+            .and_then(|l| Some((serde_json::from_str::<ScanRequest>(&l.payload).ok()?, l)));
+        let Some((mut request, letter)) = parsed else {
+            report.unreadable += 1;
+            let _ = message.ack_with(AckKind::Term).await;
+            continue;
+        };
+        if request.reprocessed >= MAX_REPROCESS {
+            let archived = DeadLetter {
+                error: format!(
+                    "archived after {MAX_REPROCESS} reprocess passes; last: {}",
+                    letter.error
+                ),
+                failed_at: Utc::now(),
+                ..letter
+            };
+            js.publish(
+                subject::dlq(DLQ_ARCHIVE_KIND).expect("static kind"),
+                serde_json::to_vec(&archived)?.into(),
+            )
+            .await?
+            .await?;
+            report.archived.push(request.scan_id);
+        } else {
+            request.reprocessed += 1;
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(serde_json::to_vec(&request)?.into())
+                .message_id(format!("{}:r{}", request.scan_id, request.reprocessed));
+            js.send_publish(subject::scan_req(&request.scan_id)?, publish)
+                .await?
+                .await?;
+            report.requeued.push(request.scan_id);
+        }
+        message.double_ack().await.map_err(|e| anyhow::anyhow!(e))?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG with an EXIF APP1 segment saying "rotate 90 degrees clockwise".
+    fn jpeg_with_orientation(width: u32, height: u32, orientation: u8) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageRgb8(image::RgbImage::new(width, height))
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        let mut exif = b"Exif\0\0II\x2a\x00\x08\x00\x00\x00\x01\x00".to_vec();
+        exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, orientation, 0, 0, 0]);
+        exif.extend_from_slice(&[0, 0, 0, 0]);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&exif);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_before_hashing() {
+        let upright = hash(&jpeg_with_orientation(40, 16, 1)).unwrap();
+        assert_eq!((upright.image.width(), upright.image.height()), (40, 16));
+        let rotated = hash(&jpeg_with_orientation(40, 16, 6)).unwrap();
+        assert_eq!((rotated.image.width(), rotated.image.height()), (16, 40));
+        assert_eq!(rotated.sha256.len(), 64);
+    }
+
+    #[test]
+    fn large_images_shrink_to_the_vision_size_keeping_their_shape() {
+        let big = DynamicImage::ImageRgb8(image::RgbImage::new(3000, 1500));
+        let prepared = prepare(big).unwrap();
+        assert_eq!((prepared.rgb.width(), prepared.rgb.height()), (1024, 512));
+        assert!(image::load_from_memory(&prepared.jpeg).is_ok());
+    }
+
+    #[test]
+    fn corrupt_bytes_fail_as_input_errors_without_a_dead_letter() {
+        let failure = hash(b"\xFF\xD8\xFF\xE0garbage").err().unwrap();
+        assert_eq!(failure.code, "corrupt_image");
+        assert!(!failure.dead_letter);
+    }
+
+    #[test]
+    fn retry_delays_grow() {
+        let base = Duration::from_millis(100);
+        assert!(retry_delay(base, 1) <= Duration::from_millis(200));
+        assert!(retry_delay(base, 3) >= Duration::from_millis(400));
+    }
+}
