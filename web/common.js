@@ -62,6 +62,7 @@ const Auth = {
     $("whoami").textContent = t("signedInAs", { user: this.user });
     $("whoami").dataset.user = this.user;
     $("signout").hidden = false;
+    setStatus(null);
     this.onSignedIn();
   },
   /** Drops the token and shows the sign-in forms with `message`, if any. */
@@ -84,9 +85,9 @@ const Auth = {
 /** The connection status in the header (a polite live region). */
 function setStatus(key, kind = "") {
   const status = $("status");
-  status.dataset.key = key;
+  status.dataset.key = key || "";
   status.dataset.kind = kind;
-  status.textContent = t(key);
+  status.textContent = key ? t(key) : "";
 }
 
 /** fetch with the bearer token; JSON in and out; throws ApiError. */

@@ -26,6 +26,7 @@ function saveJob() {
 function closeStream() {
   if (scan.es) scan.es.close();
   scan.es = null;
+  if ($("status").dataset.key !== "status.signedOut") setStatus(null);
 }
 
 // ---- progress ----------------------------------------------------------------
@@ -106,10 +107,11 @@ function follow() {
   es.addEventListener("result", handle(onResult));
   es.addEventListener("error", (event) => {
     if (event.data !== undefined) { handle(onScanError)(event); return; } // the scan's own `error` event
-    if (es.readyState === EventSource.CLOSED) lostStream(); // refused (401, 404, ...): no retry
-    else $("stage-status").textContent = t("scan.reconnecting");
+    if (es.readyState === EventSource.CLOSED) { setStatus(null); lostStream(); return; } // refused (401, 404, ...): no retry
+    setStatus("status.reconnecting", "warn");
+    $("stage-status").textContent = t("scan.reconnecting");
   });
-  es.addEventListener("open", () => renderStages());
+  es.addEventListener("open", () => { setStatus("status.connected", "ok"); renderStages(); });
 }
 
 function onProgress(data) {

@@ -4,7 +4,7 @@
 //   BASE_URL         the gateway (serves web/)
 //   EXPECTED_ANSWER  the stand-in LLM's scripted answer, in full
 //   PASTE_TOKEN      a valid JWT for the pasted-token sign-in
-//   SCAN_IMAGE       an image file to scan
+//   SCAN_IMAGE, SCAN_IMAGE_2  two different image files to scan
 //   SCREENSHOT_DIR   where UPDATE_SCREENSHOTS=1 writes the screenshots
 // Server-side actions are asked for with `@@control <what>` on stdout; the
 // Rust side does it and answers `ok` on stdin.
@@ -79,13 +79,14 @@ async function newPage(t) {
   return page;
 }
 
-async function screenshot(page, name) {
+async function screenshot(page, name, { fullPage = false } = {}) {
   if (!SHOTS) return;
   mkdirSync(SHOTS, { recursive: true });
   for (const [size, viewport] of [["desktop", DESKTOP], ["phone", PHONE]]) {
     await page.setViewportSize(viewport);
+    if (fullPage) await page.evaluate(() => window.scrollTo(0, 0));
     await page.waitForTimeout(150);
-    await page.screenshot({ path: join(SHOTS, `${name}-${size}.png`), fullPage: false });
+    await page.screenshot({ path: join(SHOTS, `${name}-${size}.png`), fullPage });
   }
   await page.setViewportSize(DESKTOP);
 }
@@ -332,5 +333,63 @@ test("scan: upload a photo, progress reaches 100 %, the explanation streams and 
   // Listed in past scans (GET /v1/scans), newest first.
   await page.locator(`#scans button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
   assert.equal(await page.getAttribute("#scans li:first-child button", "data-scan"), scanId);
-  await screenshot(page, "scan");
+  await screenshot(page, "scan", { fullPage: true });
+});
+
+/** Uploads `file` on the scan page and returns the new scan's id. */
+async function uploadScan(page, file) {
+  const upload = page.waitForResponse((r) => r.url().endsWith("/v1/scans") && r.request().method() === "POST");
+  await page.setInputFiles("#file", file);
+  const response = await upload;
+  assert.equal(response.status(), 202, `POST /v1/scans answered ${response.status()}`);
+  return (await response.json()).scan_id;
+}
+
+test("scan: the gateway SIGKILLed mid-scan; EventSource resumes after the last event id and nothing shows twice", async (t) => {
+  const page = await newPage(t);
+  await devLogin(page, "frank", "/scan.html");
+  await page.evaluate(() => {
+    window.texts = [];
+    window.statusLog = [];
+    new MutationObserver(() => window.texts.push(document.getElementById("explanation").textContent))
+      .observe(document.getElementById("explanation"), { childList: true, characterData: true, subtree: true });
+    new MutationObserver(() => window.statusLog.push(document.getElementById("status").dataset.key))
+      .observe(document.getElementById("status"), { childList: true, characterData: true, subtree: true });
+  });
+  const scanId = await uploadScan(page, process.env.SCAN_IMAGE_2);
+  // Kill while the explanation is being written.
+  await page.waitForFunction(() => document.getElementById("explanation").textContent.length > 0, null, { timeout: 60000 });
+  await control("kill-gateway");
+  await page.locator("#result").waitFor({ state: "visible", timeout: 60000 });
+  const texts = await page.evaluate(() => window.texts);
+  for (const text of texts) assert.ok(EXPECTED.startsWith(text), `every explanation shown is a prefix of the answer: ${JSON.stringify(text)}`);
+  assert.equal(await page.textContent("#explanation"), EXPECTED);
+  assert.equal(await page.locator("#scan-error").textContent(), "");
+  assert.equal(await page.evaluate(() => document.getElementById("progress").value), 100);
+  const log = await page.evaluate(() => window.statusLog);
+  const lost = log.indexOf("status.reconnecting");
+  assert.ok(lost >= 0, `the page saw the stream drop: ${log}`);
+  assert.ok(log.indexOf("status.connected", lost) > lost, `and reconnected: ${log}`);
+  await page.locator(`#scans button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
+});
+
+test("scan: the same photo again is answered from the cache, and a past scan opens from the list", async (t) => {
+  const page = await newPage(t);
+  await devLogin(page, "erin", "/scan.html");
+  await page.locator("#scans li").first().waitFor(); // erin's first scan is listed
+  const scanId = await uploadScan(page, process.env.SCAN_IMAGE);
+  await page.locator("#result").waitFor({ state: "visible", timeout: 60000 });
+  assert.equal(await page.isVisible("#r-cached"), true, "marked as from the cache");
+  assert.equal(await page.getAttribute('#stages li[data-stage="cache_hit"]', "data-state"), "done");
+  assert.equal(await page.getAttribute('#stages li[data-stage="vision"]', "data-state"), "skipped");
+  assert.ok((await page.textContent("#r-bin")).trim().length > 0);
+  await page.locator(`#scans button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
+  // Open the older one from the list.
+  const older = page.locator("#scans li:nth-child(2) button");
+  const olderId = await older.getAttribute("data-scan");
+  assert.notEqual(olderId, scanId);
+  await older.click();
+  assert.equal(await page.isVisible("#result"), true);
+  assert.equal(await page.isVisible("#r-cached"), false, "the older scan was not from the cache");
+  assert.equal(await page.evaluate(() => document.activeElement.id), "result");
 });

@@ -36,38 +36,29 @@ fn answer_tokens() -> Vec<String> {
         .collect()
 }
 
-/// A scan fixture image if the repository has one, else a PNG made here.
-fn scan_image(dir: &Path) -> std::path::PathBuf {
+/// Two different photos to scan: the repository's fixtures when it has them
+/// (the coffee cup first: it maps to a waste category), else PNGs made here.
+fn scan_images(dir: &Path) -> [std::path::PathBuf; 2] {
     let fixtures = testkit::project_root().join("streamer/tests/fixtures/images");
-    if let Ok(entries) = std::fs::read_dir(&fixtures) {
-        let mut images: Vec<_> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("jpg" | "jpeg" | "png" | "webp")
-                )
-            })
-            .collect();
-        images.sort();
-        if let Some(first) = images.into_iter().next() {
-            return first;
-        }
+    let (coffee, rocket) = (fixtures.join("coffee.jpg"), fixtures.join("rocket.jpg"));
+    if coffee.exists() && rocket.exists() {
+        return [coffee, rocket];
     }
-    let path = dir.join("bottle.png");
-    let image = image::RgbImage::from_fn(96, 160, |x, y| {
-        // A green bottle-like shape on white.
-        let neck = (40..56).contains(&x) && y < 50;
-        let body = (24..72).contains(&x) && (50..150).contains(&y);
-        if neck || body {
-            image::Rgb([30, 120 + (y % 40) as u8, 60])
-        } else {
-            image::Rgb([250, 250, 250])
-        }
-    });
-    image.save(&path).expect("test PNG written");
-    path
+    [0u8, 1].map(|n| {
+        let path = dir.join(format!("made-{n}.png"));
+        let image = image::RgbImage::from_fn(96, 160, |x, y| {
+            // A bottle-like shape on white, green or brown.
+            let neck = (40..56).contains(&x) && y < 50;
+            let body = (24..72).contains(&x) && (50..150).contains(&y);
+            match (neck || body, n) {
+                (true, 0) => image::Rgb([30, 120 + (y % 40) as u8, 60]),
+                (true, _) => image::Rgb([120 + (x % 40) as u8, 70, 20]),
+                (false, _) => image::Rgb([250, 250, 250]),
+            }
+        });
+        image.save(&path).expect("test PNG written");
+        path
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +135,7 @@ async fn the_web_pages_work_in_headless_chromium() {
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
 
-    let image = scan_image(data.path());
+    let [image, image2] = scan_images(data.path());
     let mut node = tokio::process::Command::new("node")
         .arg(root.join("webtest/run.mjs"))
         .current_dir(root.join("webtest"))
@@ -152,6 +143,7 @@ async fn the_web_pages_work_in_headless_chromium() {
         .env("EXPECTED_ANSWER", tokens.concat())
         .env("PASTE_TOKEN", token_for("pasted-user"))
         .env("SCAN_IMAGE", &image)
+        .env("SCAN_IMAGE_2", &image2)
         .env("SCREENSHOT_DIR", root.join("docs/screenshots"))
         .env("CHROMIUM", CHROMIUM)
         .stdin(Stdio::piped())
