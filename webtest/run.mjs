@@ -4,6 +4,7 @@
 //   BASE_URL         the gateway (serves web/)
 //   EXPECTED_ANSWER  the stand-in LLM's scripted answer, in full
 //   PASTE_TOKEN      a valid JWT for the pasted-token sign-in
+//   BASE_URL_NO_DEV_LOGIN  a second gateway, without dev login
 //   SCAN_IMAGE, SCAN_IMAGE_2  two different image files to scan
 //   SCREENSHOT_DIR   where UPDATE_SCREENSHOTS=1 writes the screenshots
 // Server-side actions are asked for with `@@control <what>` on stdout; the
@@ -17,6 +18,7 @@ import readline from "node:readline";
 import { chromium } from "playwright-core";
 
 const BASE = process.env.BASE_URL;
+const PLAIN = process.env.BASE_URL_NO_DEV_LOGIN;
 const EXPECTED = process.env.EXPECTED_ANSWER;
 const SHOTS = process.env.UPDATE_SCREENSHOTS === "1" ? process.env.SCREENSHOT_DIR : null;
 assert.ok(BASE && EXPECTED, "BASE_URL and EXPECTED_ANSWER are set (run through cargo test -p e2e --test browser)");
@@ -182,6 +184,10 @@ test("chat: dev login, an answer streams in token by token and lands in the conv
   assert.equal(await finished(page), EXPECTED);
   assert.equal(await assistant(page).count(), 2);
   await screenshot(page, "chat");
+  await page.selectOption("#lang", "ko");
+  assert.equal(await page.textContent("#new"), "새 대화");
+  await screenshot(page, "chat-ko");
+  await page.selectOption("#lang", "en");
   await page.click("#new");
   assert.equal(await page.locator("#log li").count(), 0);
   assert.equal(await page.evaluate(() => document.activeElement.id), "message", "focus goes to the message box");
@@ -250,9 +256,12 @@ test("chat: Stop sends cancel and the answer ends as stopped", async (t) => {
   assert.equal(await page.isDisabled("#stop"), true);
 });
 
-test("sign-in with a pasted JWT; a bad token and an oversized message get plain words; Korean switch", async (t) => {
+test("without dev login: sign-in with a pasted JWT; a bad token and an oversized message get plain words; Korean switch", async (t) => {
   const page = await newPage(t);
-  await page.goto(BASE + "/");
+  await page.goto(PLAIN + "/");
+  await page.locator("#token-login").waitFor({ state: "visible" });
+  await page.waitForFunction(() => document.activeElement.id === "token");
+  assert.equal(await page.isVisible("#dev-login"), false, "no dev login form when the server has none");
   await page.fill("#token", "not.a.token");
   await page.click("#token-login button[type=submit]");
   await page.waitForFunction(() => /not valid/.test(document.getElementById("signin-error").textContent));
@@ -280,7 +289,7 @@ test("sign-in with a pasted JWT; a bad token and an oversized message get plain 
   assert.equal(await page.textContent("h1"), "분리배출 도우미");
   assert.equal(await page.textContent("#send"), "보내기");
   assert.equal(await page.textContent("#status"), "연결됨");
-  await page.goto(BASE + "/scan.html");
+  await page.goto(PLAIN + "/scan.html");
   assert.equal(await page.textContent("#scan-heading"), "물건 스캔");
   await page.selectOption("#lang", "en");
   assert.equal(await page.textContent("#scan-heading"), "Scan an item");
@@ -392,4 +401,17 @@ test("scan: the same photo again is answered from the cache, and a past scan ope
   assert.equal(await page.isVisible("#result"), true);
   assert.equal(await page.isVisible("#r-cached"), false, "the older scan was not from the cache");
   assert.equal(await page.evaluate(() => document.activeElement.id), "result");
+});
+
+test("scan: a reload mid-scan follows the same scan again to its result", async (t) => {
+  const page = await newPage(t);
+  await devLogin(page, "gina", "/scan.html");
+  const scanId = await uploadScan(page, process.env.SCAN_IMAGE_3);
+  await page.waitForFunction(() => document.getElementById("progress").value > 0);
+  await page.reload();
+  await page.locator("#result").waitFor({ state: "visible", timeout: 60000 });
+  assert.equal(await page.textContent("#explanation"), EXPECTED);
+  assert.equal(await page.evaluate(() => document.getElementById("progress").value), 100);
+  assert.equal(await page.evaluate(() => sessionStorage.getItem("scan")), null, "nothing left to follow");
+  await page.locator(`#scans li:first-child button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
 });

@@ -38,13 +38,13 @@ fn answer_tokens() -> Vec<String> {
 
 /// Two different photos to scan: the repository's fixtures when it has them
 /// (the coffee cup first: it maps to a waste category), else PNGs made here.
-fn scan_images(dir: &Path) -> [std::path::PathBuf; 2] {
+fn scan_images(dir: &Path) -> [std::path::PathBuf; 3] {
     let fixtures = testkit::project_root().join("streamer/tests/fixtures/images");
-    let (coffee, rocket) = (fixtures.join("coffee.jpg"), fixtures.join("rocket.jpg"));
-    if coffee.exists() && rocket.exists() {
-        return [coffee, rocket];
+    let found = ["coffee.jpg", "rocket.jpg", "chelsea.png"].map(|name| fixtures.join(name));
+    if found.iter().all(|p| p.exists()) {
+        return found;
     }
-    [0u8, 1].map(|n| {
+    [0u8, 1, 2].map(|n| {
         let path = dir.join(format!("made-{n}.png"));
         let image = image::RgbImage::from_fn(96, 160, |x, y| {
             // A bottle-like shape on white, green or brown.
@@ -52,7 +52,8 @@ fn scan_images(dir: &Path) -> [std::path::PathBuf; 2] {
             let body = (24..72).contains(&x) && (50..150).contains(&y);
             match (neck || body, n) {
                 (true, 0) => image::Rgb([30, 120 + (y % 40) as u8, 60]),
-                (true, _) => image::Rgb([120 + (x % 40) as u8, 70, 20]),
+                (true, 1) => image::Rgb([120 + (x % 40) as u8, 70, 20]),
+                (true, _) => image::Rgb([20, 60, 110 + ((x + y) % 60) as u8]),
                 (false, _) => image::Rgb([250, 250, 250]),
             }
         });
@@ -131,11 +132,25 @@ async fn the_web_pages_work_in_headless_chromium() {
         ]),
         logs.path(),
     );
+    // A second gateway without dev login: only the pasted-token sign-in.
+    let plain_addr = format!("127.0.0.1:{}", free_port());
+    let mut plain_gateway = Service::new(
+        &bin,
+        "gateway",
+        plain_addr.clone(),
+        common(&[
+            ("GATEWAY_LISTEN", plain_addr.clone()),
+            ("AUTH_JWT_SECRET", SECRET.into()),
+            ("GATEWAY_WEB_DIR", root.join("web").display().to_string()),
+        ]),
+        logs.path(),
+    );
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
+    plain_gateway.start().await.unwrap();
 
-    let [image, image2] = scan_images(data.path());
+    let [image, image2, image3] = scan_images(data.path());
     let mut node = tokio::process::Command::new("node")
         .arg(root.join("webtest/run.mjs"))
         .current_dir(root.join("webtest"))
@@ -144,6 +159,8 @@ async fn the_web_pages_work_in_headless_chromium() {
         .env("PASTE_TOKEN", token_for("pasted-user"))
         .env("SCAN_IMAGE", &image)
         .env("SCAN_IMAGE_2", &image2)
+        .env("SCAN_IMAGE_3", &image3)
+        .env("BASE_URL_NO_DEV_LOGIN", format!("http://{plain_addr}"))
         .env("SCREENSHOT_DIR", root.join("docs/screenshots"))
         .env("CHROMIUM", CHROMIUM)
         .stdin(Stdio::piped())
