@@ -254,6 +254,8 @@ function onFrame(frame) {
       save();
       updateControls();
       loadConversations();
+      // The persister stores the turn a moment after `done`: refresh the counts again.
+      setTimeout(() => loadConversations(4), 1500);
       if (document.activeElement === $("stop") || document.activeElement === document.body) $("message").focus();
       break;
     }
@@ -344,7 +346,7 @@ function renderConversations() {
   list.replaceChildren(...chat.conversations.map((c) => el("li", {},
     el("button", { type: "button", dataset: { id: c.conversation_id }, onclick: () => openConversation(c.conversation_id) },
       el("span", { class: "title" }, c.title || t("chat.untitled")),
-      el("span", { class: "meta" }, `${new Date(c.updated_at).toLocaleString(currentLang())} · ${t("chat.turns", { n: c.turns })}`)))));
+      el("span", { class: "meta" }, `${new Date(c.updated_at).toLocaleString(currentLang())} · ${(c.turns === 1 ? t("chat.turns1") : t("chat.turns", { n: c.turns }))}`)))));
   $("no-conversations").hidden = chat.conversations.length > 0;
   markCurrent();
   updateControls();

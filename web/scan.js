@@ -80,7 +80,8 @@ async function upload(file) {
     $("stage-status").textContent = "";
     if (error.status === 401) return;
     const byStatus = { 413: "image_too_large", 415: "unsupported_media_type", 429: "too_many_requests" };
-    $("scan-error").textContent = explain(byStatus[error.status] || error.code, error.message);
+    const known = error.code !== "too_large" && `error.${error.code}` in STRINGS.en;
+    $("scan-error").textContent = explain(known ? error.code : byStatus[error.status] || error.code, error.message);
     return;
   }
   saveJob();

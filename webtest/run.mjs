@@ -11,7 +11,7 @@
 // Rust side does it and answers `ok` on stdin.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, mkdirSync } from "node:fs";
+import { mkdtempSync, rmSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import readline from "node:readline";
@@ -141,6 +141,9 @@ test("sign-in page: both forms labelled; dev login offered when the server has i
   assert.equal(await page.isVisible("#token-login"), true);
   assert.equal(await page.isVisible("#content"), false);
   assert.equal(await page.evaluate(() => document.activeElement.id), "user", "focus starts in the first field");
+  // Every string exists in both languages.
+  const [en, ko] = await page.evaluate(() => [Object.keys(STRINGS.en).sort(), Object.keys(STRINGS.ko).sort()]);
+  assert.deepEqual(ko, en);
   const unlabeled = await page.evaluate(() => [...document.querySelectorAll("input, textarea, select")]
     .filter((e) => !e.labels?.length && !e.getAttribute("aria-label")).map((e) => e.id));
   assert.deepEqual(unlabeled, []);
@@ -414,4 +417,23 @@ test("scan: a reload mid-scan follows the same scan again to its result", async 
   assert.equal(await page.evaluate(() => document.getElementById("progress").value), 100);
   assert.equal(await page.evaluate(() => sessionStorage.getItem("scan")), null, "nothing left to follow");
   await page.locator(`#scans li:first-child button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
+});
+
+test("scan: a file that is not an image is refused in plain words", async (t) => {
+  const page = await newPage(t);
+  await devLogin(page, "hana", "/scan.html");
+  const dir = mkdtempSync(join(tmpdir(), "webtest-upload-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const file = join(dir, "notes.png");
+  writeFileSync(file, "these are notes, not a picture\n");
+  const upload = page.waitForResponse((r) => r.url().endsWith("/v1/scans") && r.request().method() === "POST");
+  await page.setInputFiles("#file", file);
+  const response = await upload;
+  assert.ok([400, 415].includes(response.status()), `refused: ${response.status()}`);
+  const code = (await response.json()).error.code;
+  const message = await page.locator("#scan-error").textContent();
+  const expected = await page.evaluate((code) => STRINGS.en[`error.${code}`], code);
+  assert.ok(expected, `the page has plain words for ${code}`);
+  assert.equal(message, expected);
+  assert.equal(await page.isVisible("#result"), false);
 });
