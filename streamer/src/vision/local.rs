@@ -158,7 +158,8 @@ impl Vision for LocalVision {
             let network = Arc::clone(&self.network);
             let rgb = Arc::clone(&image.rgb);
             let started = Instant::now();
-            // About 50 ms of pure CPU in release: off the async workers.
+            // Tens of milliseconds of pure CPU (30 ms in release on one core): off
+            // the async workers.
             let probs = tokio::task::spawn_blocking(move || network.probabilities(&rgb))
                 .await
                 .map_err(|error| VisionError {
