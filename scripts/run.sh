@@ -94,6 +94,9 @@ if [ -z "${AUTH_JWT_SECRET:-}" ] && [ -z "${AUTH_JWT_PUBLIC_KEY:-}" ]; then
 fi
 export PERSISTER_SQLITE_PATH="${PERSISTER_SQLITE_PATH:-$DATA_DIR/persister.db}"
 export GATEWAY_WEB_DIR="${GATEWAY_WEB_DIR:-$ROOT/web}"
+# One inference thread per scan: on a small machine candle's default
+# threading makes the classification tail much longer (docs/vision.md).
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 
 for service in persister streamer gateway; do
   target/release/$service >"$LOGS/$service.log" 2>&1 &
