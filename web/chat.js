@@ -426,7 +426,7 @@ function stopAll() {
   const ws = chat.ws;
   chat.ws = null;
   if (ws) { ws.onclose = null; ws.close(); }
-  Object.assign(chat, { conversation: null, pending: null, turn: null, conversations: [] });
+  Object.assign(chat, { conversation: null, pending: null, turn: null, conversations: [], retry: 0 });
   clearLog();
   $("conversations").replaceChildren();
 }
