@@ -601,6 +601,15 @@ async fn a_vision_provider_that_is_down_fails_cleanly_into_the_dlq_and_reprocess
         .await
         .unwrap();
     assert_eq!(report.requeued, vec![id.clone()]);
+    // A stream resumed after a terminal event ends at once, so wait until
+    // the new run has written something.
+    testkit::wait_for(
+        "the reprocessed run to start",
+        Duration::from_secs(30),
+        || async { (app.status("alice", &id).await.1["status"] != "failed").then_some(()) },
+    )
+    .await
+    .unwrap();
     let rest = app.events("alice", &id, Some(last.id)).await;
     assert_eq!(rest.first().unwrap().id, last.id + 1);
     assert_eq!(rest.last().unwrap().event, "result");
