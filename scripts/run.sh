@@ -9,7 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=setup.sh
-source scripts/setup.sh
+SKIP_BROWSER_SETUP=1 source scripts/setup.sh
 
 NATS_PORT="${NATS_PORT:-4222}"
 PG_PORT="${PG_PORT:-5433}"

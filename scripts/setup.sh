@@ -80,6 +80,8 @@ export PATH="$VENV/bin:$PATH"
 # --- browser tests ---
 # Headless Chromium (Debian's package; playwright's own browser download does
 # not work here) and npm playwright-core in webtest/, for e2e/tests/browser.rs.
+# run.sh sets SKIP_BROWSER_SETUP=1: running the system needs no browser.
+if [ "${SKIP_BROWSER_SETUP:-0}" != 1 ]; then
 if [ ! -x /usr/bin/chromium ] || ! command -v npm >/dev/null; then
   browser_missing=()
   [ -x /usr/bin/chromium ] || browser_missing+=(chromium)
@@ -97,4 +99,5 @@ if ! cmp -s "$ROOT/webtest/package-lock.json" "$ROOT/webtest/node_modules/.insta
   log "npm ci in webtest/ (playwright-core)"
   (cd "$ROOT/webtest" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   cp "$ROOT/webtest/package-lock.json" "$ROOT/webtest/node_modules/.installed-lock.json"
+fi
 fi

@@ -116,6 +116,12 @@ function follow() {
 }
 
 function onProgress(data) {
+  // The explanation starts over (a worker died mid-answer, or a retry):
+  // the text so far is void.
+  if (data.reset) {
+    scan.explanation = "";
+    $("explanation").textContent = "";
+  }
   scan.seen.add(data.stage);
   scan.stage = data.stage;
   scan.percent = Math.max(scan.percent, Math.min(100, Number(data.percent) || 0));

@@ -111,9 +111,14 @@ const assistantText = (page) => page.locator("#log li.assistant .text").last();
 
 /** Sends `text` with the keyboard (Enter), as a person would. */
 async function send(page, text) {
+  // As a person would: wait until the page takes a new message (Send is
+  // enabled: no turn is still finishing), type, press Enter, and see the
+  // message leave the box.
+  await page.waitForSelector("#send:not([disabled])");
   await page.click("#message");
   await page.fill("#message", text);
   await page.keyboard.press("Enter");
+  await page.waitForFunction(() => document.getElementById("message").value === "");
 }
 
 async function waitSeq(page, n) {
