@@ -182,7 +182,14 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/chat/completions", post(openai::completions))
         .route("/v1/conversations", get(history::list))
         .route("/v1/conversations/{id}", get(history::get))
-        .route("/v1/scans", post(scans::upload).get(scans::list))
+        .route(
+            "/v1/scans",
+            post(scans::upload)
+                .get(scans::list)
+                // The multipart parser otherwise stops at axum's 2 MB default;
+                // the handler enforces the real limit itself.
+                .layer(axum::extract::DefaultBodyLimit::max(scans::MAX_BODY)),
+        )
         .route("/v1/scans/{id}", get(scans::status))
         .route("/v1/scans/{id}/events", get(scans::events))
         .with_state(state);

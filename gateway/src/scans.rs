@@ -49,6 +49,8 @@ use crate::{
 const MAX_SIDE: u32 = 20_000;
 /// Room for the multipart envelope around a maximal image.
 const MULTIPART_OVERHEAD: usize = 64 * 1024;
+/// The largest request body `POST /v1/scans` reads.
+pub const MAX_BODY: usize = MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD;
 /// Chunk size in the object store; under the server's default max payload
 /// of 1 MiB.
 const OBJECT_CHUNK: usize = 512 * 1024;
@@ -267,7 +269,7 @@ async fn read_image(request: Request) -> Result<Bytes, Refusal> {
         ));
     }
     let limit = if multipart {
-        MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD
+        MAX_BODY
     } else {
         MAX_UPLOAD_BYTES
     };

@@ -239,6 +239,42 @@ async fn a_photo_goes_through_every_stage_and_resumes_from_every_event_id() {
     assert_eq!(&status["result"], record);
 }
 
+/// A real photo upscaled to `width` x `height` with noise, as a
+/// high-quality JPEG: several MB, like a phone camera's.
+fn big_photo(width: u32, height: u32) -> Vec<u8> {
+    let photo = image::load_from_memory(&fixture("rocket.jpg")).unwrap();
+    let mut big = photo
+        .resize_exact(width, height, image::imageops::FilterType::Triangle)
+        .to_rgb8();
+    // Sensor noise, which is what makes camera JPEGs large.
+    let mut state = 0x2545_f491_u32;
+    for pixel in big.pixels_mut() {
+        for channel in pixel.0.iter_mut() {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *channel = channel.saturating_add((state >> 28) as u8);
+        }
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 97)
+        .encode_image(&big)
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn multi_megabyte_photos_are_accepted_raw_and_as_multipart() {
+    let app = TestApp::start(answer()).await;
+    let photo = big_photo(3000, 2250);
+    assert!(photo.len() > 2 * 1024 * 1024, "{} bytes", photo.len());
+    let id = app.scan("alice", photo.clone()).await;
+    let events = app.events("alice", &id, None).await;
+    assert_eq!(events.last().unwrap().event, "result");
+    let stored = events[0].data["message"].as_str().unwrap();
+    assert!(stored.contains("3000 x 2250"), "{stored}");
+    let raw = app.upload("alice", photo, "image/jpeg").await;
+    assert_eq!(raw.status(), 202);
+}
+
 #[tokio::test]
 async fn the_same_photo_again_is_a_cache_hit_without_vision_or_llm() {
     let app = TestApp::start(answer()).await;
