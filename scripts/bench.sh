@@ -10,6 +10,10 @@
 #   scripts/bench.sh [chat] [OPTIONS]   the chat path (default; e.g. `scripts/bench.sh --idle 5000`)
 #   scripts/bench.sh persister [OPTIONS] the persister: SQLite ingest and the
 #       Postgres drain after an outage; appends its section to BENCHMARKS.md
+#   scripts/bench.sh scan [OPTIONS]     the scan path: 5 MB uploads to 202
+#       (raw and multipart, against an HTTP sink and the object store alone),
+#       first SSE event for scans in flight, local classification time and
+#       the pipeline from upload to result; writes its section of BENCHMARKS.md
 # Options go to the `loadgen` subcommand (`scripts/bench.sh persister --help`
 # lists them).
 set -euo pipefail
@@ -31,7 +35,7 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 MODE=chat
 case "${1:-}" in
-  chat | persister)
+  chat | persister | scan)
     MODE="$1"
     shift
     ;;

@@ -17,6 +17,7 @@ mod load;
 mod persister;
 mod procfs;
 mod report;
+mod scan;
 mod stack;
 mod stats;
 
@@ -50,6 +51,8 @@ enum Mode {
     Chat(Box<ChatArgs>),
     /// Measures the persister: ingest into SQLite, drain into Postgres; appends to BENCHMARKS.md.
     Persister(Box<persister::PersisterArgs>),
+    /// Measures the scan path: 5 MB uploads to 202, first SSE event, classification and pipeline time; writes its section of BENCHMARKS.md.
+    Scan(Box<scan::ScanArgs>),
     /// Runs only a gateway, configured from the environment like the
     /// `gateway` binary (the memory phase uses it when that binary is missing).
     #[command(hide = true)]
@@ -127,6 +130,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Mode::Chat(args) => chat(*args),
         Mode::Persister(args) => persister::run(*args),
+        Mode::Scan(args) => scan::run(*args),
         Mode::ServeGateway => serve_gateway(),
     }
 }
