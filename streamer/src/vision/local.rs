@@ -188,6 +188,10 @@ impl Vision for LocalVision {
     fn name(&self) -> String {
         MODEL_NAME.to_owned()
     }
+
+    fn wants_jpeg(&self) -> bool {
+        false
+    }
 }
 
 /// Indices of the `k` largest values, largest first.

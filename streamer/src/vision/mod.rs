@@ -19,7 +19,8 @@ use bus::wire::ScanLabel;
 pub struct PreparedImage {
     /// Decoded RGB pixels.
     pub rgb: Arc<image::RgbImage>,
-    /// The same image as JPEG.
+    /// The same image as JPEG, for providers that take bytes ([`Vision::wants_jpeg`]);
+    /// empty otherwise.
     pub jpeg: bytes::Bytes,
 }
 
@@ -61,4 +62,10 @@ pub trait Vision: Send + Sync {
 
     /// Provider and model name, for logs and the record.
     fn name(&self) -> String;
+
+    /// True when the provider reads [`PreparedImage::jpeg`], so the
+    /// pipeline encodes it.
+    fn wants_jpeg(&self) -> bool {
+        true
+    }
 }
