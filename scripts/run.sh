@@ -31,6 +31,7 @@ done
 
 say "building release binaries (first time: several minutes)"
 cargo build --release --locked --bins -q
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 
 pids=()
 PG_DIR="$DATA_DIR/pg"
@@ -99,7 +100,7 @@ export GATEWAY_WEB_DIR="${GATEWAY_WEB_DIR:-$ROOT/web}"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 
 for service in persister streamer gateway; do
-  target/release/$service >"$LOGS/$service.log" 2>&1 &
+  "$BIN_DIR/$service" >"$LOGS/$service.log" 2>&1 &
   pids+=($!)
 done
 wait_http "http://$PERSISTER_LISTEN/readyz" persister 60
