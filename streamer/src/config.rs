@@ -78,7 +78,7 @@ pub struct Config {
     #[arg(long, env = "VISION_LOCAL_MODEL")]
     pub vision_local_model: Option<std::path::PathBuf>,
     /// Below this confidence the category is `unknown`.
-    #[arg(long, env = "VISION_THRESHOLD", default_value_t = 0.25)]
+    #[arg(long, env = "VISION_THRESHOLD", default_value_t = crate::vision::waste::DEFAULT_THRESHOLD)]
     pub vision_threshold: f64,
     /// Scan jobs run at once by this process (vision is CPU-bound).
     #[arg(long, env = "SCAN_CONCURRENCY", default_value_t = 4)]

@@ -13,26 +13,7 @@
 //! never answers them; they stay in [`CATEGORIES`] because the rules file
 //! and other providers use them.
 
-/// Every category key of the rules file, `unknown` last.
-pub const CATEGORIES: [&str; 14] = [
-    "pet_bottle",
-    "plastic",
-    "glass",
-    "paper",
-    "paper_pack",
-    "metal_can",
-    "vinyl",
-    "styrofoam",
-    "food_waste",
-    "clothing",
-    "battery",
-    "electronics",
-    "general",
-    "unknown",
-];
-
-/// The answer when no category is confident enough.
-pub const UNKNOWN: &str = "unknown";
+pub use crate::rules::{CATEGORIES, UNKNOWN};
 
 /// Default confidence a category needs. A quarter of the probability mass
 /// on one category: on the test photos a recognised item scores 0.9 and
@@ -342,7 +323,7 @@ mod tests {
             }
         }
         let mapped: HashSet<&str> = MAPPING.iter().map(|(c, _)| *c).collect();
-        for category in CATEGORIES {
+        for category in CATEGORIES.iter().copied() {
             assert!(
                 category == UNKNOWN || mapped.contains(category),
                 "{category}"
