@@ -9,6 +9,7 @@
 //! It owns no business logic: the gateway, streamer and persister do.
 
 pub mod connect;
+pub mod dlq;
 pub mod history;
 pub mod ops;
 pub mod replay;

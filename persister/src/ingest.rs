@@ -13,8 +13,7 @@
 use std::{future::Future, marker::PhantomData, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use bus::wire::{DeadLetter, ScanRecord, TurnRecord};
-use chrono::Utc;
+use bus::wire::{ScanRecord, TurnRecord};
 use futures::StreamExt as _;
 use serde::de::DeserializeOwned;
 use tokio::{sync::Notify, time::Instant};
@@ -243,7 +242,7 @@ impl<R: Record> Ingest<R> {
                 }
                 Err(reason) => {
                     metrics::counter!(names.dead_letters, "reason" => "undecodable").increment(1);
-                    self.dead_letter(&message, &reason).await;
+                    bus::dlq::terminate(&self.js, R::KIND, &message, &reason).await;
                 }
             }
         }
@@ -276,12 +275,12 @@ impl<R: Record> Ingest<R> {
                 metrics::counter!(names.commit_failures).increment(1);
                 tracing::error!(kind = R::KIND, %error, rows, path = %self.wal.path().display(), "Committing to SQLite failed; nothing acked, handing the records back.");
                 for message in &good {
-                    let delivered = deliveries(message);
+                    let delivered = bus::dlq::deliveries(message);
                     if self.max_deliver > 0 && delivered >= self.max_deliver as u64 {
                         metrics::counter!(names.dead_letters, "reason" => "sqlite").increment(1);
                         let reason =
                             format!("SQLite commit failed on all {delivered} deliveries: {error}");
-                        self.dead_letter(message, &reason).await;
+                        bus::dlq::terminate(&self.js, R::KIND, message, &reason).await;
                     } else {
                         let delay = nak_delay(delivered);
                         if let Err(error) = message.ack_with(AckKind::Nak(Some(delay))).await {
@@ -290,50 +289,6 @@ impl<R: Record> Ingest<R> {
                     }
                 }
             }
-        }
-    }
-
-    /// Puts `message` on `dlq.<kind>` with `reason`, then terminates it; if
-    /// the dead letter is not confirmed, hands the message back instead.
-    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
-        let delivered = deliveries(message);
-        tracing::warn!(kind = R::KIND, subject = %message.subject, error = reason, "Dead-lettering a record.");
-        let letter = DeadLetter {
-            subject: message.subject.to_string(),
-            error: reason.to_owned(),
-            deliveries: delivered,
-            payload: String::from_utf8_lossy(&message.payload).into_owned(),
-            failed_at: Utc::now(),
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        // One dead letter per stored message, however often this runs for it.
-        if let Ok(info) = message.info() {
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                format!("persister-{}:{}", R::KIND, info.stream_sequence).as_str(),
-            );
-        }
-        let subject = bus::subject::dlq(R::KIND).expect("static kind is a valid token");
-        let stored = match serde_json::to_vec(&letter) {
-            Ok(body) => match self
-                .js
-                .publish_with_headers(subject, headers, body.into())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        let kind = match stored {
-            Ok(()) => AckKind::Term,
-            Err(error) => {
-                tracing::warn!(%error, "Dead letter not stored; handing the message back.");
-                AckKind::Nak(Some(Duration::from_secs(5)))
-            }
-        };
-        if let Err(error) = message.ack_with(kind).await {
-            tracing::debug!(%error, "Term/nak failed; the message will be redelivered.");
         }
     }
 }
@@ -368,13 +323,6 @@ async fn ack_all(messages: &[jetstream::Message]) {
             "Some acks were not confirmed; those turns will be redelivered and ignored."
         );
     }
-}
-
-fn deliveries(message: &jetstream::Message) -> u64 {
-    message
-        .info()
-        .map(|i| i.delivered.max(1) as u64)
-        .unwrap_or(1)
 }
 
 /// 1 s, 2 s, 4 s ... up to [`MAX_NAK_DELAY`], by delivery count.

@@ -64,10 +64,11 @@ impl Worker {
         let request: ChatRequest = match serde_json::from_slice(&message.payload) {
             Ok(request) => request,
             Err(error) => {
-                self.dead_letter(
+                bus::dlq::terminate(
+                    &self.js,
+                    "chat",
                     &message,
                     &format!("undecodable chat request: {error}"),
-                    deliveries,
                 )
                 .await;
                 return;
@@ -91,32 +92,6 @@ impl Worker {
                     .await;
             }
         }
-    }
-
-    async fn dead_letter(&self, message: &jetstream::Message, error: &str, deliveries: u64) {
-        tracing::warn!(subject = %message.subject, error, "Poison chat request; terminating it.");
-        let letter = DeadLetter {
-            subject: message.subject.to_string(),
-            error: error.to_owned(),
-            deliveries,
-            payload: String::from_utf8_lossy(&message.payload).into_owned(),
-            failed_at: Utc::now(),
-        };
-        let subject = subject::dlq("chat").expect("static kind");
-        let published = match serde_json::to_vec(&letter) {
-            Ok(body) => match self.js.publish(subject, body.into()).await {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            },
-            Err(_) => false,
-        };
-        // Only terminate once the dead letter is safely stored.
-        let kind = if published {
-            AckKind::Term
-        } else {
-            AckKind::Nak(Some(Duration::from_secs(5)))
-        };
-        let _ = message.ack_with(kind).await;
     }
 
     async fn answer(

@@ -281,22 +281,18 @@ impl ScanWorker {
     /// Handles one delivery of a `scan.req.*` message, acking it once the
     /// scan's outcome is stored, or handing it back when the bus failed.
     pub async fn handle(&self, message: jetstream::Message) {
-        let deliveries = message.info().map(|i| i.delivered).unwrap_or(1) as u64;
+        let deliveries = bus::dlq::deliveries(&message);
         let request: ScanRequest = match serde_json::from_slice(&message.payload) {
             Ok(r) => r,
             Err(e) => {
-                self.poison(
-                    &message,
-                    &format!("undecodable scan request: {e}"),
-                    deliveries,
-                )
-                .await;
+                let reason = format!("undecodable scan request: {e}");
+                bus::dlq::terminate(&self.js, DLQ_KIND, &message, &reason).await;
                 return;
             }
         };
         if subject::token(&request.scan_id).is_err() || subject::token(&request.user_id).is_err() {
-            self.poison(&message, "scan request with an invalid id", deliveries)
-                .await;
+            let reason = "scan request with an invalid id";
+            bus::dlq::terminate(&self.js, DLQ_KIND, &message, reason).await;
             return;
         }
         let span = tracing::info_span!("scan", scan = %request.scan_id, run = request.reprocessed);
@@ -488,32 +484,6 @@ impl ScanWorker {
             .context("publishing the dead letter")?;
         metrics::counter!("streamer_scan_dead_letters_total").increment(1);
         Ok(())
-    }
-
-    async fn poison(&self, message: &jetstream::Message, error: &str, deliveries: u64) {
-        tracing::warn!(subject = %message.subject, error, "Poison scan request; terminating it.");
-        let letter = DeadLetter {
-            subject: message.subject.to_string(),
-            error: error.to_owned(),
-            deliveries,
-            payload: String::from_utf8_lossy(&message.payload).into_owned(),
-            failed_at: Utc::now(),
-        };
-        let body = serde_json::to_vec(&letter).expect("letter serialises");
-        let stored = match self
-            .js
-            .publish(subject::dlq(DLQ_KIND).expect("static kind"), body.into())
-            .await
-        {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        };
-        let kind = if stored {
-            AckKind::Term
-        } else {
-            AckKind::Nak(Some(Duration::from_secs(5)))
-        };
-        let _ = message.ack_with(kind).await;
     }
 
     /// Stores a fresh result under its perceptual hash. A failure only costs
