@@ -4,7 +4,7 @@
 //! control for those binaries; the servers themselves come from `testkit`.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -91,6 +91,72 @@ impl Service {
             log: logs.join(format!("{name}.log")),
             child: None,
         }
+    }
+
+    /// A gateway on a free port, signing with [`SECRET`], plus `extra` env.
+    pub fn gateway(bin_dir: &Path, logs: &Path, nats_url: &str, extra: &[(&str, String)]) -> Self {
+        let mut env = vec![("AUTH_JWT_SECRET", SECRET.to_owned())];
+        env.extend_from_slice(extra);
+        Self::on_free_port(bin_dir, "gateway", "GATEWAY_LISTEN", logs, nats_url, &env)
+    }
+
+    /// A streamer on a free port answering from the LLM at `llm_base_url`,
+    /// plus `extra` env (it inherits `VISION_LOCAL_MODEL` from the test's
+    /// environment, as setup.sh exports it).
+    pub fn streamer(
+        bin_dir: &Path,
+        logs: &Path,
+        nats_url: &str,
+        llm_base_url: &str,
+        extra: &[(&str, String)],
+    ) -> Self {
+        let mut env = vec![("LLM_BASE_URL", llm_base_url.to_owned())];
+        env.extend_from_slice(extra);
+        Self::on_free_port(bin_dir, "streamer", "STREAMER_LISTEN", logs, nats_url, &env)
+    }
+
+    /// A persister on a free port with its SQLite file in `data_dir`,
+    /// syncing to `database_url` every 200 ms when idle.
+    pub fn persister(
+        bin_dir: &Path,
+        logs: &Path,
+        nats_url: &str,
+        database_url: &str,
+        data_dir: &Path,
+    ) -> Self {
+        let env = [
+            ("DATABASE_URL", database_url.to_owned()),
+            (
+                "PERSISTER_SQLITE_PATH",
+                data_dir.join("persister.db").display().to_string(),
+            ),
+            ("PERSISTER_SYNC_INTERVAL_MS", "200".to_owned()),
+        ];
+        Self::on_free_port(
+            bin_dir,
+            "persister",
+            "PERSISTER_LISTEN",
+            logs,
+            nats_url,
+            &env,
+        )
+    }
+
+    fn on_free_port(
+        bin_dir: &Path,
+        name: &'static str,
+        listen_var: &str,
+        logs: &Path,
+        nats_url: &str,
+        extra: &[(&str, String)],
+    ) -> Self {
+        let addr = format!("127.0.0.1:{}", testkit::free_port());
+        let mut env = vec![
+            ("NATS_URL".to_owned(), nats_url.to_owned()),
+            (listen_var.to_owned(), addr.clone()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        Self::new(bin_dir, name, addr, env, logs)
     }
 
     /// Starts the process and waits until `/readyz` answers 200.

@@ -10,8 +10,8 @@
 
 use std::{path::Path, process::Stdio, time::Duration};
 
-use e2e::{SECRET, Service, build_binaries, token_for};
-use testkit::{NatsServer, Postgres, Script, StandInLlm, free_port};
+use e2e::{Service, build_binaries, token_for};
+use testkit::{NatsServer, Postgres, Script, StandInLlm};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -85,66 +85,19 @@ async fn the_web_pages_work_in_headless_chromium() {
         .await
         .unwrap();
 
-    let common = |extra: &[(&str, String)]| {
-        let mut env = vec![("NATS_URL".to_owned(), nats.url())];
-        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
-        env
-    };
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let mut gateway = Service::new(
+    let web_dir = ("GATEWAY_WEB_DIR", root.join("web").display().to_string());
+    let mut gateway = Service::gateway(
         &bin,
-        "gateway",
-        gateway_addr.clone(),
-        common(&[
-            ("GATEWAY_LISTEN", gateway_addr.clone()),
-            ("AUTH_JWT_SECRET", SECRET.into()),
-            ("GATEWAY_DEV_LOGIN", "true".into()),
-            ("GATEWAY_WEB_DIR", root.join("web").display().to_string()),
-        ]),
         logs.path(),
+        &nats.url(),
+        &[("GATEWAY_DEV_LOGIN", "true".into()), web_dir.clone()],
     );
-    let streamer_addr = format!("127.0.0.1:{}", free_port());
-    // The streamer inherits VISION_LOCAL_MODEL (the local image model) from
-    // this process's environment, as setup.sh exports it.
-    let mut streamer = Service::new(
-        &bin,
-        "streamer",
-        streamer_addr.clone(),
-        common(&[
-            ("STREAMER_LISTEN", streamer_addr.clone()),
-            ("LLM_BASE_URL", llm.base_url().to_owned()),
-        ]),
-        logs.path(),
-    );
-    let persister_addr = format!("127.0.0.1:{}", free_port());
-    let mut persister = Service::new(
-        &bin,
-        "persister",
-        persister_addr.clone(),
-        common(&[
-            ("PERSISTER_LISTEN", persister_addr.clone()),
-            ("DATABASE_URL", db.clone()),
-            (
-                "PERSISTER_SQLITE_PATH",
-                data.path().join("persister.db").display().to_string(),
-            ),
-            ("PERSISTER_SYNC_INTERVAL_MS", "200".into()),
-        ]),
-        logs.path(),
-    );
+    let gateway_addr = gateway.addr.clone();
+    let mut streamer = Service::streamer(&bin, logs.path(), &nats.url(), llm.base_url(), &[]);
+    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
     // A second gateway without dev login: only the pasted-token sign-in.
-    let plain_addr = format!("127.0.0.1:{}", free_port());
-    let mut plain_gateway = Service::new(
-        &bin,
-        "gateway",
-        plain_addr.clone(),
-        common(&[
-            ("GATEWAY_LISTEN", plain_addr.clone()),
-            ("AUTH_JWT_SECRET", SECRET.into()),
-            ("GATEWAY_WEB_DIR", root.join("web").display().to_string()),
-        ]),
-        logs.path(),
-    );
+    let mut plain_gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[web_dir]);
+    let plain_addr = plain_gateway.addr.clone();
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use e2e::{SECRET, Service, build_binaries, token_for};
+use e2e::{Service, build_binaries, token_for};
 use futures::StreamExt as _;
 use serde_json::Value;
-use testkit::{NatsServer, Postgres, Script, StandInLlm, free_port};
+use testkit::{NatsServer, Postgres, Script, StandInLlm};
 
 fn words() -> Vec<String> {
     (0..40).map(|i| format!("w{i} ")).collect()
@@ -27,53 +27,19 @@ async fn a_scan_survives_its_streamer_being_killed_mid_answer() {
     let llm = StandInLlm::start(Script::new(words(), Duration::from_millis(100)))
         .await
         .unwrap();
-    let env = |extra: Vec<(&str, String)>| {
-        let mut env = vec![("NATS_URL".to_owned(), nats.url())];
-        env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        env
-    };
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let mut gateway = Service::new(
+    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
+    let mut streamer = Service::streamer(
         &bin,
-        "gateway",
-        gateway_addr.clone(),
-        env(vec![
-            ("GATEWAY_LISTEN", gateway_addr.clone()),
-            ("AUTH_JWT_SECRET", SECRET.into()),
-        ]),
         logs.path(),
+        &nats.url(),
+        llm.base_url(),
+        &[("STREAMER_ACK_WAIT_MS", "2000".into())],
     );
-    let streamer_addr = format!("127.0.0.1:{}", free_port());
-    let mut streamer = Service::new(
-        &bin,
-        "streamer",
-        streamer_addr.clone(),
-        env(vec![
-            ("STREAMER_LISTEN", streamer_addr.clone()),
-            ("LLM_BASE_URL", llm.base_url().to_owned()),
-            ("STREAMER_ACK_WAIT_MS", "2000".into()),
-        ]),
-        logs.path(),
-    );
-    let persister_addr = format!("127.0.0.1:{}", free_port());
-    let mut persister = Service::new(
-        &bin,
-        "persister",
-        persister_addr.clone(),
-        env(vec![
-            ("PERSISTER_LISTEN", persister_addr.clone()),
-            ("DATABASE_URL", db),
-            (
-                "PERSISTER_SQLITE_PATH",
-                data.path().join("persister.db").display().to_string(),
-            ),
-            ("PERSISTER_SYNC_INTERVAL_MS", "200".into()),
-        ]),
-        logs.path(),
-    );
+    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
+    let gateway_addr = gateway.addr.clone();
 
     let http = reqwest::Client::new();
     let token = token_for("alice");

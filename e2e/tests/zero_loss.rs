@@ -11,9 +11,9 @@ use std::{
 };
 
 use bus::wire::ServerFrame;
-use e2e::{SECRET, Service, build_binaries, token_for};
+use e2e::{Service, build_binaries, token_for};
 use futures::{SinkExt as _, StreamExt as _};
-use testkit::{NatsServer, Postgres, Script, StandInLlm, free_port};
+use testkit::{NatsServer, Postgres, Script, StandInLlm};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
 
 const TURNS: usize = 2000;
@@ -104,52 +104,22 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
         .await
         .unwrap();
 
-    let common = |extra: &[(&str, String)]| {
-        let mut env = vec![("NATS_URL".to_owned(), nats.url())];
-        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
-        env
-    };
-    let gateway_addr = format!("127.0.0.1:{}", free_port());
-    let mut gateway = Service::new(
+    let mut gateway = Service::gateway(
         &bin,
-        "gateway",
-        gateway_addr.clone(),
-        common(&[
-            ("GATEWAY_LISTEN", gateway_addr.clone()),
-            ("AUTH_JWT_SECRET", SECRET.into()),
-            ("GATEWAY_MAX_TURNS_PER_USER", "4".into()),
-        ]),
         logs.path(),
+        &nats.url(),
+        &[("GATEWAY_MAX_TURNS_PER_USER", "4".into())],
     );
-    let streamer_addr = format!("127.0.0.1:{}", free_port());
-    let mut streamer = Service::new(
+    let gateway_addr = gateway.addr.clone();
+    let mut streamer = Service::streamer(
         &bin,
-        "streamer",
-        streamer_addr.clone(),
-        common(&[
-            ("STREAMER_LISTEN", streamer_addr.clone()),
-            ("LLM_BASE_URL", llm.base_url().to_owned()),
-            // A killed worker's turns come back after 2 s, not 30.
-            ("STREAMER_ACK_WAIT_MS", "2000".into()),
-        ]),
         logs.path(),
+        &nats.url(),
+        llm.base_url(),
+        // A killed worker's turns come back after 2 s, not 30.
+        &[("STREAMER_ACK_WAIT_MS", "2000".into())],
     );
-    let persister_addr = format!("127.0.0.1:{}", free_port());
-    let mut persister = Service::new(
-        &bin,
-        "persister",
-        persister_addr.clone(),
-        common(&[
-            ("PERSISTER_LISTEN", persister_addr.clone()),
-            ("DATABASE_URL", db.clone()),
-            (
-                "PERSISTER_SQLITE_PATH",
-                data.path().join("persister.db").display().to_string(),
-            ),
-            ("PERSISTER_SYNC_INTERVAL_MS", "200".into()),
-        ]),
-        logs.path(),
-    );
+    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
