@@ -140,9 +140,24 @@ impl Failure {
     }
 }
 
-/// Codes whose failures go to the DLQ.
-fn dead_letters(code: &str) -> bool {
-    matches!(code, "vision_failed" | "answer_failed" | "internal")
+impl Failure {
+    /// The failure an `error` event recorded, for finishing a run whose
+    /// error event is stored but whose record or dead letter may not be.
+    fn from_event(error: ScanError) -> Self {
+        let (code, dead_letter) = match error.code.as_str() {
+            "corrupt_image" => ("corrupt_image", false),
+            "image_missing" => ("image_missing", false),
+            "vision_failed" => ("vision_failed", true),
+            "answer_failed" => ("answer_failed", true),
+            _ => ("internal", true),
+        };
+        Self {
+            code,
+            message: error.message,
+            stage: error.stage.unwrap_or(ScanStage::Done),
+            dead_letter,
+        }
+    }
 }
 
 /// The scan's event stream as this worker writes it.
@@ -387,12 +402,7 @@ impl ScanWorker {
         match last.data {
             ScanEventData::Result(record) => self.publish_done(&record, request.reprocessed).await,
             ScanEventData::Error(error) => {
-                let failure = Failure {
-                    dead_letter: dead_letters(&error.code),
-                    code: "internal",
-                    message: error.message,
-                    stage: error.stage.unwrap_or(ScanStage::Done),
-                };
+                let failure = Failure::from_event(error);
                 let record = failed_record(request, &failure);
                 self.publish_done(&record, request.reprocessed).await?;
                 if failure.dead_letter {
@@ -1099,6 +1109,23 @@ mod tests {
         let failure = hash(b"\xFF\xD8\xFF\xE0garbage").err().unwrap();
         assert_eq!(failure.code, "corrupt_image");
         assert!(!failure.dead_letter);
+    }
+
+    #[test]
+    fn a_stored_error_event_finishes_with_its_own_code() {
+        let event = |code: &str| ScanError {
+            code: code.into(),
+            message: "m".into(),
+            stage: Some(ScanStage::Vision),
+        };
+        let vision = Failure::from_event(event("vision_failed"));
+        assert_eq!((vision.code, vision.dead_letter), ("vision_failed", true));
+        let corrupt = Failure::from_event(event("corrupt_image"));
+        assert_eq!(
+            (corrupt.code, corrupt.dead_letter),
+            ("corrupt_image", false)
+        );
+        assert_eq!(Failure::from_event(event("???")).code, "internal");
     }
 
     #[test]
