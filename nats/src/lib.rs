@@ -11,6 +11,7 @@
 pub mod connect;
 pub mod dlq;
 pub mod history;
+pub mod lease;
 pub mod ops;
 pub mod replay;
 pub mod shutdown;

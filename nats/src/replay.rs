@@ -16,6 +16,24 @@ pub async fn payloads(
     stream: &str,
     subject: &str,
 ) -> anyhow::Result<Vec<bytes::Bytes>> {
+    Ok(messages(js, stream, subject)
+        .await?
+        .into_iter()
+        .map(|(_, payload)| payload)
+        .collect())
+}
+
+/// Like [`payloads`], each with its stream sequence: a writer that goes on
+/// from the last one publishes with it as the expected last subject
+/// sequence, so it cannot interleave with another writer.
+///
+/// # Errors
+/// When the stream is missing or the server does not answer.
+pub async fn messages(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> anyhow::Result<Vec<(u64, bytes::Bytes)>> {
     let stream = js.get_stream(stream).await?;
     let pending = match stream.get_last_raw_message_by_subject(subject).await {
         Ok(last) => last.sequence,
@@ -39,7 +57,7 @@ pub async fn payloads(
             .info()
             .map_err(|e| anyhow::anyhow!(e))?
             .stream_sequence;
-        out.push(message.payload.clone());
+        out.push((sequence, message.payload.clone()));
         if sequence >= pending {
             break;
         }

@@ -255,6 +255,21 @@ pub struct DeadLetter {
     pub failed_at: DateTime<Utc>,
 }
 
+/// JetStream's `io.nats.jetstream.advisory.v1.max_deliver`: a message of
+/// `stream` used up the `max_deliver` of `consumer` and will not be
+/// delivered again. Captured by the `MAX_DELIVERIES` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaxDeliveriesAdvisory {
+    /// The work stream (`CHAT_REQ`, `SCAN_REQ`).
+    pub stream: String,
+    /// The durable consumer whose deliveries ran out.
+    pub consumer: String,
+    /// The message's sequence in `stream`.
+    pub stream_seq: u64,
+    /// How many times it was delivered.
+    pub deliveries: u64,
+}
+
 /// `history.list` request: a user's conversations, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryListRequest {
