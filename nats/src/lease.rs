@@ -16,7 +16,11 @@ pub struct Lease(tokio::task::JoinHandle<()>);
 
 impl Lease {
     /// Starts renewing `message` every `every` (a third of the ack wait is usual).
-    pub fn keep(client: &async_nats::Client, message: &jetstream::Message, every: Duration) -> Self {
+    pub fn keep(
+        client: &async_nats::Client,
+        message: &jetstream::Message,
+        every: Duration,
+    ) -> Self {
         let client = client.clone();
         let reply = message.reply.clone();
         Self(tokio::spawn(async move {

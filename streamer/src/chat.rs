@@ -115,8 +115,8 @@ impl Worker {
     }
 
     async fn answer(&self, request: &ChatRequest, deliveries: u64) -> Result<(), WriteError> {
-        let tok_subject = subject::chat_tok(&request.conversation_id, &request.turn_id)
-            .context("turn ids")?;
+        let tok_subject =
+            subject::chat_tok(&request.conversation_id, &request.turn_id).context("turn ids")?;
         // A first delivery has nothing stored; if another writer stored
         // something anyway, the fence on an empty subject stops us.
         let log = if deliveries > 1 {
@@ -264,7 +264,8 @@ impl Worker {
     /// # Errors
     /// When the bus fails; the advisory is then handed back and retried.
     pub async fn close_exhausted(&self, stream_seq: u64, deliveries: u64) -> anyhow::Result<()> {
-        let Some(request) = original::<ChatRequest>(&self.js, streams::CHAT_REQ, stream_seq).await?
+        let Some(request) =
+            original::<ChatRequest>(&self.js, streams::CHAT_REQ, stream_seq).await?
         else {
             return Ok(());
         };
@@ -282,7 +283,8 @@ impl Worker {
                 };
             }
             let (text, frames) = log.shown();
-            let mut writer = FrameWriter::after(&self.js, tok_subject.clone(), &request.turn_id, &log);
+            let mut writer =
+                FrameWriter::after(&self.js, tok_subject.clone(), &request.turn_id, &log);
             let usage = Usage {
                 prompt_tokens: 0,
                 completion_tokens: frames,
@@ -304,10 +306,16 @@ impl Worker {
             turn.text = text;
             turn.tokens = frames;
             turn.finish = FinishReason::Error;
-            turn.error = Some(format!("{EXHAUSTED_CODE}: delivered {deliveries} times without finishing"));
+            turn.error = Some(format!(
+                "{EXHAUSTED_CODE}: delivered {deliveries} times without finishing"
+            ));
             let record = turn.record(&request);
-            self.dead_letter(&request, record.error.as_deref().unwrap_or_default(), deliveries)
-                .await?;
+            self.dead_letter(
+                &request,
+                record.error.as_deref().unwrap_or_default(),
+                deliveries,
+            )
+            .await?;
             return self.publish_record(&request, record).await;
         }
         anyhow::bail!("another worker kept writing the turn")
@@ -441,7 +449,10 @@ pub async fn original<T: serde::de::DeserializeOwned>(
     let message = match stream.get_raw_message(stream_seq).await {
         Ok(message) => message,
         Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-            tracing::warn!(stream_seq, "An exhausted request is no longer stored; nothing to close.");
+            tracing::warn!(
+                stream_seq,
+                "An exhausted request is no longer stored; nothing to close."
+            );
             return Ok(None);
         }
         Err(e) => return Err(e.into()),

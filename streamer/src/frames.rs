@@ -67,7 +67,11 @@ impl TurnLog {
 
     /// The last `seq` used.
     pub fn last_seq(&self) -> u64 {
-        self.frames.iter().filter_map(ServerFrame::seq).max().unwrap_or(0)
+        self.frames
+            .iter()
+            .filter_map(ServerFrame::seq)
+            .max()
+            .unwrap_or(0)
     }
 
     /// True when the turn reached `done`.
@@ -150,7 +154,11 @@ impl FrameWriter {
     }
 
     /// The final frame.
-    pub async fn done(&mut self, finish_reason: FinishReason, usage: Usage) -> Result<(), WriteError> {
+    pub async fn done(
+        &mut self,
+        finish_reason: FinishReason,
+        usage: Usage,
+    ) -> Result<(), WriteError> {
         let frame = ServerFrame::Done {
             turn_id: self.turn_id.clone(),
             seq: self.seq + 1,
