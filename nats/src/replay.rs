@@ -19,8 +19,19 @@ pub async fn payloads(
     Ok(messages(js, stream, subject)
         .await?
         .into_iter()
-        .map(|(_, payload)| payload)
+        .map(|m| m.payload)
         .collect())
+}
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// When the server stored it.
+    pub stored_at: std::time::SystemTime,
+    /// Its payload.
+    pub payload: bytes::Bytes,
 }
 
 /// Like [`payloads`], each with its stream sequence: a writer that goes on
@@ -33,7 +44,7 @@ pub async fn messages(
     js: &jetstream::Context,
     stream: &str,
     subject: &str,
-) -> anyhow::Result<Vec<(u64, bytes::Bytes)>> {
+) -> anyhow::Result<Vec<Stored>> {
     let stream = js.get_stream(stream).await?;
     let pending = match stream.get_last_raw_message_by_subject(subject).await {
         Ok(last) => last.sequence,
@@ -53,11 +64,13 @@ pub async fn messages(
     let mut out = Vec::new();
     while let Some(message) = messages.next().await {
         let message = message?;
-        let sequence = message
-            .info()
-            .map_err(|e| anyhow::anyhow!(e))?
-            .stream_sequence;
-        out.push((sequence, message.payload.clone()));
+        let info = message.info().map_err(|e| anyhow::anyhow!(e))?;
+        let sequence = info.stream_sequence;
+        out.push(Stored {
+            sequence,
+            stored_at: info.published.into(),
+            payload: message.payload.clone(),
+        });
         if sequence >= pending {
             break;
         }

@@ -63,9 +63,9 @@ pub struct Worker {
     pub system_prompt: String,
     /// Default token cap.
     pub max_tokens: u32,
-    /// How often a worker renews its lease on a request (well inside the
-    /// consumer's ack wait).
-    pub progress_every: Duration,
+    /// The consumer's ack wait: a worker renews its lease on a request every
+    /// third of it.
+    pub lease: Duration,
     /// Asks the persisters for a conversation's earlier turns.
     pub history: bus::history::HistoryClient,
 }
@@ -74,7 +74,7 @@ impl Worker {
     /// Handles one delivery of a `chat.req.*` message, acking, nacking or
     /// leaving it (when another worker took it over).
     pub async fn handle(&self, message: jetstream::Message) {
-        let _lease = bus::lease::Lease::keep(&self.client, &message, self.progress_every);
+        let _lease = bus::lease::Lease::keep(&self.client, &message, self.lease / 3);
         let deliveries = bus::dlq::deliveries(&message);
         let request: ChatRequest = match serde_json::from_slice(&message.payload) {
             Ok(request) => request,
@@ -127,6 +127,13 @@ impl Worker {
         if log.is_done() {
             tracing::info!("Turn was already complete; publishing its record again.");
             return self.republish(request, &log, deliveries).await;
+        }
+        // A redelivery reaches a live writer's turn only when it sat in a
+        // frozen worker's buffer (it was sent while that worker held a pull
+        // request): the turn's writer is whoever wrote last, and a dead one
+        // has written nothing for at least two thirds of the lease.
+        if log.written_within(self.lease / 2) {
+            return Err(WriteError::Fenced);
         }
         let mut writer = FrameWriter::after(&self.js, tok_subject, &request.turn_id, &log);
         if !log.frames.is_empty() {

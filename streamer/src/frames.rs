@@ -47,6 +47,8 @@ pub struct TurnLog {
     pub frames: Vec<ServerFrame>,
     /// Stream sequence of the last one (0: none).
     pub last_stream_seq: u64,
+    /// When the last one was stored.
+    pub last_stored_at: Option<std::time::SystemTime>,
 }
 
 impl TurnLog {
@@ -57,12 +59,21 @@ impl TurnLog {
     pub async fn read(js: &jetstream::Context, subject: &str) -> anyhow::Result<Self> {
         let stored = bus::replay::messages(js, streams::CHAT_TOK, subject).await?;
         Ok(Self {
-            last_stream_seq: stored.last().map_or(0, |(seq, _)| *seq),
+            last_stream_seq: stored.last().map_or(0, |m| m.sequence),
+            last_stored_at: stored.last().map(|m| m.stored_at),
             frames: stored
                 .iter()
-                .filter_map(|(_, p)| serde_json::from_slice(p).ok())
+                .filter_map(|m| serde_json::from_slice(&m.payload).ok())
                 .collect(),
         })
+    }
+
+    /// True when a frame was stored less than `within` ago: some worker is
+    /// writing the turn right now.
+    pub fn written_within(&self, within: std::time::Duration) -> bool {
+        self.last_stored_at
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age < within)
     }
 
     /// The last `seq` used.
@@ -193,9 +204,41 @@ impl FrameWriter {
                 metrics::counter!("streamer_turns_fenced_total").increment(1);
                 Err(WriteError::Fenced)
             }
-            Err(e) => Err(WriteError::Bus(
-                anyhow::Error::new(e).context("a frame was not stored"),
-            )),
+            Err(e) => {
+                let error = anyhow::Error::new(e).context("a frame was not stored");
+                self.settle(frame, error).await
+            }
+        }
+    }
+
+    /// After a publish whose outcome is unknown (its ack timed out, for
+    /// instance because this process was frozen), looks at what the subject
+    /// holds: our frame (it landed), another writer's (we are fenced: a nak
+    /// now would hand the turn to a third worker), or nothing new (a real
+    /// bus failure).
+    async fn settle(&mut self, frame: &ServerFrame, error: anyhow::Error) -> Result<(), WriteError> {
+        let Ok(stream) = self.js.get_stream(streams::CHAT_TOK).await else {
+            return Err(WriteError::Bus(error));
+        };
+        let last = match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(last) => last,
+            Err(_) => return Err(WriteError::Bus(error)),
+        };
+        if last.sequence == self.last_stream_seq {
+            return Err(WriteError::Bus(error));
+        }
+        match serde_json::from_slice::<ServerFrame>(&last.payload) {
+            Ok(stored) if stored == *frame => {
+                self.last_stream_seq = last.sequence;
+                if let Some(seq) = frame.seq() {
+                    self.seq = seq;
+                }
+                Ok(())
+            }
+            _ => {
+                metrics::counter!("streamer_turns_fenced_total").increment(1);
+                Err(WriteError::Fenced)
+            }
         }
     }
 }

@@ -82,7 +82,7 @@ impl Streamer {
             upstream,
             system_prompt: config.system_prompt.clone(),
             max_tokens: config.max_tokens,
-            progress_every: consumer.ack_wait / 3,
+            lease: consumer.ack_wait,
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
         };
         let scan = scan::ScanWorker {
