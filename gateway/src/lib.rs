@@ -54,6 +54,12 @@ pub struct AppState {
     ws_outbox: usize,
     /// How long a turn's frames stay in `CHAT_TOK` (its `max_age`).
     replay_window: std::time::Duration,
+    /// When relays re-read JetStream and when they give up.
+    relay_timing: turns::RelayTiming,
+    /// Deadline of a non-streaming OpenAI-compatible call.
+    completion_timeout: std::time::Duration,
+    /// Turns one WebSocket may follow at once.
+    ws_max_streams: usize,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
     shutdown: CancellationToken,
 }
@@ -132,6 +138,14 @@ impl Gateway {
                 .find(|d| d.name == bus::streams::CHAT_TOK)
                 .map(|d| d.max_age)
                 .context("no CHAT_TOK definition")?,
+            relay_timing: turns::RelayTiming {
+                recheck: std::time::Duration::from_millis(config.relay_recheck_ms.max(50)),
+                stall: std::time::Duration::from_millis(config.turn_stall_ms.max(1_000)),
+            },
+            completion_timeout: std::time::Duration::from_millis(
+                config.completion_timeout_ms.max(1_000),
+            ),
+            ws_max_streams: config.ws_max_streams.max(1),
             shutdown,
         };
         Ok(Self {

@@ -8,6 +8,7 @@
 //! ([`shutdown`]), and the health/readiness/metrics listener ([`ops`]).
 //! It owns no business logic: the gateway, streamer and persister do.
 
+pub mod backoff;
 pub mod connect;
 pub mod dlq;
 pub mod history;

@@ -216,7 +216,11 @@ impl FrameWriter {
     /// holds: our frame (it landed), another writer's (we are fenced: a nak
     /// now would hand the turn to a third worker), or nothing new (a real
     /// bus failure).
-    async fn settle(&mut self, frame: &ServerFrame, error: anyhow::Error) -> Result<(), WriteError> {
+    async fn settle(
+        &mut self,
+        frame: &ServerFrame,
+        error: anyhow::Error,
+    ) -> Result<(), WriteError> {
         let Ok(stream) = self.js.get_stream(streams::CHAT_TOK).await else {
             return Err(WriteError::Bus(error));
         };

@@ -37,7 +37,6 @@ use bus::{
 use chrono::Utc;
 use futures::{FutureExt as _, StreamExt as _};
 use image::{DynamicImage, ImageDecoder as _};
-use rand::Rng as _;
 use sha2::Digest as _;
 use tokio::io::AsyncReadExt as _;
 
@@ -892,9 +891,7 @@ fn failed_record(request: &ScanRequest, failure: &Failure) -> ScanRecord {
 }
 
 fn retry_delay(base: Duration, attempt: u32) -> Duration {
-    let ceiling = base.saturating_mul(1 << attempt.min(10));
-    let jitter = rand::rng().random_range(0.5..=1.0);
-    ceiling.mul_f64(jitter)
+    bus::backoff::delay(base, attempt, base.saturating_mul(1 << 10))
 }
 
 /// Runs CPU-bound work off the async threads; a panic inside becomes a

@@ -1,5 +1,6 @@
 //! Gateway integration tests: real nats-server, real streamer, stand-in LLM.
 
+mod guarantees;
 mod helpers;
 mod scans;
 
