@@ -45,6 +45,18 @@ pub struct Config {
     /// slow and is closed with 4008 (it then reconnects and resumes).
     #[arg(long, env = "GATEWAY_WS_OUTBOX_FRAMES", default_value_t = 1024)]
     pub ws_outbox_frames: usize,
+    /// The model the streamer uses when a request names none; must match the
+    /// streamer's `LLM_MODEL` (same default).
+    #[arg(long, env = "LLM_MODEL", default_value = "smollm2-135m-instruct")]
+    pub llm_model: String,
+    /// Models clients may ask for, comma-separated (`GET /v1/models`);
+    /// empty allows `LLM_MODEL` alone.
+    #[arg(long, env = "LLM_MODELS", value_delimiter = ',')]
+    pub llm_models: Vec<String>,
+    /// Largest `max_tokens` a request may set; the streamer's `LLM_MAX_TOKENS`
+    /// (its default when a request sets none), so both read one value.
+    #[arg(long, env = "LLM_MAX_TOKENS", default_value_t = 512)]
+    pub llm_max_tokens: u32,
     /// Interval of SSE keep-alive comments on an idle scan stream, in ms.
     #[arg(long, env = "GATEWAY_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,

@@ -22,6 +22,12 @@ pub enum ClientFrame {
         content: String,
         /// The client's idempotency key: a repeat is not a second turn.
         request_id: String,
+        /// One of the models `GET /v1/models` lists; `None` uses the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        /// An upper bound on the answer's tokens, at most the operator's cap.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_tokens: Option<u32>,
     },
     /// Replays a turn's frames after `after_seq`, then follows it live.
     Resume {
@@ -661,9 +667,20 @@ mod tests {
             ClientFrame::Send {
                 conversation_id: None,
                 content: "hi".into(),
-                request_id: "r1".into()
+                request_id: "r1".into(),
+                model: None,
+                max_tokens: None,
             }
         );
+        let chosen: ClientFrame = serde_json::from_value(json!({
+            "type": "send", "content": "hi", "request_id": "r1",
+            "model": "m", "max_tokens": 100
+        }))
+        .unwrap();
+        assert!(matches!(
+            chosen,
+            ClientFrame::Send { model: Some(m), max_tokens: Some(100), .. } if m == "m"
+        ));
         let resume: ClientFrame =
             serde_json::from_str(r#"{"type":"resume","turn_id":"t","after_seq":3}"#).unwrap();
         assert_eq!(
