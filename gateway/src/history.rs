@@ -108,6 +108,7 @@ pub async fn get(
     let request = HistoryGetRequest {
         user_id: user,
         conversation_id,
+        ..Default::default()
     };
     respond(state.history.get(&request, TIMEOUT).await)
 }

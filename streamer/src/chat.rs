@@ -243,6 +243,7 @@ impl Worker {
         let query = HistoryGetRequest {
             user_id: request.user_id.clone(),
             conversation_id: request.conversation_id.clone(),
+            ..Default::default()
         };
         let detail = match self.history.get(&query, HISTORY_TIMEOUT).await {
             Ok(Some(HistoryReply::Ok(ConversationDetail { turns, .. }))) => turns,
