@@ -61,6 +61,18 @@ pub struct Config {
     /// of a turn already followed replaces it.
     #[arg(long, env = "GATEWAY_WS_MAX_STREAMS", default_value_t = 16)]
     pub ws_max_streams: usize,
+    /// The model the streamer uses when a request names none; must match the
+    /// streamer's `LLM_MODEL` (same default).
+    #[arg(long, env = "LLM_MODEL", default_value = "smollm2-135m-instruct")]
+    pub llm_model: String,
+    /// Models clients may ask for, comma-separated (`GET /v1/models`);
+    /// empty allows `LLM_MODEL` alone.
+    #[arg(long, env = "LLM_MODELS", value_delimiter = ',')]
+    pub llm_models: Vec<String>,
+    /// Largest `max_tokens` a request may set; the streamer's `LLM_MAX_TOKENS`
+    /// (its default when a request sets none), so both read one value.
+    #[arg(long, env = "LLM_MAX_TOKENS", default_value_t = 512)]
+    pub llm_max_tokens: u32,
     /// Interval of SSE keep-alive comments on an idle scan stream, in ms.
     #[arg(long, env = "GATEWAY_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,

@@ -2,7 +2,8 @@
 //!
 //! It owns authentication ([`auth`]), the HTTP API and its JSON errors
 //! ([`error`]), the WebSocket chat sessions ([`ws`]), scan uploads and their
-//! SSE streams ([`scans`]) and serving `web/`.
+//! SSE streams ([`scans`]), what models clients may ask for ([`models`]) and
+//! serving `web/`.
 //! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
 //! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
 //! come from the `CHAT_TOK` stream, so any gateway node serves any client.
@@ -11,6 +12,7 @@ pub mod auth;
 mod config;
 pub mod error;
 mod history;
+pub mod models;
 mod openai;
 pub mod scans;
 mod turns;
@@ -48,6 +50,8 @@ pub struct AppState {
     /// Interval of SSE keep-alive comments.
     sse_keepalive: std::time::Duration,
     limits: Arc<turns::Limits>,
+    /// The models and token cap clients may ask for.
+    models: Arc<models::Models>,
     /// Asks every live persister for history.
     history: bus::history::HistoryClient,
     /// Frames a socket may have queued before it counts as too slow.
@@ -131,6 +135,7 @@ impl Gateway {
             scan_images,
             sse_keepalive: std::time::Duration::from_millis(config.sse_keepalive_ms.max(100)),
             limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
+            models: Arc::new(models::Models::from_config(&config)),
             history,
             ws_outbox: config.ws_outbox_frames.max(1),
             replay_window: bus::streams::definitions()?
@@ -194,6 +199,8 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/dev/token", post(dev_token))
         .route("/v1/chat/ws", get(ws::upgrade))
         .route("/v1/chat/completions", post(openai::completions))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get))
         .route("/v1/conversations", get(history::list))
         .route("/v1/conversations/{id}", get(history::get))
         .route(

@@ -144,6 +144,10 @@ pub async fn completions(
             );
         }
     };
+    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
+    if let Err(refused) = state.models.check(request.model.as_deref(), max_tokens) {
+        return refused.into_response();
+    }
     let mut messages = Vec::with_capacity(request.messages.len());
     for message in request.messages {
         if !matches!(
@@ -191,7 +195,7 @@ pub async fn completions(
         request_id,
         history: messages,
         model: request.model.clone(),
-        max_tokens: request.max_completion_tokens.or(request.max_tokens),
+        max_tokens,
         temperature: request.temperature,
     };
     let accepted = match state.accept_turn(&user, turn).await {

@@ -223,9 +223,19 @@ impl Session {
                 conversation_id,
                 content,
                 request_id,
+                model,
+                max_tokens,
             } => {
-                self.send(conversation_id, content, request_id, outbox)
-                    .await
+                let turn = NewTurn {
+                    conversation_id,
+                    content,
+                    request_id,
+                    history: Vec::new(),
+                    model,
+                    max_tokens,
+                    temperature: None,
+                };
+                self.send(turn, outbox).await
             }
             ClientFrame::Resume { turn_id, after_seq } => {
                 self.resume(turn_id, after_seq, outbox).await
@@ -242,20 +252,14 @@ impl Session {
 
     async fn send(
         &self,
-        conversation_id: Option<String>,
-        content: String,
-        request_id: String,
+        turn: NewTurn,
         outbox: &Outbox,
     ) -> Result<Option<ServerFrame>, ServerFrame> {
-        let turn = NewTurn {
-            conversation_id,
-            content,
-            request_id: request_id.clone(),
-            history: Vec::new(),
-            model: None,
-            max_tokens: None,
-            temperature: None,
-        };
+        self.state
+            .models
+            .check(turn.model.as_deref(), turn.max_tokens)
+            .map_err(|refused| refused.frame())?;
+        let request_id = turn.request_id.clone();
         self.room_for(None)?;
         let accepted = self.state.accept_turn(&self.user, turn).await?;
         outbox.send(&ServerFrame::Accepted {

@@ -40,8 +40,14 @@ use crate::{
 /// process may run at once.
 pub const ACK_BUDGET: usize = 4_000;
 
-/// Earlier turns put into a prompt.
-const HISTORY_TURNS: usize = 10;
+/// Most earlier turns put into a prompt: one `history.get` page.
+const HISTORY_TURNS: u32 = 50;
+/// Most bytes of earlier user and assistant text a prompt carries: the
+/// newest whole turns that fit, about 8k tokens of English (4 bytes a
+/// token) or 11k characters of Korean (3 bytes a character). A newest turn
+/// larger than this alone comes shortened, so context is never dropped
+/// just because the last message was long.
+pub const HISTORY_BUDGET_BYTES: usize = 32 * 1024;
 /// How long the persister may take to answer a history request.
 const HISTORY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -163,7 +169,7 @@ impl Worker {
         upstream::Request {
             messages,
             model: request.model.clone(),
-            max_tokens: request.max_tokens.unwrap_or(self.max_tokens),
+            max_tokens: request.max_tokens.unwrap_or(self.max_tokens).min(self.max_tokens),
             temperature: request.temperature,
         }
     }
@@ -329,15 +335,24 @@ impl Worker {
     }
 
     /// The conversation's earlier turns from the persister's history, as
-    /// prompt messages (the last [`HISTORY_TURNS`]). Without an answer in
-    /// time the turn goes on with the new message alone: an answer without
-    /// context beats no answer.
+    /// prompt messages: the newest that fit [`HISTORY_BUDGET_BYTES`], at most
+    /// [`HISTORY_TURNS`]. Without an answer in time the turn goes on with the
+    /// new message alone: an answer without context beats no answer.
     async fn earlier_turns(&self, request: &ChatRequest) -> Vec<ChatMessage> {
         let query = HistoryGetRequest {
             user_id: request.user_id.clone(),
             conversation_id: request.conversation_id.clone(),
+            limit: Some(HISTORY_TURNS),
+            // Older than this turn: a redelivered request must not see
+            // itself, nor turns sent after it.
+            before: Some(
+                bus::history::TurnCursor::at(request.created_at, &request.turn_id).to_string(),
+            ),
+            // The budget counts text, the persister counts JSON (field names,
+            // escapes): twice the budget still holds every turn that fits.
+            max_bytes: Some(2 * HISTORY_BUDGET_BYTES as u32),
         };
-        let detail = match self.history.get(&query, HISTORY_TIMEOUT).await {
+        let turns = match self.history.get(&query, HISTORY_TIMEOUT).await {
             Ok(Some(HistoryReply::Ok(ConversationDetail { turns, .. }))) => turns,
             Ok(Some(HistoryReply::Err(_))) => return Vec::new(),
             _ => {
@@ -346,14 +361,38 @@ impl Worker {
                 return Vec::new();
             }
         };
-        let earlier: Vec<_> = detail
+        // Keeps the start of a text (the question as asked, the answer's
+        // opening), marking the cut.
+        let clip = |text: &mut String, max: usize| {
+            if text.len() > max {
+                let keep = max.saturating_sub('…'.len_utf8());
+                let cut = (0..=keep)
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                text.truncate(cut);
+                text.push('…');
+            }
+        };
+        let mut left = HISTORY_BUDGET_BYTES;
+        let mut picked = Vec::new();
+        for mut turn in turns.into_iter().rev() {
+            let size = turn.user_text.len() + turn.assistant_text.len();
+            if size > left {
+                if picked.is_empty() {
+                    // The question gets up to half, the answer the rest.
+                    clip(&mut turn.user_text, left / 2);
+                    clip(&mut turn.assistant_text, left - turn.user_text.len());
+                    picked.push(turn);
+                }
+                break;
+            }
+            left -= size;
+            picked.push(turn);
+        }
+        picked
             .into_iter()
-            .filter(|t| t.turn_id != request.turn_id && t.created_at <= request.created_at)
-            .collect();
-        let skip = earlier.len().saturating_sub(HISTORY_TURNS);
-        earlier
-            .into_iter()
-            .skip(skip)
+            .rev()
             .flat_map(|t| {
                 let answer = (!t.assistant_text.is_empty()).then(|| ChatMessage {
                     role: "assistant".into(),
