@@ -540,7 +540,7 @@ async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_lo
     assert_eq!(close_code, Some(4008));
     let last_seq = seen.iter().filter_map(ServerFrame::seq).max().unwrap_or(0);
     assert!(
-        last_seq < 3001,
+        !seen.iter().any(|f| matches!(f, ServerFrame::Done { .. })),
         "the whole answer fit; the test did not exercise slowness"
     );
 
@@ -550,8 +550,10 @@ async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_lo
         .await;
     let rest = again.until_done().await;
     let all: Vec<ServerFrame> = seen.into_iter().chain(rest).collect();
+    // Deltas that queue behind a publish travel joined, so frames may be
+    // fewer than tokens; the seq space is still contiguous.
     let seqs: Vec<u64> = all.iter().filter_map(ServerFrame::seq).collect();
-    assert_eq!(seqs, (1..=3001).collect::<Vec<_>>());
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     assert_eq!(text_of(&all), full);
 }
 
