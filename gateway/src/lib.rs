@@ -14,6 +14,7 @@ pub mod error;
 mod history;
 pub mod models;
 mod openai;
+mod scan_events;
 pub mod scans;
 mod turns;
 mod ws;
@@ -212,7 +213,7 @@ fn router(state: AppState, config: &Config) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(scans::MAX_BODY)),
         )
         .route("/v1/scans/{id}", get(scans::status))
-        .route("/v1/scans/{id}/events", get(scans::events))
+        .route("/v1/scans/{id}/events", get(scan_events::events))
         .with_state(state);
     bus::ops::router(ready)
         .merge(api)

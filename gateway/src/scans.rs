@@ -1,6 +1,6 @@
 //! Scans at the edge: `POST /v1/scans` (upload), `GET /v1/scans/{id}`
-//! (status), `GET /v1/scans/{id}/events` (SSE) and `GET /v1/scans` (the
-//! caller's past scans, from the persisters).
+//! (status) and `GET /v1/scans` (the caller's past scans, from the
+//! persisters); the SSE stream of a scan's events is [`crate::scan_events`].
 //!
 //! An upload is checked completely before anything is stored: size, magic
 //! bytes, the decoded header's dimensions (so a decompression bomb is refused
@@ -8,11 +8,8 @@
 //! refused too). Only then are the owner record, the image and the job
 //! written, in that order, so that an SSE subscriber racing the `202`
 //! already passes the ownership check.
-//!
-//! Events come from the `SCAN_EVT` stream (replay) and a core subscription
-//! on the same subject (live), deduplicated by their contiguous `id`.
 
-use std::{convert::Infallible, io::Cursor};
+use std::io::Cursor;
 
 use async_nats::jetstream;
 use axum::{
@@ -21,11 +18,8 @@ use axum::{
     extract::{
         FromRequest as _, Multipart, Path, Query, Request, State, rejection::QueryRejection,
     },
-    http::{HeaderMap, StatusCode, header},
-    response::{
-        IntoResponse, Response,
-        sse::{Event, KeepAlive, Sse},
-    },
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use bus::{
     subject,
@@ -35,14 +29,10 @@ use bus::{
     },
 };
 use chrono::Utc;
-use futures::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{
-    AppState,
-    auth::{StreamUser, User},
-};
+use crate::{AppState, auth::User};
 
 /// Longest side either dimension may have, whatever the pixel count: a
 /// 1 x 10^6 strip is as useless to the model as it is costly to resize.
@@ -59,7 +49,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     bus::ops::error_response(status, code, message)
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> Response {
+pub(crate) fn unavailable(what: &str, e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "{what} failed.");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -142,7 +132,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -233,7 +223,7 @@ fn too_large() -> Refusal {
     )
 }
 
-fn refuse(r: Refusal) -> Response {
+pub(crate) fn refuse(r: Refusal) -> Response {
     error(r.status, r.code, r.message)
 }
 
@@ -509,7 +499,11 @@ async fn put_object(
 }
 
 /// Checks the id and that `user` owns the scan.
-async fn owned(state: &AppState, user: &str, scan_id: &str) -> Result<ScanOwner, Response> {
+pub(crate) async fn owned(
+    state: &AppState,
+    user: &str,
+    scan_id: &str,
+) -> Result<ScanOwner, Response> {
     if subject::token(scan_id).is_err() {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -604,170 +598,6 @@ fn status_of(scan_id: &str, event: Option<&ScanEvent>) -> Value {
 }
 
 /// Query of `GET /v1/scans/{id}/events`.
-#[derive(Debug, Deserialize)]
-pub struct EventsQuery {
-    #[serde(default)]
-    last_event_id: Option<String>,
-}
-
-fn parse_last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<u64, Refusal> {
-    let raw = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .or(query);
-    match raw.map(str::trim) {
-        None | Some("") => Ok(0),
-        Some(v) => v.parse::<u64>().map_err(|_| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_last_event_id",
-                "Last-Event-ID must be a non-negative integer event id",
-            )
-        }),
-    }
-}
-
-/// Turns a bus event into an SSE event: same id, name and data.
-fn sse_event(event: &ScanEvent) -> Event {
-    let data = match serde_json::to_value(&event.data) {
-        Ok(mut v) => v["data"].take(),
-        Err(_) => Value::Null,
-    };
-    Event::default()
-        .id(event.id.to_string())
-        .event(event.data.name())
-        .data(data.to_string())
-}
-
-/// `GET /v1/scans/{id}/events`: every event after `Last-Event-ID` (or
-/// `?last_event_id=`), then the live ones; closes after `result` or `error`.
-pub async fn events(
-    State(state): State<AppState>,
-    StreamUser(user): StreamUser,
-    Path(scan_id): Path<String>,
-    query: Result<Query<EventsQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> Response {
-    let query_id = match &query {
-        Ok(Query(q)) => q.last_event_id.clone(),
-        Err(_) => Some("invalid".into()),
-    };
-    let after = match parse_last_event_id(&headers, query_id.as_deref()) {
-        Ok(n) => n,
-        Err(r) => return refuse(r),
-    };
-    if let Err(response) = owned(&state, &user, &scan_id).await {
-        return response;
-    }
-    let subject = subject::scan_evt(&scan_id).expect("checked token");
-    // Subscribe before replaying, so nothing published in between is missed.
-    let live = match state.client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => return unavailable("Subscribing to scan events", e),
-    };
-    let replay = match replay(&state.js, &subject).await {
-        Ok(r) => r,
-        Err(e) => return unavailable("Replaying scan events", e),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    let js = state.js.clone();
-    let shutdown = state.shutdown.clone();
-    tokio::spawn(async move {
-        let mut follow = Follow {
-            tx,
-            last: after,
-            js,
-            subject,
-        };
-        tokio::select! {
-            _ = follow.run(replay, live) => {}
-            _ = shutdown.cancelled() => {}
-        }
-    });
-    metrics::counter!("gateway_scan_streams_total").increment(1);
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(state.sse_keepalive))
-        .into_response()
-}
-
-async fn replay(js: &jetstream::Context, subject: &str) -> anyhow::Result<Vec<ScanEvent>> {
-    let payloads = bus::replay::payloads(js, bus::streams::SCAN_EVT, subject).await?;
-    Ok(payloads
-        .iter()
-        .filter_map(|p| serde_json::from_slice(p).ok())
-        .collect())
-}
-
-/// Writes one scan's events to one SSE client, in id order, each once.
-struct Follow {
-    tx: tokio::sync::mpsc::Sender<Event>,
-    last: u64,
-    js: jetstream::Context,
-    subject: String,
-}
-
-impl Follow {
-    /// Sends the events after `self.last`; returns true when the stream is
-    /// over (the last of them is terminal) or the client is gone.
-    async fn send_all(&mut self, events: &[ScanEvent]) -> bool {
-        for (i, event) in events.iter().enumerate() {
-            if event.id <= self.last {
-                continue;
-            }
-            if self.tx.send(sse_event(event)).await.is_err() {
-                return true;
-            }
-            self.last = event.id;
-            // A terminal event followed by more (a scan reprocessed from the
-            // DLQ) is history, not the end.
-            if event.data.is_terminal() && i + 1 == events.len() {
-                return true;
-            }
-        }
-        false
-    }
-
-    async fn run(&mut self, replayed: Vec<ScanEvent>, mut live: async_nats::Subscriber) {
-        if self.send_all(&replayed).await {
-            return;
-        }
-        // Resumed after the terminal event itself: nothing more will come.
-        if replayed
-            .last()
-            .is_some_and(|e| e.data.is_terminal() && e.id <= self.last)
-        {
-            return;
-        }
-        while let Some(message) = live.next().await {
-            let Ok(event) = serde_json::from_slice::<ScanEvent>(&message.payload) else {
-                continue;
-            };
-            if event.id <= self.last {
-                continue;
-            }
-            let batch = if event.id == self.last + 1 {
-                vec![event]
-            } else {
-                // A gap: core NATS dropped something for a slow client; the
-                // stream has it.
-                match replay(&self.js, &self.subject).await {
-                    Ok(events) => events,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Replay after a gap failed; closing the stream.");
-                        return;
-                    }
-                }
-            };
-            if self.send_all(&batch).await {
-                return;
-            }
-        }
-    }
-}
-
 /// Query of `GET /v1/scans`.
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {

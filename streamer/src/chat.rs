@@ -169,7 +169,10 @@ impl Worker {
         upstream::Request {
             messages,
             model: request.model.clone(),
-            max_tokens: request.max_tokens.unwrap_or(self.max_tokens).min(self.max_tokens),
+            max_tokens: request
+                .max_tokens
+                .unwrap_or(self.max_tokens)
+                .min(self.max_tokens),
             temperature: request.temperature,
         }
     }

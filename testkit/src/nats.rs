@@ -80,6 +80,17 @@ impl NatsServer {
         Ok(async_nats::connect(self.url()).await?)
     }
 
+    /// Stops the server the way an operator restarting it does (SIGTERM:
+    /// it flushes its store and closes client connections).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
     /// Kills the server with SIGKILL (a crash, not a clean stop).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
