@@ -1,7 +1,7 @@
 //! The zero-loss proof: thousands of turns through the real pipeline
 //! (gateway -> streamer with a stand-in upstream -> persister -> Postgres)
-//! while the persister is SIGKILLed twice, Postgres is stopped for 20 s, and
-//! the streamer is SIGKILLed once. Every accepted turn must end up in
+//! while the persister is SIGKILLed twice, Postgres is stopped for 20 s, the
+//! streamer is SIGKILLed once and nats-server is restarted. Every accepted turn must end up in
 //! Postgres exactly once with its full text.
 
 use std::{
@@ -97,7 +97,7 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
     let bin = build_binaries().unwrap();
     let logs = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
+    let mut nats = NatsServer::start().await.unwrap();
     let mut pg = Postgres::start().await.unwrap();
     let db = pg.create_database("zero_loss").unwrap();
     let llm = StandInLlm::start(Script::new(words(), Duration::from_millis(15)))
@@ -180,6 +180,16 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     persister.start().await.unwrap();
+
+    wait_until(TURNS / 2).await;
+    nats.stop();
+    eprintln!(
+        "chaos: nats-server stopped at {} accepted",
+        progress(&accepted)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.start_again().await.unwrap();
+    eprintln!("chaos: nats-server started again");
 
     let remaining = Duration::from_secs(20).saturating_sub(outage.elapsed());
     tokio::time::sleep(remaining).await;
