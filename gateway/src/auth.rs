@@ -144,15 +144,11 @@ impl Authenticator {
     /// [`ApiError::Unauthorized`] saying what is wrong with the token.
     pub fn verify(&self, token: &str) -> Result<String, ApiError> {
         match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data)
-                if !data.claims.sub.is_empty() && bus::subject::token(&data.claims.sub).is_ok() =>
-            {
-                Ok(data.claims.sub)
-            }
-            Ok(_) => Err(unauthorized(
-                "invalid_token",
-                "the token's sub is not a usable user id",
-            )),
+            // Identity providers issue e-mail addresses and `provider|id`
+            // subs: any non-empty one is the user id, verbatim. Where an id
+            // must name a subject or a KV key, `bus::subject::user_key` maps it.
+            Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims.sub),
+            Ok(_) => Err(unauthorized("invalid_token", "the token's sub is empty")),
             Err(error) => Err(match error.kind() {
                 ErrorKind::ExpiredSignature => {
                     unauthorized("token_expired", "the token has expired")
@@ -373,6 +369,27 @@ mod tests {
         assert_eq!(code(strict.verify(&token("other"))), "invalid_token");
         let no_exp = encode(&Header::default(), &json!({"sub": "carol"}), &key).unwrap();
         assert_eq!(code(open.verify(&no_exp)), "invalid_token");
+    }
+
+    #[test]
+    fn any_non_empty_sub_is_the_user_id_verbatim() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let key = EncodingKey::from_secret(secret.as_bytes());
+        let auth = Authenticator::build(&config(&["--auth-jwt-secret", secret])).unwrap();
+        // What identity providers issue: e-mail addresses, `provider|id`,
+        // dots, spaces and non-ASCII. None of them names a subject itself.
+        for sub in [
+            "auth0|alice@example.com",
+            "alice.smith@example.co.kr",
+            "google-oauth2|1234.5678",
+            "a*b>c d",
+            "김민지",
+        ] {
+            let token = encode(&Header::default(), &claims(sub), &key).unwrap();
+            assert_eq!(auth.verify(&token).unwrap(), sub);
+        }
+        let empty = encode(&Header::default(), &claims(""), &key).unwrap();
+        assert_eq!(code(auth.verify(&empty)), "invalid_token");
     }
 
     #[test]

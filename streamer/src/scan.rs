@@ -305,7 +305,9 @@ impl ScanWorker {
                 return;
             }
         };
-        if subject::token(&request.scan_id).is_err() || subject::token(&request.user_id).is_err() {
+        // The scan id names subjects; the user id is a JWT `sub` (any
+        // non-empty string) that is only stored and compared.
+        if subject::token(&request.scan_id).is_err() || request.user_id.is_empty() {
             let reason = "scan request with an invalid id";
             bus::dlq::terminate(&self.js, DLQ_KIND, &message, reason).await;
             return;
