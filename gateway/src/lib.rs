@@ -9,6 +9,7 @@
 
 pub mod auth;
 mod config;
+mod drain;
 pub mod error;
 mod history;
 mod openai;
@@ -196,6 +197,7 @@ fn router(state: AppState, config: &Config) -> Router {
     bus::ops::router(ready)
         .merge(api)
         .fallback_service(web)
+        .layer(axum::middleware::from_fn(drain::unread_bodies))
         .layer(
             // The span records the path only: a query may hold ?access_token=.
             TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {

@@ -1,6 +1,7 @@
 //! Gateway integration tests: real nats-server, real streamer, stand-in LLM.
 
 mod helpers;
+mod refused_uploads;
 mod scans;
 
 use std::time::Duration;
