@@ -14,6 +14,7 @@ pub mod error;
 mod history;
 mod openai;
 pub mod scans;
+mod series;
 mod turns;
 mod ws;
 
@@ -90,6 +91,7 @@ impl Gateway {
     /// One line saying what to fix.
     pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let auth = Arc::new(auth::Authenticator::build(&config)?);
+        series::register();
         let listener = bus::ops::bind(&config.listen, "GATEWAY_LISTEN").await?;
         let client = bus::connect::connect(&config.nats_url, "gateway").await?;
         let js = async_nats::jetstream::new(client.clone());

@@ -15,6 +15,7 @@ mod config;
 pub mod phash;
 pub mod rules;
 pub mod scan;
+mod series;
 pub mod upstream;
 pub mod vision;
 
@@ -58,6 +59,7 @@ impl Streamer {
             "STREAMER_CONCURRENCY must be between 1 and {}",
             chat::ACK_BUDGET
         );
+        series::register();
         let listener = bus::ops::bind(&config.listen, "STREAMER_LISTEN").await?;
         let client = bus::connect::connect(&config.nats_url, "streamer").await?;
         let js = async_nats::jetstream::new(client.clone());
