@@ -189,6 +189,27 @@ impl Service {
         }
     }
 
+    /// SIGSTOP: the process is frozen, alive but silent (a long GC-like
+    /// pause); its sockets stay open.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill {signal} {}", self.name);
+        }
+    }
+
     /// The tail of its log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -212,4 +233,104 @@ pub fn token_for(user: &str) -> String {
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("token encodes")
+}
+
+/// A WebSocket chat client.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `/v1/chat/ws` on `gateway` as `user`.
+///
+/// # Errors
+/// When the gateway refuses or is unreachable.
+pub async fn ws_connect(gateway: &str, user: &str) -> anyhow::Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("ws://{gateway}/v1/chat/ws").into_client_request()?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token_for(user)).parse()?,
+    );
+    Ok(tokio_tungstenite::connect_async(request).await?.0)
+}
+
+/// Sends a JSON frame.
+///
+/// # Errors
+/// When the socket is closed.
+pub async fn ws_send(ws: &mut Ws, frame: serde_json::Value) -> anyhow::Result<()> {
+    use futures::SinkExt as _;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        frame.to_string().into(),
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Reads frames until `done` of `turn_id` (any turn when `None`), or
+/// `limit` passes, or the socket ends; returns what it read.
+pub async fn ws_until_done(ws: &mut Ws, limit: Duration) -> Vec<bus::wire::ServerFrame> {
+    use futures::StreamExt as _;
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+            continue;
+        };
+        let Ok(frame) = serde_json::from_str::<bus::wire::ServerFrame>(&text) else {
+            continue;
+        };
+        let done = matches!(frame, bus::wire::ServerFrame::Done { .. });
+        frames.push(frame);
+        if done {
+            break;
+        }
+    }
+    frames
+}
+
+/// One SSE event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// `id:`.
+    pub id: u64,
+    /// `event:`.
+    pub event: String,
+    /// `data:`, parsed.
+    pub data: serde_json::Value,
+}
+
+/// Reads SSE events from `response` until a `result` or `error` event, or
+/// `limit` passes, or the body ends.
+pub async fn sse_until_terminal(response: reqwest::Response, limit: Duration) -> Vec<SseEvent> {
+    use futures::StreamExt as _;
+    let mut body = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            };
+            let (Some(id), Some(event), Some(data)) =
+                (field("id:"), field("event:"), field("data:"))
+            else {
+                continue;
+            };
+            let terminal = event == "result" || event == "error";
+            seen.push(SseEvent {
+                id: id.parse().unwrap_or(0),
+                event,
+                data: serde_json::from_str(&data).unwrap_or_default(),
+            });
+            if terminal {
+                return seen;
+            }
+        }
+    }
+    seen
 }

@@ -45,6 +45,34 @@ pub struct Config {
     /// slow and is closed with 4008 (it then reconnects and resumes).
     #[arg(long, env = "GATEWAY_WS_OUTBOX_FRAMES", default_value_t = 1024)]
     pub ws_outbox_frames: usize,
+    /// Silence (ms) after which a turn's relay re-reads its frames from
+    /// JetStream, in case the live path lost one (a NATS restart or reconnect).
+    #[arg(long, env = "GATEWAY_RELAY_RECHECK_MS", default_value_t = 5_000)]
+    pub relay_recheck_ms: u64,
+    /// Silence (ms) after which a client following a turn gets `turn_stalled`
+    /// and the stream ends (it may resume later). Longer than the streamer
+    /// needs to close a turn whose deliveries ran out.
+    #[arg(long, env = "GATEWAY_TURN_STALL_MS", default_value_t = 300_000)]
+    pub turn_stall_ms: u64,
+    /// Deadline (ms) of a non-streaming `POST /v1/chat/completions`.
+    #[arg(long, env = "GATEWAY_COMPLETION_TIMEOUT_MS", default_value_t = 600_000)]
+    pub completion_timeout_ms: u64,
+    /// Turns one WebSocket may follow at once (sends and resumes); a resume
+    /// of a turn already followed replaces it.
+    #[arg(long, env = "GATEWAY_WS_MAX_STREAMS", default_value_t = 16)]
+    pub ws_max_streams: usize,
+    /// The model the streamer uses when a request names none; must match the
+    /// streamer's `LLM_MODEL` (same default).
+    #[arg(long, env = "LLM_MODEL", default_value = "smollm2-135m-instruct")]
+    pub llm_model: String,
+    /// Models clients may ask for, comma-separated (`GET /v1/models`);
+    /// empty allows `LLM_MODEL` alone.
+    #[arg(long, env = "LLM_MODELS", value_delimiter = ',')]
+    pub llm_models: Vec<String>,
+    /// Largest `max_tokens` a request may set; the streamer's `LLM_MAX_TOKENS`
+    /// (its default when a request sets none), so both read one value.
+    #[arg(long, env = "LLM_MAX_TOKENS", default_value_t = 512)]
+    pub llm_max_tokens: u32,
     /// Interval of SSE keep-alive comments on an idle scan stream, in ms.
     #[arg(long, env = "GATEWAY_SSE_KEEPALIVE_MS", default_value_t = 15_000)]
     pub sse_keepalive_ms: u64,

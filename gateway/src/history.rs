@@ -16,10 +16,49 @@ use axum::{
 use bus::wire::{HistoryGetRequest, HistoryListRequest, HistoryReply};
 use serde::Deserialize;
 
-use crate::{AppState, auth::User};
+use crate::{AppState, auth::User, error::ApiError};
 
 /// How long the persister may take to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Query of `GET /v1/conversations/{id}`: kept as text, so a bad value gets
+/// the API's JSON error rather than the extractor's plain-text one.
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    #[serde(default)]
+    limit: Option<String>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// The page size (1 to [`bus::history::MAX_TURNS`], default
+    /// [`bus::history::DEFAULT_TURNS`]) and the cursor to read before.
+    fn parse(self) -> Result<(Option<u32>, Option<String>), ApiError> {
+        let max = bus::history::MAX_TURNS;
+        let limit = match self.limit {
+            None => None,
+            Some(text) => match text.parse::<u32>() {
+                Ok(n) if (1..=max).contains(&n) => Some(n),
+                _ => {
+                    return Err(ApiError::BadRequest {
+                        code: "invalid_limit",
+                        message: format!("limit must be a number from 1 to {max}"),
+                    });
+                }
+            },
+        };
+        if let Some(cursor) = &self.cursor
+            && bus::history::TurnCursor::parse(cursor).is_none()
+        {
+            return Err(ApiError::BadRequest {
+                code: "invalid_cursor",
+                message: "cursor must be a next_cursor this endpoint returned".into(),
+            });
+        }
+        Ok((limit, self.cursor))
+    }
+}
 
 /// Query of `GET /v1/conversations`.
 #[derive(Debug, Deserialize)]
@@ -73,12 +112,19 @@ pub async fn list(
     respond(state.history.list(&request, TIMEOUT).await)
 }
 
-/// `GET /v1/conversations/{id}`: one of the caller's conversations with its turns.
+/// `GET /v1/conversations/{id}?limit=N&cursor=C`: one page of one of the
+/// caller's conversations: its newest turns (oldest first), then, with
+/// `cursor` = the page's `next_cursor`, older ones while `has_more`.
 pub async fn get(
     State(state): State<AppState>,
     User(user): User,
     Path(conversation_id): Path<String>,
+    Query(page): Query<PageQuery>,
 ) -> Response {
+    let (limit, before) = match page.parse() {
+        Ok(page) => page,
+        Err(refused) => return refused.into_response(),
+    };
     if bus::subject::token(&conversation_id).is_err() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -108,6 +154,9 @@ pub async fn get(
     let request = HistoryGetRequest {
         user_id: user,
         conversation_id,
+        limit,
+        before,
+        max_bytes: None,
     };
     respond(state.history.get(&request, TIMEOUT).await)
 }

@@ -2,7 +2,8 @@
 //!
 //! It owns authentication ([`auth`]), the HTTP API and its JSON errors
 //! ([`error`]), the WebSocket chat sessions ([`ws`]), scan uploads and their
-//! SSE streams ([`scans`]) and serving `web/`.
+//! SSE streams ([`scans`]), what models clients may ask for ([`models`]) and
+//! serving `web/`.
 //! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
 //! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
 //! come from the `CHAT_TOK` stream, so any gateway node serves any client.
@@ -12,6 +13,7 @@ mod config;
 mod drain;
 pub mod error;
 mod history;
+pub mod models;
 mod openai;
 pub mod scans;
 mod series;
@@ -50,12 +52,20 @@ pub struct AppState {
     /// Interval of SSE keep-alive comments.
     sse_keepalive: std::time::Duration,
     limits: Arc<turns::Limits>,
+    /// The models and token cap clients may ask for.
+    models: Arc<models::Models>,
     /// Asks every live persister for history.
     history: bus::history::HistoryClient,
     /// Frames a socket may have queued before it counts as too slow.
     ws_outbox: usize,
     /// How long a turn's frames stay in `CHAT_TOK` (its `max_age`).
     replay_window: std::time::Duration,
+    /// When relays re-read JetStream and when they give up.
+    relay_timing: turns::RelayTiming,
+    /// Deadline of a non-streaming OpenAI-compatible call.
+    completion_timeout: std::time::Duration,
+    /// Turns one WebSocket may follow at once.
+    ws_max_streams: usize,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
     shutdown: CancellationToken,
 }
@@ -128,6 +138,7 @@ impl Gateway {
             scan_images,
             sse_keepalive: std::time::Duration::from_millis(config.sse_keepalive_ms.max(100)),
             limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
+            models: Arc::new(models::Models::from_config(&config)),
             history,
             ws_outbox: config.ws_outbox_frames.max(1),
             replay_window: bus::streams::definitions()?
@@ -135,6 +146,14 @@ impl Gateway {
                 .find(|d| d.name == bus::streams::CHAT_TOK)
                 .map(|d| d.max_age)
                 .context("no CHAT_TOK definition")?,
+            relay_timing: turns::RelayTiming {
+                recheck: std::time::Duration::from_millis(config.relay_recheck_ms.max(50)),
+                stall: std::time::Duration::from_millis(config.turn_stall_ms.max(1_000)),
+            },
+            completion_timeout: std::time::Duration::from_millis(
+                config.completion_timeout_ms.max(1_000),
+            ),
+            ws_max_streams: config.ws_max_streams.max(1),
             shutdown,
         };
         Ok(Self {
@@ -183,6 +202,8 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/dev/token", post(dev_token))
         .route("/v1/chat/ws", get(ws::upgrade))
         .route("/v1/chat/completions", post(openai::completions))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get))
         .route("/v1/conversations", get(history::list))
         .route("/v1/conversations/{id}", get(history::get))
         .route(

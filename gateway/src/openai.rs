@@ -144,6 +144,10 @@ pub async fn completions(
             );
         }
     };
+    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
+    if let Err(refused) = state.models.check(request.model.as_deref(), max_tokens) {
+        return refused.into_response();
+    }
     let mut messages = Vec::with_capacity(request.messages.len());
     for message in request.messages {
         if !matches!(
@@ -191,7 +195,7 @@ pub async fn completions(
         request_id,
         history: messages,
         model: request.model.clone(),
-        max_tokens: request.max_completion_tokens.or(request.max_tokens),
+        max_tokens,
         temperature: request.temperature,
     };
     let accepted = match state.accept_turn(&user, turn).await {
@@ -200,10 +204,17 @@ pub async fn completions(
     };
     let model = request.model.unwrap_or_else(|| "gateway".into());
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    if request.stream {
-        stream(state, accepted, model, include_usage).into_response()
+    // An OpenAI client cannot drop text it was given: a repeated request
+    // follows the turn from its last restart, not from its first token.
+    let after_seq = if accepted.follow.is_fresh() {
+        0
     } else {
-        complete(accepted, model).await
+        accepted.follow.last_reset().await
+    };
+    if request.stream {
+        stream(state, accepted, after_seq, model, include_usage).into_response()
+    } else {
+        complete(accepted, after_seq, model, state.completion_timeout).await
     }
 }
 
@@ -226,15 +237,45 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-async fn complete(accepted: Accepted, model: String) -> Response {
+async fn complete(
+    accepted: Accepted,
+    after_seq: u64,
+    model: String,
+    deadline: std::time::Duration,
+) -> Response {
     let (id, headers) = ids(&accepted);
     let (tx, mut rx) = tokio::sync::mpsc::channel(BUFFER);
-    tokio::spawn(accepted.follow.relay(0, tx));
+    let relay = tokio::spawn(accepted.follow.relay(after_seq, tx));
+    let _stop = AbortOnDrop(relay);
+    let deadline = tokio::time::Instant::now() + deadline;
     let mut text = String::new();
-    while let Some(frame) = rx.recv().await {
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                metrics::counter!("gateway_completion_timeouts_total").increment(1);
+                return (
+                    headers,
+                    error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "the answer did not finish in time; retry with the same Idempotency-Key to get it",
+                    ),
+                )
+                    .into_response();
+            }
+        };
         match frame {
             ServerFrame::Token { delta, .. } => text.push_str(&delta),
             ServerFrame::Reset { .. } => text.clear(),
+            ServerFrame::Error { code, message, .. } if is_relay_failure(&code) => {
+                return (
+                    headers,
+                    error(StatusCode::SERVICE_UNAVAILABLE, &code, message),
+                )
+                    .into_response();
+            }
             ServerFrame::Done {
                 finish_reason: reason,
                 usage,
@@ -276,12 +317,13 @@ fn usage_json(usage: Usage) -> Value {
 fn stream(
     state: AppState,
     accepted: Accepted,
+    after_seq: u64,
     model: String,
     include_usage: bool,
 ) -> impl IntoResponse {
     let (id, headers) = ids(&accepted);
     let (tx, rx) = tokio::sync::mpsc::channel(BUFFER);
-    tokio::spawn(accepted.follow.relay(0, tx));
+    let relay = tokio::spawn(accepted.follow.relay(after_seq, tx));
     let created = chrono::Utc::now().timestamp();
     let chunk = move |delta: Value, finish: Option<&str>| {
         json!({
@@ -293,30 +335,16 @@ fn stream(
         let c = chunk(json!({"role": "assistant", "content": ""}), None);
         async move { c }
     });
-    let frames = tokio_stream_from(rx).flat_map(move |frame| {
-        let out: Vec<Value> = match frame {
-            ServerFrame::Token { delta, .. } => vec![chunk(json!({"content": delta}), None)],
-            ServerFrame::Done {
-                finish_reason: reason,
-                usage,
-                ..
-            } => {
-                let mut out = vec![chunk(json!({}), Some(finish_reason(reason)))];
-                if include_usage {
-                    let mut last = chunk(json!({}), None);
-                    last["choices"] = json!([]);
-                    last["usage"] = usage_json(usage);
-                    out.push(last);
-                }
-                out
-            }
-            ServerFrame::Error { code, message, .. } => {
-                vec![json!({"error": {"code": code, "message": message, "type": "upstream_error"}})]
-            }
-            _ => vec![],
-        };
-        futures::stream::iter(out)
-    });
+    let mut translate = Translate {
+        chunk,
+        include_usage,
+        sent_text: false,
+        over: false,
+        _relay: AbortOnDrop(relay),
+    };
+    let frames = tokio_stream_from(rx)
+        .map(move |frame| futures::stream::iter(translate.frame(frame)))
+        .flatten();
     let events = first
         .chain(frames)
         .map(|v| Event::default().data(v.to_string()))
@@ -326,6 +354,82 @@ fn stream(
         .map(Ok::<_, Infallible>)
         .take_until(state.shutdown.clone().cancelled_owned());
     (headers, Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+/// Turns a turn's frames into OpenAI chunks. A `reset` after text was sent
+/// ends the stream with an error chunk (`answer_restarted`) instead of
+/// appending a second answer to the first: the client retries with the
+/// same `Idempotency-Key` and gets the answer from its restart.
+struct Translate<C> {
+    chunk: C,
+    include_usage: bool,
+    sent_text: bool,
+    /// An error or the finish was sent: nothing more.
+    over: bool,
+    /// The relay stops when the response does.
+    _relay: AbortOnDrop,
+}
+
+impl<C: Fn(Value, Option<&str>) -> Value> Translate<C> {
+    fn frame(&mut self, frame: ServerFrame) -> Vec<Value> {
+        if self.over {
+            return Vec::new();
+        }
+        match frame {
+            ServerFrame::Token { delta, .. } => {
+                self.sent_text |= !delta.is_empty();
+                vec![(self.chunk)(json!({"content": delta}), None)]
+            }
+            ServerFrame::Reset { .. } if self.sent_text => {
+                self.over = true;
+                metrics::counter!("gateway_openai_restarts_total").increment(1);
+                vec![error_chunk(
+                    "answer_restarted",
+                    "the answer was interrupted and started over; retry with the same Idempotency-Key to receive it whole",
+                )]
+            }
+            ServerFrame::Done {
+                finish_reason: reason,
+                usage,
+                ..
+            } => {
+                self.over = true;
+                let mut out = vec![(self.chunk)(json!({}), Some(finish_reason(reason)))];
+                if self.include_usage {
+                    let mut last = (self.chunk)(json!({}), None);
+                    last["choices"] = json!([]);
+                    last["usage"] = usage_json(usage);
+                    out.push(last);
+                }
+                out
+            }
+            ServerFrame::Error { code, message, .. } => {
+                // The relay ends after these; the turn's own errors are
+                // followed by `done`.
+                self.over |= is_relay_failure(&code);
+                vec![error_chunk(&code, &message)]
+            }
+            _ => vec![],
+        }
+    }
+}
+
+fn error_chunk(code: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message, "type": "server_error"}})
+}
+
+/// Codes with which a relay ends without the turn's `done`.
+fn is_relay_failure(code: &str) -> bool {
+    matches!(code, "turn_stalled" | "replay_failed")
+}
+
+/// Aborts a spawned relay when the response using it is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Ends after `done`: the relay closes the channel when it returns.

@@ -56,6 +56,42 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "gateway_ws_streams_refused_total",
+        kind: Kind::Counter,
+        help: "Sends and resumes refused because a socket already follows the most turns it may.",
+        labels: &[],
+    },
+    Series {
+        name: "gateway_relay_rechecks_total",
+        kind: Kind::Counter,
+        help: "Silent relays that re-read the turn's last stored frame.",
+        labels: &[],
+    },
+    Series {
+        name: "gateway_relays_stalled_total",
+        kind: Kind::Counter,
+        help: "Relays ended with turn_stalled after hearing nothing past the bound.",
+        labels: &[],
+    },
+    Series {
+        name: "gateway_replays_failed_total",
+        kind: Kind::Counter,
+        help: "Relays ended with replay_failed because JetStream could not be read.",
+        labels: &[],
+    },
+    Series {
+        name: "gateway_completion_timeouts_total",
+        kind: Kind::Counter,
+        help: "Non-stream OpenAI completions that hit their deadline.",
+        labels: &[],
+    },
+    Series {
+        name: "gateway_openai_restarts_total",
+        kind: Kind::Counter,
+        help: "OpenAI streams ended with answer_restarted (a reset after text was sent).",
+        labels: &[],
+    },
+    Series {
         name: "gateway_scans_accepted_total",
         kind: Kind::Counter,
         help: "Scan uploads accepted (202).",

@@ -84,8 +84,36 @@ pub struct Follow {
     /// Subscribed before the turn's request was published: nothing to replay.
     fresh: bool,
     subject: String,
+    turn_id: String,
     js: async_nats::jetstream::Context,
     slot: Option<TurnSlot>,
+    timing: RelayTiming,
+}
+
+/// How a relay notices what the live path lost.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayTiming {
+    /// Silence after which the relay re-reads the turn from `CHAT_TOK`: a
+    /// frame published while this node's NATS connection was away (a
+    /// restart, a reconnect) is never delivered live.
+    pub recheck: std::time::Duration,
+    /// Silence after which the relay gives up with `turn_stalled` (the
+    /// client may resume later). Longer than a turn's worst case: its
+    /// deliveries times the lease, after which the streamer closes it.
+    pub stall: std::time::Duration,
+}
+
+/// Attempts of one replay before the relay reports `replay_failed`.
+const REPLAY_ATTEMPTS: u32 = 3;
+
+/// What a replay from `CHAT_TOK` found.
+enum Replayed {
+    /// The turn's `done` was delivered, or the sink is gone.
+    Ended,
+    /// Delivered what was stored; the turn goes on.
+    More,
+    /// The stream could not be read.
+    Failed,
 }
 
 /// Per-node limits shared by all connections.
@@ -291,6 +319,9 @@ impl AppState {
         if index.user_id != user {
             return Err(forbidden(turn_id));
         }
+        // Past the replay window the frames are gone: following would
+        // answer `accepted` and then nothing.
+        self.within_replay_window(turn_id, &index)?;
         let follow = self.follow(&index.conversation_id, turn_id, None).await?;
         Ok(Some(Accepted {
             conversation_id: index.conversation_id,
@@ -314,8 +345,13 @@ impl AppState {
         if index.user_id != user {
             return Err(forbidden(turn_id));
         }
-        // The index outlives the frames (7 days against CHAT_TOK's max_age):
-        // past the replay window there is nothing left to resume from.
+        self.within_replay_window(turn_id, &index)?;
+        self.follow(&index.conversation_id, turn_id, None).await
+    }
+
+    /// The index outlives the frames (7 days against CHAT_TOK's max_age):
+    /// past the replay window there is nothing left to follow.
+    fn within_replay_window(&self, turn_id: &str, index: &TurnIndex) -> Result<(), ServerFrame> {
         let age = (Utc::now() - index.created_at).to_std().unwrap_or_default();
         if age > self.replay_window {
             return Err(error(
@@ -324,7 +360,7 @@ impl AppState {
                 "this turn is older than the replay window; load it from history",
             ));
         }
-        self.follow(&index.conversation_id, turn_id, None).await
+        Ok(())
     }
 
     /// Asks the worker generating `turn_id` to stop (core NATS).
@@ -399,15 +435,43 @@ impl AppState {
             live,
             fresh: false,
             subject,
+            turn_id: turn_id.to_owned(),
             js: self.js.clone(),
             slot,
+            timing: self.relay_timing,
         })
     }
 }
 
 impl Follow {
+    /// True when the subscription was taken before the turn was published
+    /// (nothing stored to replay).
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// The `seq` of the turn's last stored `reset` (0: none): a client that
+    /// cannot drop text follows from there.
+    pub async fn last_reset(&self) -> u64 {
+        let Ok(stored) = bus::replay::payloads(&self.js, streams::CHAT_TOK, &self.subject).await
+        else {
+            return 0;
+        };
+        stored
+            .iter()
+            .filter_map(|p| serde_json::from_slice::<ServerFrame>(p).ok())
+            .filter_map(|f| match f {
+                ServerFrame::Reset { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .last()
+            .unwrap_or(0)
+    }
+
     /// Delivers the turn's frames after `after_seq` to `sink`, in order,
-    /// each exactly once, until `done` (or until the sink gives up).
+    /// each exactly once, until `done`, the sink gives up, or the turn is
+    /// silent past [`RelayTiming::stall`]; a turn whose stored frames
+    /// cannot be read ends with `replay_failed`.
     pub async fn relay<S: FrameSink>(mut self, after_seq: u64, sink: S) {
         let mut last_seq = after_seq;
         let started = tokio::time::Instant::now();
@@ -416,10 +480,34 @@ impl Follow {
             started,
             first: std::sync::atomic::AtomicBool::new(after_seq == 0),
         };
-        if !self.fresh && self.replay(&mut last_seq, &sink).await {
+        if !self.fresh && self.replay_or_report(&mut last_seq, &sink).await.is_none() {
             return;
         }
-        while let Some(message) = self.live.next().await {
+        let mut heard = tokio::time::Instant::now();
+        loop {
+            let message = match tokio::time::timeout(self.timing.recheck, self.live.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(_) => {
+                    match self.recheck(&mut last_seq, &sink).await {
+                        None => return,
+                        Some(true) => heard = tokio::time::Instant::now(),
+                        Some(false) => {}
+                    }
+                    if heard.elapsed() >= self.timing.stall {
+                        metrics::counter!("gateway_relays_stalled_total").increment(1);
+                        let frame = error(
+                            Some(&self.turn_id),
+                            "turn_stalled",
+                            "no progress on this turn for a while; resume it later or load it from history",
+                        );
+                        sink.deliver(&frame).await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            heard = tokio::time::Instant::now();
             let Ok(frame) = serde_json::from_slice::<ServerFrame>(&message.payload) else {
                 continue;
             };
@@ -433,7 +521,7 @@ impl Follow {
                 Some(seq) if seq <= last_seq => continue,
                 Some(seq) if seq > last_seq + 1 => {
                     // A gap on the live path: the stream has what we missed.
-                    if self.replay(&mut last_seq, &sink).await {
+                    if self.replay_or_report(&mut last_seq, &sink).await.is_none() {
                         return;
                     }
                 }
@@ -447,14 +535,61 @@ impl Follow {
         drop(self.slot.take());
     }
 
-    /// Sends the stored frames after `last_seq`; true when the turn is over
-    /// (or the sink is gone).
-    async fn replay<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> bool {
+    /// After a silence: one cheap look at the turn's last stored frame, and
+    /// a replay only when it is past what the client has. `None` when the
+    /// relay is over; otherwise whether the client moved on.
+    async fn recheck<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Option<bool> {
+        metrics::counter!("gateway_relay_rechecks_total").increment(1);
+        let stream = self.js.get_stream(streams::CHAT_TOK).await.ok()?;
+        let newer = match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(last) => serde_json::from_slice::<ServerFrame>(&last.payload)
+                .ok()
+                .is_some_and(|f| f.seq().is_none_or(|seq| seq > *last_seq)),
+            // Nothing stored yet, or the bus is away: the stall bound decides.
+            Err(_) => false,
+        };
+        if !newer {
+            return Some(false);
+        }
+        self.replay_or_report(last_seq, sink).await
+    }
+
+    /// [`Self::replay`] with retries; on failure the client gets a
+    /// `replay_failed` frame. `None` when the relay is over.
+    async fn replay_or_report<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Option<bool> {
+        let before = *last_seq;
+        for attempt in 0..REPLAY_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(bus::backoff::delay(
+                    std::time::Duration::from_millis(200),
+                    attempt - 1,
+                    std::time::Duration::from_secs(2),
+                ))
+                .await;
+            }
+            match self.replay(last_seq, sink).await {
+                Replayed::Ended => return None,
+                Replayed::More => return Some(*last_seq > before),
+                Replayed::Failed => {}
+            }
+        }
+        metrics::counter!("gateway_replays_failed_total").increment(1);
+        let frame = error(
+            Some(&self.turn_id),
+            "replay_failed",
+            "the turn's stored frames could not be read; resume it later",
+        );
+        sink.deliver(&frame).await;
+        None
+    }
+
+    /// Sends the stored frames after `last_seq`.
+    async fn replay<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Replayed {
         let stored = match bus::replay::payloads(&self.js, streams::CHAT_TOK, &self.subject).await {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "Replay from CHAT_TOK failed.");
-                return false;
+                return Replayed::Failed;
             }
         };
         for payload in stored {
@@ -464,11 +599,11 @@ impl Follow {
             if frame.seq() == Some(*last_seq + 1) {
                 metrics::counter!("gateway_replayed_frames_total").increment(1);
                 if forward(last_seq, frame, sink).await {
-                    return true;
+                    return Replayed::Ended;
                 }
             }
         }
-        false
+        Replayed::More
     }
 }
 

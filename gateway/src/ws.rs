@@ -7,7 +7,11 @@
 //! keep up fills the outbox and is closed with code 4008; it reconnects and
 //! resumes. A disconnect stops only the relays, never the turns.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     extract::{
@@ -108,6 +112,15 @@ struct Session {
     user: String,
     /// Relays of this socket; cancelled when it closes (the turns go on).
     relays: CancellationToken,
+    /// The turns this socket follows, each with its relay's stop token.
+    streams: Arc<Mutex<Streams>>,
+}
+
+/// The relays of one socket, by turn.
+#[derive(Default)]
+struct Streams {
+    by_turn: HashMap<String, (u64, CancellationToken)>,
+    next: u64,
 }
 
 impl Session {
@@ -117,7 +130,24 @@ impl Session {
             state,
             user,
             relays,
+            streams: Arc::default(),
         }
+    }
+
+    /// Refuses a new stream past the socket's cap (a turn already followed
+    /// is replaced instead, so it needs no room).
+    fn room_for(&self, turn_id: Option<&str>) -> Result<(), ServerFrame> {
+        let streams = self.streams.lock().expect("streams lock");
+        let max = self.state.ws_max_streams;
+        if turn_id.is_some_and(|t| streams.by_turn.contains_key(t)) || streams.by_turn.len() < max {
+            return Ok(());
+        }
+        metrics::counter!("gateway_ws_streams_refused_total").increment(1);
+        Err(ServerFrame::error(
+            turn_id.map(str::to_owned),
+            "too_many_streams",
+            format!("a socket may follow at most {max} turns at once; wait for one to finish"),
+        ))
     }
 
     async fn run(self, socket: WebSocket) {
@@ -193,9 +223,19 @@ impl Session {
                 conversation_id,
                 content,
                 request_id,
+                model,
+                max_tokens,
             } => {
-                self.send(conversation_id, content, request_id, outbox)
-                    .await
+                let turn = NewTurn {
+                    conversation_id,
+                    content,
+                    request_id,
+                    history: Vec::new(),
+                    model,
+                    max_tokens,
+                    temperature: None,
+                };
+                self.send(turn, outbox).await
             }
             ClientFrame::Resume { turn_id, after_seq } => {
                 self.resume(turn_id, after_seq, outbox).await
@@ -212,27 +252,22 @@ impl Session {
 
     async fn send(
         &self,
-        conversation_id: Option<String>,
-        content: String,
-        request_id: String,
+        turn: NewTurn,
         outbox: &Outbox,
     ) -> Result<Option<ServerFrame>, ServerFrame> {
-        let turn = NewTurn {
-            conversation_id,
-            content,
-            request_id: request_id.clone(),
-            history: Vec::new(),
-            model: None,
-            max_tokens: None,
-            temperature: None,
-        };
+        self.state
+            .models
+            .check(turn.model.as_deref(), turn.max_tokens)
+            .map_err(|refused| refused.frame())?;
+        let request_id = turn.request_id.clone();
+        self.room_for(None)?;
         let accepted = self.state.accept_turn(&self.user, turn).await?;
         outbox.send(&ServerFrame::Accepted {
             request_id,
             conversation_id: accepted.conversation_id,
-            turn_id: accepted.turn_id,
+            turn_id: accepted.turn_id.clone(),
         });
-        self.spawn_relay(accepted.follow, 0, outbox);
+        self.spawn_relay(accepted.turn_id, accepted.follow, 0, outbox);
         Ok(None)
     }
 
@@ -243,8 +278,9 @@ impl Session {
         outbox: &Outbox,
     ) -> Result<Option<ServerFrame>, ServerFrame> {
         metrics::counter!("gateway_resumes_total").increment(1);
+        self.room_for(Some(&turn_id))?;
         let follow = self.state.follow_turn(&self.user, &turn_id).await?;
-        self.spawn_relay(follow, after_seq, outbox);
+        self.spawn_relay(turn_id, follow, after_seq, outbox);
         Ok(None)
     }
 
@@ -253,12 +289,33 @@ impl Session {
         Ok(None)
     }
 
-    fn spawn_relay(&self, follow: Follow, after_seq: u64, outbox: &Outbox) {
-        let (stop, outbox) = (self.relays.clone(), outbox.clone());
+    /// Follows a turn; a relay already following it stops first, so a
+    /// client that resumes twice gets each frame once.
+    fn spawn_relay(&self, turn_id: String, follow: Follow, after_seq: u64, outbox: &Outbox) {
+        let stop = self.relays.child_token();
+        let id = {
+            let mut streams = self.streams.lock().expect("streams lock");
+            streams.next += 1;
+            let id = streams.next;
+            if let Some((_, replaced)) = streams.by_turn.insert(turn_id.clone(), (id, stop.clone()))
+            {
+                replaced.cancel();
+            }
+            id
+        };
+        let (streams, outbox) = (self.streams.clone(), outbox.clone());
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = follow.relay(after_seq, outbox) => {}
+            }
+            let mut streams = streams.lock().expect("streams lock");
+            if streams
+                .by_turn
+                .get(&turn_id)
+                .is_some_and(|(current, _)| *current == id)
+            {
+                streams.by_turn.remove(&turn_id);
             }
         });
     }

@@ -6,6 +6,9 @@
 //! request goes to every persister (no queue group), and the asker waits for
 //! as many replies as there are live persisters, known from their heartbeats
 //! in the `persisters` KV bucket. Answers are merged by `turn_id`.
+//!
+//! A conversation is read in pages ([`TurnCursor`], [`merge_get`]), never
+//! whole: a reply larger than the server's max payload would be dropped.
 
 use std::{
     collections::HashMap,
@@ -16,6 +19,7 @@ use std::{
 use anyhow::Context as _;
 use async_nats::jetstream;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 
 use crate::{
@@ -24,7 +28,7 @@ use crate::{
     wire::{
         ConversationDetail, ConversationList, ConversationSummary, ErrorBody, HistoryGetRequest,
         HistoryListRequest, HistoryReply, HistoryScanRequest, HistoryScansRequest, ScanList,
-        ScanRecord,
+        ScanRecord, TurnRecord,
     },
 };
 
@@ -37,6 +41,15 @@ pub const HEARTBEAT_STALE: Duration = Duration::from_secs(15);
 pub const SCAN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most scans one `history.scans` answer holds; larger limits are capped.
 pub const MAX_SCANS: u32 = 100;
+/// Turns in a `history.get` page when the request sets no limit.
+pub const DEFAULT_TURNS: u32 = 50;
+/// Most turns one `history.get` page holds; larger limits are capped.
+pub const MAX_TURNS: u32 = 200;
+
+/// The number of turns a `history.get` page asking for `limit` holds at most.
+pub fn page_limit(limit: Option<u32>) -> u32 {
+    limit.unwrap_or(DEFAULT_TURNS).clamp(1, MAX_TURNS)
+}
 
 /// Asks the live persisters; cheap to clone.
 #[derive(Debug, Clone)]
@@ -113,8 +126,8 @@ impl HistoryClient {
         Ok(out)
     }
 
-    /// One conversation's turns from every persister, merged; `None` when no
-    /// persister answered in time.
+    /// One page of a conversation's turns from every persister, merged
+    /// ([`merge_get`]); `None` when no persister answered in time.
     ///
     /// # Errors
     /// When the request cannot be sent.
@@ -131,6 +144,7 @@ impl HistoryClient {
                 .iter()
                 .filter_map(|r| serde_json::from_slice(r).ok())
                 .collect(),
+            page_limit(request.limit) as usize,
         ))
     }
 
@@ -324,26 +338,94 @@ pub fn sort_newest_first(scans: &mut [ScanRecord]) {
     });
 }
 
-/// Unions the turns of every successful reply by `turn_id`, oldest first. A
+/// A position in a conversation's turn order, which is `created_at` to the
+/// microsecond, then `turn_id` (bytewise). Microseconds because Postgres
+/// keeps no finer, so a turn read from Postgres and the same turn read from
+/// a persister's SQLite file sit at the same place. On the wire (`before`,
+/// `next_cursor`) it is `<micros>_<turn_id>`, opaque to clients.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TurnCursor {
+    micros: i64,
+    turn_id: String,
+}
+
+impl TurnCursor {
+    /// Where `turn` sits.
+    pub fn of(turn: &TurnRecord) -> Self {
+        Self::at(turn.created_at, &turn.turn_id)
+    }
+
+    /// The position of a turn created at `created_at` with id `turn_id`.
+    pub fn at(created_at: DateTime<Utc>, turn_id: &str) -> Self {
+        Self {
+            micros: created_at.timestamp_micros(),
+            turn_id: turn_id.to_owned(),
+        }
+    }
+
+    /// Reads a cursor this module wrote; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (micros, turn_id) = text.split_once('_')?;
+        subject::token(turn_id).ok()?;
+        Some(Self {
+            micros: micros.parse().ok()?,
+            turn_id: turn_id.to_owned(),
+        })
+    }
+
+    /// `created_at` to the microsecond.
+    pub fn created_at(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(self.micros).unwrap_or_default()
+    }
+
+    /// The turn id.
+    pub fn turn_id(&self) -> &str {
+        &self.turn_id
+    }
+}
+
+impl std::fmt::Display for TurnCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}_{}", self.micros, self.turn_id)
+    }
+}
+
+/// Sorts turns oldest first, in [`TurnCursor`] order.
+pub fn sort_oldest_first(turns: &mut [TurnRecord]) {
+    turns.sort_by(|a, b| {
+        (a.created_at.timestamp_micros(), &a.turn_id)
+            .cmp(&(b.created_at.timestamp_micros(), &b.turn_id))
+    });
+}
+
+/// Unions the pages every persister answered into one page of at most
+/// `limit` turns, oldest first. A page that says `has_more` covers only back
+/// to its oldest turn: older turns from other pages are left for the next
+/// page, since that persister may hold (unsynced) turns among them. A
 /// conversation one persister does not know (`not_found`) while another
 /// holds its unsynced turns is found; errors win only when nobody answered.
 pub fn merge_get(
     replies: Vec<HistoryReply<ConversationDetail>>,
+    limit: usize,
 ) -> Option<HistoryReply<ConversationDetail>> {
     let mut merged: Option<ConversationDetail> = None;
+    let mut by_id: HashMap<String, TurnRecord> = HashMap::new();
+    // The newest of the oldest positions the cut-short pages reach.
+    let mut covered_from: Option<TurnCursor> = None;
     let mut error = None;
     for reply in replies {
         match reply {
-            HistoryReply::Ok(detail) => match &mut merged {
-                None => merged = Some(detail),
-                Some(into) => {
-                    for turn in detail.turns {
-                        if !into.turns.iter().any(|t| t.turn_id == turn.turn_id) {
-                            into.turns.push(turn);
-                        }
-                    }
+            HistoryReply::Ok(mut detail) => {
+                if detail.has_more
+                    && let Some(oldest) = detail.turns.iter().map(TurnCursor::of).min()
+                {
+                    covered_from = covered_from.max(Some(oldest));
                 }
-            },
+                for turn in std::mem::take(&mut detail.turns) {
+                    by_id.entry(turn.turn_id.clone()).or_insert(turn);
+                }
+                merged.get_or_insert(detail);
+            }
             // Forbidden outranks not_found, which outranks unavailable.
             HistoryReply::Err(body) => {
                 let rank = |code: &str| match code {
@@ -363,11 +445,22 @@ pub fn merge_get(
     match (merged, error) {
         (_, Some(e)) if e.error.code == "forbidden" => Some(HistoryReply::Err(e)),
         (Some(mut detail), _) => {
-            detail.turns.sort_by(|a, b| {
-                a.created_at
-                    .cmp(&b.created_at)
-                    .then(a.turn_id.cmp(&b.turn_id))
-            });
+            let mut turns: Vec<TurnRecord> = by_id
+                .into_values()
+                .filter(|t| {
+                    covered_from
+                        .as_ref()
+                        .is_none_or(|c| TurnCursor::of(t) >= *c)
+                })
+                .collect();
+            sort_oldest_first(&mut turns);
+            let over = turns.len().saturating_sub(limit.max(1));
+            turns.drain(..over);
+            detail.has_more = (covered_from.is_some() || over > 0) && !turns.is_empty();
+            detail.next_cursor = detail
+                .has_more
+                .then(|| TurnCursor::of(&turns[0]).to_string());
+            detail.turns = turns;
             Some(HistoryReply::Ok(detail))
         }
         (None, error) => error.map(HistoryReply::Err),
@@ -447,6 +540,84 @@ mod tests {
                 message: code.into(),
             },
         }
+    }
+
+    fn turn(n: i64) -> TurnRecord {
+        let at = DateTime::<Utc>::from_timestamp(1_700_000_000 + n, 0).unwrap();
+        TurnRecord {
+            turn_id: format!("t{n}"),
+            conversation_id: "c".into(),
+            user_id: "u".into(),
+            request_id: format!("r{n}"),
+            model: "m".into(),
+            user_text: "q".into(),
+            assistant_text: "a".into(),
+            finish_reason: crate::wire::FinishReason::Stop,
+            usage: crate::wire::Usage::default(),
+            error: None,
+            created_at: at,
+            first_token_at: None,
+            completed_at: at,
+        }
+    }
+
+    fn page(turns: &[i64], has_more: bool) -> HistoryReply<ConversationDetail> {
+        HistoryReply::Ok(ConversationDetail {
+            conversation_id: "c".into(),
+            turns: turns.iter().map(|&n| turn(n)).collect(),
+            has_more,
+            next_cursor: None,
+        })
+    }
+
+    fn ids(reply: Option<HistoryReply<ConversationDetail>>) -> (Vec<String>, Option<String>) {
+        let Some(HistoryReply::Ok(detail)) = reply else {
+            panic!("no page: {reply:?}");
+        };
+        assert_eq!(detail.has_more, detail.next_cursor.is_some());
+        let ids = detail.turns.iter().map(|t| t.turn_id.clone()).collect();
+        (ids, detail.next_cursor)
+    }
+
+    #[test]
+    fn cursors_order_by_microsecond_then_id_and_read_back_what_they_wrote() {
+        let a = TurnCursor::of(&turn(1));
+        let mut same_micros = turn(1);
+        same_micros.created_at += chrono::Duration::nanoseconds(999);
+        assert_eq!(TurnCursor::of(&same_micros), a, "Postgres keeps no finer");
+        same_micros.turn_id = "t1b".into();
+        assert!(TurnCursor::of(&same_micros) > a);
+        assert!(TurnCursor::of(&turn(2)) > TurnCursor::of(&same_micros));
+        assert_eq!(TurnCursor::parse(&a.to_string()), Some(a.clone()));
+        assert_eq!(a.created_at(), turn(1).created_at);
+        for bad in ["", "t1", "x_t1", "1_", "1_a.b", "1_a b"] {
+            assert_eq!(TurnCursor::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pages_merge_only_as_far_back_as_every_cut_short_page_reaches() {
+        // One persister stopped at t5 (more before it); another has unsynced
+        // t4 and t2: they belong to the next page, not this one.
+        let merged = merge_get(vec![page(&[5, 6, 7], true), page(&[2, 4, 6], false)], 50);
+        let (turns, cursor) = ids(merged);
+        assert_eq!(turns, ["t5", "t6", "t7"]);
+        assert_eq!(cursor, Some(TurnCursor::of(&turn(5)).to_string()));
+        // The limit keeps the newest.
+        let (turns, cursor) = ids(merge_get(
+            vec![page(&[1, 2, 3], false), page(&[3, 4], false)],
+            2,
+        ));
+        assert_eq!(turns, ["t3", "t4"]);
+        assert_eq!(cursor, Some(TurnCursor::of(&turn(3)).to_string()));
+        // Complete pages: everything, no cursor.
+        let (turns, cursor) = ids(merge_get(vec![page(&[1, 3], false), page(&[2], false)], 50));
+        assert_eq!(
+            (turns, cursor),
+            (vec!["t1".into(), "t2".into(), "t3".into()], None)
+        );
+        let (turns, cursor) = ids(merge_get(vec![page(&[], false)], 50));
+        assert_eq!((turns.len(), cursor), (0, None));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! ([`shutdown`]), and the health/readiness/metrics listener ([`ops`]).
 //! It owns no business logic: the gateway, streamer and persister do.
 
+pub mod backoff;
 pub mod connect;
 pub mod dlq;
 pub mod history;
+pub mod lease;
 pub mod ops;
 pub mod replay;
 pub mod shutdown;

@@ -23,6 +23,8 @@ pub const SCAN_EVT: &str = "SCAN_EVT";
 pub const SCAN_DONE: &str = "SCAN_DONE";
 /// Stream of dead letters.
 pub const DLQ: &str = "DLQ";
+/// Stream of max-deliveries advisories of the streamer's work consumers.
+pub const MAX_DELIVERIES: &str = "MAX_DELIVERIES";
 
 const STREAM_FILES: &[(&str, &str)] = &[
     (CHAT_REQ, include_str!("../streams/CHAT_REQ.json")),
@@ -32,6 +34,10 @@ const STREAM_FILES: &[(&str, &str)] = &[
     (SCAN_EVT, include_str!("../streams/SCAN_EVT.json")),
     (SCAN_DONE, include_str!("../streams/SCAN_DONE.json")),
     (DLQ, include_str!("../streams/DLQ.json")),
+    (
+        MAX_DELIVERIES,
+        include_str!("../streams/MAX_DELIVERIES.json"),
+    ),
 ];
 
 /// A durable consumer: the stream it reads and its definition file.
@@ -62,6 +68,12 @@ pub const PERSISTER_TURNS: ConsumerDef = ConsumerDef {
 pub const PERSISTER_SCANS: ConsumerDef = ConsumerDef {
     stream: SCAN_DONE,
     json: include_str!("../consumers/SCAN_DONE.persister-scans.json"),
+};
+
+/// The streamer's closer of turns and scans whose deliveries ran out.
+pub const STREAMER_EXHAUSTED: ConsumerDef = ConsumerDef {
+    stream: MAX_DELIVERIES,
+    json: include_str!("../consumers/MAX_DELIVERIES.streamer-exhausted.json"),
 };
 
 /// Failed scans waiting for a reprocess pass.
@@ -266,6 +278,7 @@ mod tests {
             PERSISTER_TURNS,
             PERSISTER_SCANS,
             STREAMER_DLQ_SCAN,
+            STREAMER_EXHAUSTED,
         ] {
             let config = c.config().unwrap();
             assert!(config.durable_name.is_some());

@@ -22,6 +22,12 @@ pub enum ClientFrame {
         content: String,
         /// The client's idempotency key: a repeat is not a second turn.
         request_id: String,
+        /// One of the models `GET /v1/models` lists; `None` uses the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+        /// An upper bound on the answer's tokens, at most the operator's cap.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_tokens: Option<u32>,
     },
     /// Replays a turn's frames after `after_seq`, then follows it live.
     Resume {
@@ -255,6 +261,21 @@ pub struct DeadLetter {
     pub failed_at: DateTime<Utc>,
 }
 
+/// JetStream's `io.nats.jetstream.advisory.v1.max_deliver`: a message of
+/// `stream` used up the `max_deliver` of `consumer` and will not be
+/// delivered again. Captured by the `MAX_DELIVERIES` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaxDeliveriesAdvisory {
+    /// The work stream (`CHAT_REQ`, `SCAN_REQ`).
+    pub stream: String,
+    /// The durable consumer whose deliveries ran out.
+    pub consumer: String,
+    /// The message's sequence in `stream`.
+    pub stream_seq: u64,
+    /// How many times it was delivered.
+    pub deliveries: u64,
+}
+
 /// `history.list` request: a user's conversations, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryListRequest {
@@ -280,13 +301,29 @@ pub struct ConversationSummary {
     pub updated_at: DateTime<Utc>,
 }
 
-/// `history.get` request: one conversation's turns, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `history.get` request: one page of a conversation's turns.
+///
+/// Pages go back in time: the first holds the newest turns, each next one
+/// (`before` = the previous page's `next_cursor`) older ones; inside a page
+/// turns are oldest first. A reply never exceeds the bus's max payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryGetRequest {
     /// Who asks (only the owner may read it).
     pub user_id: String,
     /// The conversation.
     pub conversation_id: String,
+    /// At most this many turns; default and cap in [`crate::history`]
+    /// (`DEFAULT_TURNS`, `MAX_TURNS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Only turns older than this cursor (an earlier page's `next_cursor`);
+    /// `None` starts from the newest turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    /// Stop adding older turns once their JSON passes this many bytes (the
+    /// newest turn of the page always comes); the max payload caps it anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u32>,
 }
 
 /// A reply on the history subjects: the value, or an error with a code
@@ -307,13 +344,20 @@ pub struct ConversationList {
     pub conversations: Vec<ConversationSummary>,
 }
 
-/// The `history.get` answer.
+/// The `history.get` answer (and `GET /v1/conversations/{id}`'s body): one page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConversationDetail {
     /// The conversation.
     pub conversation_id: String,
-    /// Its turns, oldest first, complete (Postgres plus what only SQLite has yet).
+    /// The page's turns, oldest first (Postgres plus what only SQLite has yet).
     pub turns: Vec<TurnRecord>,
+    /// True when older turns exist than this page holds (a short page can
+    /// have more: it was cut to fit a NATS message).
+    #[serde(default)]
+    pub has_more: bool,
+    /// Where the next (older) page starts, when `has_more`; opaque.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// Largest upload `POST /v1/scans` accepts (20 MB).
@@ -661,9 +705,20 @@ mod tests {
             ClientFrame::Send {
                 conversation_id: None,
                 content: "hi".into(),
-                request_id: "r1".into()
+                request_id: "r1".into(),
+                model: None,
+                max_tokens: None,
             }
         );
+        let chosen: ClientFrame = serde_json::from_value(json!({
+            "type": "send", "content": "hi", "request_id": "r1",
+            "model": "m", "max_tokens": 100
+        }))
+        .unwrap();
+        assert!(matches!(
+            chosen,
+            ClientFrame::Send { model: Some(m), max_tokens: Some(100), .. } if m == "m"
+        ));
         let resume: ClientFrame =
             serde_json::from_str(r#"{"type":"resume","turn_id":"t","after_seq":3}"#).unwrap();
         assert_eq!(

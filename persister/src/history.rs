@@ -12,14 +12,17 @@
 //! asks; this checks again, because the streamer asks too.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
-use bus::wire::{
-    ConversationDetail, ConversationList, ConversationSummary, ErrorBody, ErrorDetail,
-    HistoryGetRequest, HistoryListRequest, HistoryReply, TurnRecord, Usage,
+use bus::{
+    history::TurnCursor,
+    wire::{
+        ConversationDetail, ConversationList, ConversationSummary, ErrorBody, ErrorDetail,
+        HistoryGetRequest, HistoryListRequest, HistoryReply, TurnRecord, Usage,
+    },
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
@@ -269,35 +272,68 @@ impl History {
                 "user_id and conversation_id are required".into(),
             ));
         }
+        let limit = bus::history::page_limit(request.limit) as usize;
+        let before = match request.before.as_deref() {
+            Some(text) => Some(TurnCursor::parse(text).ok_or_else(|| {
+                HistoryError::Invalid(format!("{text:?} is not a history cursor"))
+            })?),
+            None => None,
+        };
         let conversation = request.conversation_id.as_str();
+        // SQLite before Postgres: a row the sync marks synced after this read
+        // was in Postgres before the read below, so no turn falls between.
+        let unsynced = self.wal.conversation_turns(conversation, true).await?;
+        let from = before.as_ref();
         let from_postgres = self
-            .postgres(|pool| async move { pg_get(&pool, conversation).await })
+            .postgres(|pool| async move { pg_get(&pool, conversation, from, limit + 1).await })
             .await;
-        let local = self.wal.conversation_turns(conversation).await?;
-        let (mut owner, remote) = from_postgres.unwrap_or_default();
+        let (owner, remote, local) = match from_postgres {
+            Some((owner, remote)) => (owner, remote, unsynced),
+            None => (
+                None,
+                Vec::new(),
+                self.wal.conversation_turns(conversation, false).await?,
+            ),
+        };
+        // Every turn of a conversation has its owner's user_id.
+        let owner = owner.or_else(|| {
+            remote
+                .iter()
+                .chain(&local)
+                .next()
+                .map(|t| t.user_id.clone())
+        });
+        match owner {
+            None => return Err(HistoryError::NotFound),
+            Some(owner) if owner != request.user_id => return Err(HistoryError::Forbidden),
+            Some(_) => {}
+        }
         // Keyed by turn id: a turn in both places appears once.
-        let mut turns: BTreeMap<String, TurnRecord> =
+        let mut turns: HashMap<String, TurnRecord> =
             remote.into_iter().map(|t| (t.turn_id.clone(), t)).collect();
         for turn in local {
             turns.entry(turn.turn_id.clone()).or_insert(turn);
         }
-        let mut turns: Vec<TurnRecord> = turns.into_values().collect();
-        turns.sort_by(|a, b| {
-            a.created_at
-                .cmp(&b.created_at)
-                .then_with(|| a.turn_id.cmp(&b.turn_id))
-        });
-        if owner.is_none() {
-            owner = turns.first().map(|t| t.user_id.clone());
-        }
-        match owner {
-            None => Err(HistoryError::NotFound),
-            Some(owner) if owner != request.user_id => Err(HistoryError::Forbidden),
-            Some(_) => Ok(ConversationDetail {
-                conversation_id: request.conversation_id,
-                turns,
-            }),
-        }
+        let mut turns: Vec<TurnRecord> = turns
+            .into_values()
+            .filter(|t| from.is_none_or(|b| TurnCursor::of(t) < *b))
+            .collect();
+        bus::history::sort_oldest_first(&mut turns);
+        turns.reverse();
+        let mut has_more = turns.len() > limit;
+        turns.truncate(limit);
+        let wanted = request.max_bytes.map_or(usize::MAX, |b| b as usize);
+        let (mut turns, cut) = fit_page(turns, scans::reply_budget(&self.client), wanted);
+        has_more |= cut;
+        turns.reverse();
+        Ok(ConversationDetail {
+            next_cursor: has_more
+                .then(|| turns.first().map(|t| TurnCursor::of(t).to_string()))
+                .flatten(),
+            has_more,
+            conversation_id: request.conversation_id,
+            turns,
+        })
     }
 
     /// Runs a Postgres read when Postgres is reachable, within
@@ -461,26 +497,105 @@ async fn pg_existing(pool: &PgPool, turn_ids: &[String]) -> Result<HashSet<Strin
     Ok(rows.into_iter().collect())
 }
 
-/// The conversation's owner (if Postgres knows it) and its turns there.
+/// The conversation's owner (if Postgres knows it) and its newest `limit`
+/// turns there older than `before`, newest first.
 async fn pg_get(
     pool: &PgPool,
     conversation_id: &str,
+    before: Option<&TurnCursor>,
+    limit: usize,
 ) -> Result<(Option<String>, Vec<TurnRecord>), sqlx::Error> {
     let owner: Option<String> =
         sqlx::query_scalar("SELECT user_id FROM conversations WHERE conversation_id = $1")
             .bind(conversation_id)
             .fetch_optional(pool)
             .await?;
+    // COLLATE "C": turn ids compare bytewise, as TurnCursor orders them.
     let turns = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {TURN_COLUMNS} FROM turns WHERE conversation_id = $1 ORDER BY created_at, turn_id"
+        "SELECT {TURN_COLUMNS} FROM turns WHERE conversation_id = $1 \
+         AND ($2::timestamptz IS NULL OR created_at < $2 \
+              OR (created_at = $2 AND turn_id COLLATE \"C\" < $3)) \
+         ORDER BY created_at DESC, turn_id COLLATE \"C\" DESC LIMIT $4"
     )))
     .bind(conversation_id)
+    .bind(before.map(TurnCursor::created_at))
+    .bind(before.map_or("", TurnCursor::turn_id))
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await?
     .iter()
     .map(turn_row)
     .collect::<Result<_, _>>()?;
     Ok((owner, turns))
+}
+
+/// Keeps the newest turns (`newest_first`) whose JSON fits in `wanted` bytes
+/// and always in `budget` (the max payload less a margin); true when turns
+/// were left out. The newest turn always stays, so paging moves on: when it
+/// alone is over `budget` its texts are shortened, marked with "…", as the
+/// reply could not be sent at all otherwise (Postgres keeps the whole text).
+fn fit_page(
+    newest_first: Vec<TurnRecord>,
+    budget: usize,
+    wanted: usize,
+) -> (Vec<TurnRecord>, bool) {
+    let total = newest_first.len();
+    let limit = budget.min(wanted);
+    let mut used = 0;
+    let mut kept = Vec::with_capacity(total);
+    for turn in newest_first {
+        let size = serde_json::to_vec(&turn).map_or(usize::MAX, |v| v.len()) + 1;
+        if kept.is_empty() {
+            used = size;
+            kept.push(if size > budget {
+                shorten(turn, budget)
+            } else {
+                turn
+            });
+            continue;
+        }
+        if used + size > limit {
+            break;
+        }
+        used += size;
+        kept.push(turn);
+    }
+    let cut = kept.len() < total;
+    if cut {
+        tracing::debug!(
+            kept = kept.len(),
+            left = total - kept.len(),
+            "history.get page shortened to fit its byte budget."
+        );
+    }
+    (kept, cut)
+}
+
+/// Cuts a turn's answer, then its question, until its JSON fits in `budget`.
+fn shorten(mut turn: TurnRecord, budget: usize) -> TurnRecord {
+    tracing::warn!(turn = %turn.turn_id, budget, "A turn is larger than a history reply may be; its text is shortened in the reply.");
+    let size = |t: &TurnRecord| serde_json::to_vec(t).map_or(usize::MAX, |v| v.len()) + 1;
+    for answer in [true, false] {
+        let over = size(&turn).saturating_sub(budget);
+        if over == 0 {
+            break;
+        }
+        let text = if answer {
+            &mut turn.assistant_text
+        } else {
+            &mut turn.user_text
+        };
+        // Every byte of text costs at least one on the wire (escapes cost
+        // more), so cutting `over` bytes and room for the "…" is enough.
+        let keep = text.len().saturating_sub(over + '…'.len_utf8());
+        let cut = (0..=keep)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+    turn
 }
 
 fn turn_row(row: &PgRow) -> Result<TurnRecord, sqlx::Error> {
@@ -514,6 +629,46 @@ fn turn_row(row: &PgRow) -> Result<TurnRecord, sqlx::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn turn(n: usize, text: &str) -> TurnRecord {
+        TurnRecord {
+            turn_id: format!("t{n}"),
+            conversation_id: "c".into(),
+            user_id: "u".into(),
+            request_id: format!("r{n}"),
+            model: "m".into(),
+            user_text: text.into(),
+            assistant_text: text.into(),
+            finish_reason: bus::wire::FinishReason::Stop,
+            usage: Usage::default(),
+            error: None,
+            created_at: Utc::now(),
+            first_token_at: None,
+            completed_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_page_keeps_the_newest_turns_that_fit_and_always_one() {
+        let newest_first: Vec<_> = (0..10).map(|n| turn(n, &"x".repeat(1000))).collect();
+        let (kept, cut) = fit_page(newest_first.clone(), 1 << 20, usize::MAX);
+        assert_eq!((kept.len(), cut), (10, false));
+        let (kept, cut) = fit_page(newest_first.clone(), 5000, usize::MAX);
+        assert!(cut && kept.len() == 2, "{}", kept.len());
+        assert_eq!(kept[..], newest_first[..2]);
+        // What the asker wants is honoured too, but the newest always comes.
+        let (kept, cut) = fit_page(newest_first.clone(), 1 << 20, 10);
+        assert_eq!((kept.len(), cut), (1, true));
+        assert_eq!(kept[0], newest_first[0]);
+
+        // A turn too large for any reply is shortened, marked, and fits.
+        let huge = turn(0, &"가\"\n".repeat(3000));
+        let (kept, cut) = fit_page(vec![huge, turn(1, "x")], 4000, usize::MAX);
+        assert!(cut);
+        assert_eq!(kept.len(), 1);
+        assert!(serde_json::to_vec(&kept[0]).unwrap().len() < 4000);
+        assert!(kept[0].assistant_text.ends_with('…'));
+    }
 
     #[test]
     fn titles_are_one_short_line() {

@@ -28,7 +28,6 @@ use std::{
 use anyhow::Context as _;
 use bus::wire::TurnRecord;
 use chrono::{DateTime, Utc};
-use rand::Rng as _;
 use secrecy::{ExposeSecret as _, SecretString};
 use sqlx::{
     Connection as _, PgPool, QueryBuilder,
@@ -175,7 +174,7 @@ impl Syncer {
     /// Copies rows until `shutdown` fires. It starts with whatever a previous
     /// run left unsynced, and never gives up on Postgres.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
+        let mut backoff = bus::backoff::Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         let mut outage: Option<(Instant, u64)> = None;
         let mut next_purge = Instant::now() + self.interval;
         loop {
@@ -574,50 +573,9 @@ fn is_unreachable(error: &sqlx::Error) -> bool {
     }
 }
 
-/// Exponential backoff with jitter: each delay is a random point in the
-/// upper half of the current step, so many persisters do not retry in step.
-#[derive(Debug)]
-struct Backoff {
-    first: Duration,
-    cap: Duration,
-    step: Duration,
-}
-
-impl Backoff {
-    fn new(first: Duration, cap: Duration) -> Self {
-        Self {
-            first,
-            cap,
-            step: first,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (step * 2).min(self.cap);
-        step.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
-
-    fn reset(&mut self) {
-        self.step = self.first;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let first = backoff.next_delay();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        let delays: Vec<_> = (0..20).map(|_| backoff.next_delay()).collect();
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
-        assert!(delays.last().unwrap() >= &Duration::from_secs(5));
-        backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(100));
-    }
 
     #[test]
     fn nul_is_the_only_character_changed_for_postgres() {

@@ -402,20 +402,23 @@ impl Wal {
         .await
     }
 
-    /// Every stored turn of a conversation (synced or not), in no order.
+    /// A conversation's stored turns, in no order: only those not yet in
+    /// Postgres when `unsynced_only`, else every one still kept here.
     ///
     /// # Errors
     /// [`WalError`] when the query fails or a row cannot be read back.
     pub async fn conversation_turns(
         &self,
         conversation_id: &str,
+        unsynced_only: bool,
     ) -> Result<Vec<TurnRecord>, WalError> {
         let conversation_id = conversation_id.to_owned();
         self.call(move |conn| {
             let mut select = conn.prepare_cached(&format!(
-                "SELECT {SELECT_TURN_COLUMNS} FROM turns WHERE conversation_id = ?1"
+                "SELECT {SELECT_TURN_COLUMNS} FROM turns \
+                 WHERE conversation_id = ?1 AND (synced_at IS NULL OR NOT ?2)"
             ))?;
-            let rows = select.query_map([conversation_id], read_row)?;
+            let rows = select.query_map(params![conversation_id, unsynced_only], read_row)?;
             rows.map(|row| row?).collect()
         })
         .await

@@ -3,40 +3,63 @@
 //! -> ack. The request is acked only after the record is stored in JetStream,
 //! so a worker that dies at any point leaves the request to be redelivered.
 //!
+//! A turn has one writer at a time ([`crate::frames`]): frames are fenced on
+//! the subject's last sequence, so a worker that was slow or frozen past its
+//! lease and comes back finds its replacement's frames, stops, and closes its
+//! upstream call. The lease is renewed from the moment of receipt
+//! ([`bus::lease`]), through connecting and retrying the upstream.
+//!
 //! A redelivered request first looks at what an earlier attempt published: if
 //! it got as far as `done`, the record is rebuilt from those frames (no second
 //! generation); if it got part-way, a `reset` frame continues the `seq` space
 //! and the answer starts over, so the client never sees silent duplication.
+//! A request whose deliveries run out is closed by [`Worker::close_exhausted`].
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, AckKind, context::PublishAckFuture};
+use async_nats::jetstream::{self, AckKind};
 use bus::{
     streams, subject,
     wire::{
         ChatMessage, ChatRequest, ConversationDetail, DeadLetter, FinishReason, HistoryGetRequest,
-        HistoryReply, ServerFrame, TurnRecord, Usage,
+        HistoryReply, TurnRecord, Usage,
     },
 };
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 
-use crate::upstream::{self, Event, Upstream};
+use crate::{
+    frames::{FrameWriter, TokenPipe, TurnLog, WriteError},
+    upstream::{self, Event, Upstream},
+};
 
 /// Un-awaited publishes a JetStream context allows in all (async-nats's
-/// `max_ack_inflight`), less headroom for records and dead letters.
+/// `max_ack_inflight`), less headroom for records and dead letters. Each
+/// turn has at most one frame publish in flight, so this bounds the turns a
+/// process may run at once.
 pub const ACK_BUDGET: usize = 4_000;
 
-/// Earlier turns put into a prompt.
-const HISTORY_TURNS: usize = 10;
+/// Most earlier turns put into a prompt: one `history.get` page.
+const HISTORY_TURNS: u32 = 50;
+/// Most bytes of earlier user and assistant text a prompt carries: the
+/// newest whole turns that fit, about 8k tokens of English (4 bytes a
+/// token) or 11k characters of Korean (3 bytes a character). A newest turn
+/// larger than this alone comes shortened, so context is never dropped
+/// just because the last message was long.
+pub const HISTORY_BUDGET_BYTES: usize = 32 * 1024;
 /// How long the persister may take to answer a history request.
 const HISTORY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The error code of a turn closed because its deliveries ran out.
+pub const EXHAUSTED_CODE: &str = "delivery_exhausted";
+const EXHAUSTED_MESSAGE: &str =
+    "the answer could not be completed after several attempts; please send it again";
 
 /// What a worker needs; cloned cheaply into each task.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    /// Core NATS, for cancel subscriptions and dead letters.
+    /// Core NATS, for cancel subscriptions and lease renewals.
     pub client: async_nats::Client,
     /// JetStream, for frames and records.
     pub js: jetstream::Context,
@@ -46,21 +69,19 @@ pub struct Worker {
     pub system_prompt: String,
     /// Default token cap.
     pub max_tokens: u32,
-    /// How often a long generation tells JetStream it is still working
-    /// (well inside the consumer's ack wait).
-    pub progress_every: Duration,
+    /// The consumer's ack wait: a worker renews its lease on a request every
+    /// third of it.
+    pub lease: Duration,
     /// Asks the persisters for a conversation's earlier turns.
     pub history: bus::history::HistoryClient,
-    /// Frame publishes one turn keeps un-awaited: [`ACK_BUDGET`] shared by
-    /// the turns this process runs at once.
-    pub ack_window: usize,
 }
 
 impl Worker {
     /// Handles one delivery of a `chat.req.*` message, acking, nacking or
-    /// terminating it.
+    /// leaving it (when another worker took it over).
     pub async fn handle(&self, message: jetstream::Message) {
-        let deliveries = message.info().map(|i| i.delivered).unwrap_or(1) as u64;
+        let _lease = bus::lease::Lease::keep(&self.client, &message, self.lease / 3);
+        let deliveries = bus::dlq::deliveries(&message);
         let request: ChatRequest = match serde_json::from_slice(&message.payload) {
             Ok(request) => request,
             Err(error) => {
@@ -76,13 +97,18 @@ impl Worker {
         };
         let span = tracing::info_span!("turn", turn = %request.turn_id, conversation = %request.conversation_id);
         let _enter = span.enter();
-        match self.answer(&message, &request, deliveries).await {
+        match self.answer(&request, deliveries).await {
             Ok(()) => {
                 if let Err(error) = message.double_ack().await {
                     tracing::warn!(%error, "Ack of a finished turn failed; it will be redelivered and rebuilt.");
                 }
             }
-            Err(error) => {
+            Err(WriteError::Fenced) => {
+                // Neither ack nor nak: the delivery belongs to whoever wrote
+                // after us, and a nak would hand it to a third worker.
+                tracing::warn!("Another worker is writing this turn; leaving it to them.");
+            }
+            Err(WriteError::Bus(error)) => {
                 tracing::warn!(
                     error = format!("{error:#}"),
                     "Turn failed on the bus; handing it back."
@@ -94,38 +120,39 @@ impl Worker {
         }
     }
 
-    async fn answer(
-        &self,
-        message: &jetstream::Message,
-        request: &ChatRequest,
-        deliveries: u64,
-    ) -> anyhow::Result<()> {
-        let tok_subject = subject::chat_tok(&request.conversation_id, &request.turn_id)?;
-        let mut turn = Turn::new(request, self.upstream.model());
-        turn.window = self.ack_window;
-        if deliveries > 1 {
-            let earlier = earlier_frames(&self.js, &tok_subject).await?;
-            if turn.rebuild(&earlier) {
-                tracing::info!("Turn was already complete; publishing its record again.");
-                return self.publish_record(request, turn.record(request)).await;
-            }
-            if turn.seq > 0 {
-                turn.seq += 1;
-                let reset = ServerFrame::Reset {
-                    turn_id: request.turn_id.clone(),
-                    seq: turn.seq,
-                    reason: "worker_restarted".into(),
-                };
-                turn.track(self.publish_frame(&tok_subject, &reset).await?)
-                    .await?;
-                metrics::counter!("streamer_turn_resets_total").increment(1);
-            }
+    async fn answer(&self, request: &ChatRequest, deliveries: u64) -> Result<(), WriteError> {
+        let tok_subject =
+            subject::chat_tok(&request.conversation_id, &request.turn_id).context("turn ids")?;
+        // A first delivery has nothing stored; if another writer stored
+        // something anyway, the fence on an empty subject stops us.
+        let log = if deliveries > 1 {
+            TurnLog::read(&self.js, &tok_subject).await?
+        } else {
+            TurnLog::default()
+        };
+        if log.is_done() {
+            tracing::info!("Turn was already complete; publishing its record again.");
+            return self.republish(request, &log, deliveries).await;
         }
+        // A redelivery reaches a live writer's turn only when it sat in a
+        // frozen worker's buffer (it was sent while that worker held a pull
+        // request): the turn's writer is whoever wrote last, and a dead one
+        // has written nothing for at least two thirds of the lease.
+        if log.written_within(self.lease / 2) {
+            return Err(WriteError::Fenced);
+        }
+        let mut writer = FrameWriter::after(&self.js, tok_subject, &request.turn_id, &log);
+        if !log.frames.is_empty() {
+            writer.reset("worker_restarted").await?;
+            metrics::counter!("streamer_turn_resets_total").increment(1);
+        }
+        let prompt = self.prompt(request).await;
+        let (turn, writer) = self.generate(request, &prompt, writer).await?;
+        self.conclude(request, turn, writer, deliveries).await
+    }
 
-        let mut cancel = self
-            .client
-            .subscribe(subject::chat_cancel(&request.turn_id)?)
-            .await?;
+    /// The upstream request: system prompt, earlier turns, the new message.
+    async fn prompt(&self, request: &ChatRequest) -> upstream::Request {
         let mut messages = vec![ChatMessage {
             role: "system".into(),
             content: self.system_prompt.clone(),
@@ -139,19 +166,36 @@ impl Worker {
             role: "user".into(),
             content: request.content.clone(),
         });
-        let upstream_request = upstream::Request {
+        upstream::Request {
             messages,
             model: request.model.clone(),
-            max_tokens: request.max_tokens.unwrap_or(self.max_tokens),
+            max_tokens: request
+                .max_tokens
+                .unwrap_or(self.max_tokens)
+                .min(self.max_tokens),
             temperature: request.temperature,
-        };
+        }
+    }
 
+    /// Streams the answer into token frames until the provider finishes,
+    /// the user cancels, or the writer is fenced (then the upstream call is
+    /// dropped, which closes it).
+    async fn generate(
+        &self,
+        request: &ChatRequest,
+        prompt: &upstream::Request,
+        writer: FrameWriter,
+    ) -> Result<(Turn, FrameWriter), WriteError> {
+        let mut cancel = self
+            .client
+            .subscribe(subject::chat_cancel(&request.turn_id).context("turn id")?)
+            .await
+            .context("subscribing to cancels")?;
+        let mut turn = Turn::new(request, self.upstream.model());
+        let pipe = TokenPipe::start(writer);
         let started = tokio::time::Instant::now();
-        let mut last_token: Option<tokio::time::Instant> = None;
-        let mut progress =
-            tokio::time::interval_at(started + self.progress_every, self.progress_every);
         let opened = tokio::select! {
-            opened = self.upstream.stream(&upstream_request) => Some(opened),
+            opened = self.upstream.stream(prompt) => Some(opened),
             _ = cancel.next() => None,
         };
         match opened {
@@ -161,37 +205,18 @@ impl Worker {
                 tokio::select! {
                     biased;
                     _ = cancel.next() => {
-                        // Dropping the stream below closes the HTTP request.
                         turn.finish = FinishReason::Cancelled;
                         break;
                     }
-                    _ = progress.tick() => {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
+                    // Fenced or the bus failed: `finish` below says which.
+                    _ = pipe.stopped() => break,
                     event = stream.next() => match event {
                         None => break,
                         Some(Ok(Event::Delta(delta))) => {
-                            let now = tokio::time::Instant::now();
-                            match last_token {
-                                None => {
-                                    let at = Utc::now();
-                                    turn.first_token_at = Some(at);
-                                    // Upstream hop: our request to its first token.
-                                    metrics::histogram!("streamer_upstream_ttft_seconds").record(started.elapsed().as_secs_f64());
-                                    // Accept to first token: queueing plus the upstream hop.
-                                    let queued = (at - request.created_at).to_std().unwrap_or_default();
-                                    metrics::histogram!("streamer_accept_to_first_token_seconds").record(queued.as_secs_f64());
-                                }
-                                Some(previous) => {
-                                    metrics::histogram!("streamer_inter_token_seconds").record((now - previous).as_secs_f64());
-                                }
-                            }
-                            last_token = Some(now);
-                            turn.seq += 1;
+                            turn.record_timing(request, started);
                             turn.tokens += 1;
                             turn.text.push_str(&delta);
-                            let frame = ServerFrame::Token { turn_id: request.turn_id.clone(), seq: turn.seq, delta };
-                            turn.track(self.publish_frame(&tok_subject, &frame).await?).await?;
+                            pipe.send(delta);
                             metrics::counter!("streamer_tokens_total").increment(1);
                         }
                         Some(Ok(Event::Finish(reason))) => { turn.finish = reason; turn.finish_seen = true; }
@@ -203,48 +228,134 @@ impl Worker {
                 }
             },
         }
-        drop(cancel);
+        let writer = pipe.finish().await?;
+        Ok((turn, writer))
+    }
 
-        if let Some(error) = turn.error.clone() {
-            let frame = ServerFrame::error(
-                Some(request.turn_id.clone()),
-                "upstream_error",
-                error.clone(),
-            );
-            turn.track(self.publish_frame(&tok_subject, &frame).await?)
-                .await?;
-            self.dead_letter_failed_turn(message, request, &error, deliveries)
-                .await;
+    /// Ends the turn: its error frame, `done`, the dead letter of a failed
+    /// turn, the record.
+    async fn conclude(
+        &self,
+        request: &ChatRequest,
+        turn: Turn,
+        mut writer: FrameWriter,
+        deliveries: u64,
+    ) -> Result<(), WriteError> {
+        if let Some(error) = &turn.error {
+            writer.error("upstream_error", error).await?;
         }
-        turn.seq += 1;
-        let usage = turn.usage();
-        let done = ServerFrame::Done {
-            turn_id: request.turn_id.clone(),
-            seq: turn.seq,
-            finish_reason: turn.finish,
-            usage,
-        };
-        turn.track(self.publish_frame(&tok_subject, &done).await?)
-            .await?;
-        for ack in std::mem::take(&mut turn.acks) {
-            ack.await.context("a frame was not stored")?;
-        }
+        writer.done(turn.finish, turn.usage()).await?;
         metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str())
             .increment(1);
         let record = turn.record(request);
-        self.publish_record(request, record).await
+        if let Some(error) = &record.error {
+            self.dead_letter(request, error, deliveries).await?;
+        }
+        Ok(self.publish_record(request, record).await?)
+    }
+
+    /// The record of a turn whose `done` is stored, published again (the
+    /// record's message id makes it a no-op when it is already stored).
+    async fn republish(
+        &self,
+        request: &ChatRequest,
+        log: &TurnLog,
+        deliveries: u64,
+    ) -> Result<(), WriteError> {
+        let mut turn = Turn::new(request, self.upstream.model());
+        turn.rebuild(&log.frames);
+        let record = turn.record(request);
+        if let Some(error) = &record.error {
+            self.dead_letter(request, error, deliveries).await?;
+        }
+        Ok(self.publish_record(request, record).await?)
+    }
+
+    /// Closes a turn whose request used up its deliveries (the advisory of
+    /// its stream sequence `stream_seq`): an `error` frame with the turn id
+    /// and `done` with `finish_reason: "error"` after whatever the client was
+    /// shown, the failed record holding that text, and a dead letter. A turn
+    /// that reached `done` after all only gets its record again.
+    ///
+    /// # Errors
+    /// When the bus fails; the advisory is then handed back and retried.
+    pub async fn close_exhausted(&self, stream_seq: u64, deliveries: u64) -> anyhow::Result<()> {
+        let Some(request) =
+            original::<ChatRequest>(&self.js, streams::CHAT_REQ, stream_seq).await?
+        else {
+            return Ok(());
+        };
+        let span = tracing::info_span!("turn", turn = %request.turn_id, conversation = %request.conversation_id);
+        let _enter = span.enter();
+        let tok_subject = subject::chat_tok(&request.conversation_id, &request.turn_id)?;
+        // A worker still writing (slow, not dead) is fenced by our frames;
+        // if it wrote between our read and our write, read again.
+        for _ in 0..5 {
+            let log = TurnLog::read(&self.js, &tok_subject).await?;
+            if log.is_done() {
+                return match self.republish(&request, &log, deliveries).await {
+                    Ok(()) | Err(WriteError::Fenced) => Ok(()),
+                    Err(WriteError::Bus(e)) => Err(e),
+                };
+            }
+            let (text, frames) = log.shown();
+            let mut writer =
+                FrameWriter::after(&self.js, tok_subject.clone(), &request.turn_id, &log);
+            let usage = Usage {
+                prompt_tokens: 0,
+                completion_tokens: frames,
+            };
+            let written = match writer.error(EXHAUSTED_CODE, EXHAUSTED_MESSAGE).await {
+                Ok(()) => writer.done(FinishReason::Error, usage).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => {}
+                Err(WriteError::Fenced) => continue,
+                Err(WriteError::Bus(e)) => return Err(e),
+            }
+            tracing::warn!(deliveries, "Turn used up its deliveries; closed as failed.");
+            metrics::counter!("streamer_turns_total", "finish_reason" => FinishReason::Error.as_str())
+                .increment(1);
+            metrics::counter!("streamer_exhausted_total", "kind" => "chat").increment(1);
+            let mut turn = Turn::new(&request, self.upstream.model());
+            turn.text = text;
+            turn.tokens = frames;
+            turn.finish = FinishReason::Error;
+            turn.error = Some(format!(
+                "{EXHAUSTED_CODE}: delivered {deliveries} times without finishing"
+            ));
+            let record = turn.record(&request);
+            self.dead_letter(
+                &request,
+                record.error.as_deref().unwrap_or_default(),
+                deliveries,
+            )
+            .await?;
+            return self.publish_record(&request, record).await;
+        }
+        anyhow::bail!("another worker kept writing the turn")
     }
 
     /// The conversation's earlier turns from the persister's history, as
-    /// prompt messages (the last [`HISTORY_TURNS`]). Without an answer in
-    /// time the turn goes on with the new message alone: an answer without
-    /// context beats no answer.
+    /// prompt messages: the newest that fit [`HISTORY_BUDGET_BYTES`], at most
+    /// [`HISTORY_TURNS`]. Without an answer in time the turn goes on with the
+    /// new message alone: an answer without context beats no answer.
     async fn earlier_turns(&self, request: &ChatRequest) -> Vec<ChatMessage> {
         let query = HistoryGetRequest {
             user_id: request.user_id.clone(),
             conversation_id: request.conversation_id.clone(),
+            limit: Some(HISTORY_TURNS),
+            // Older than this turn: a redelivered request must not see
+            // itself, nor turns sent after it.
+            before: Some(
+                bus::history::TurnCursor::at(request.created_at, &request.turn_id).to_string(),
+            ),
+            // The budget counts text, the persister counts JSON (field names,
+            // escapes): twice the budget still holds every turn that fits.
+            max_bytes: Some(2 * HISTORY_BUDGET_BYTES as u32),
         };
-        let detail = match self.history.get(&query, HISTORY_TIMEOUT).await {
+        let turns = match self.history.get(&query, HISTORY_TIMEOUT).await {
             Ok(Some(HistoryReply::Ok(ConversationDetail { turns, .. }))) => turns,
             Ok(Some(HistoryReply::Err(_))) => return Vec::new(),
             _ => {
@@ -253,14 +364,38 @@ impl Worker {
                 return Vec::new();
             }
         };
-        let earlier: Vec<_> = detail
+        // Keeps the start of a text (the question as asked, the answer's
+        // opening), marking the cut.
+        let clip = |text: &mut String, max: usize| {
+            if text.len() > max {
+                let keep = max.saturating_sub('…'.len_utf8());
+                let cut = (0..=keep)
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                text.truncate(cut);
+                text.push('…');
+            }
+        };
+        let mut left = HISTORY_BUDGET_BYTES;
+        let mut picked = Vec::new();
+        for mut turn in turns.into_iter().rev() {
+            let size = turn.user_text.len() + turn.assistant_text.len();
+            if size > left {
+                if picked.is_empty() {
+                    // The question gets up to half, the answer the rest.
+                    clip(&mut turn.user_text, left / 2);
+                    clip(&mut turn.assistant_text, left - turn.user_text.len());
+                    picked.push(turn);
+                }
+                break;
+            }
+            left -= size;
+            picked.push(turn);
+        }
+        picked
             .into_iter()
-            .filter(|t| t.turn_id != request.turn_id && t.created_at <= request.created_at)
-            .collect();
-        let skip = earlier.len().saturating_sub(HISTORY_TURNS);
-        earlier
-            .into_iter()
-            .skip(skip)
+            .rev()
             .flat_map(|t| {
                 let answer = (!t.assistant_text.is_empty()).then(|| ChatMessage {
                     role: "assistant".into(),
@@ -275,39 +410,30 @@ impl Worker {
             .collect()
     }
 
-    async fn dead_letter_failed_turn(
+    /// Stores the dead letter of a failed turn on `dlq.chat`, once per turn
+    /// (its message id is the turn id) however many workers conclude it.
+    async fn dead_letter(
         &self,
-        message: &jetstream::Message,
         request: &ChatRequest,
         error: &str,
         deliveries: u64,
-    ) {
+    ) -> anyhow::Result<()> {
         let letter = DeadLetter {
-            subject: message.subject.to_string(),
+            subject: subject::chat_req(&request.conversation_id)?,
             error: error.to_owned(),
             deliveries,
-            payload: serde_json::to_string(request).unwrap_or_default(),
+            payload: serde_json::to_string(request)?,
             failed_at: Utc::now(),
         };
-        if let Ok(body) = serde_json::to_vec(&letter)
-            && let Ok(ack) = self
-                .js
-                .publish(subject::dlq("chat").expect("static kind"), body.into())
-                .await
-        {
-            let _ = ack.await;
-        }
-    }
-
-    async fn publish_frame(
-        &self,
-        subject: &str,
-        frame: &ServerFrame,
-    ) -> anyhow::Result<PublishAckFuture> {
-        // No Nats-Msg-Id: a redelivered turn continues the seq space, so no
-        // two frames repeat, and the server's dedupe window costs per message.
-        let body = serde_json::to_vec(frame)?;
-        Ok(self.js.publish(subject.to_owned(), body.into()).await?)
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(&letter)?.into())
+            .message_id(format!("chat:{}", request.turn_id));
+        self.js
+            .send_publish(subject::dlq("chat").expect("static kind"), publish)
+            .await?
+            .await
+            .context("the dead letter was not stored")?;
+        Ok(())
     }
 
     async fn publish_record(
@@ -357,21 +483,35 @@ impl Worker {
     }
 }
 
-async fn earlier_frames(
+/// The work message stored at `stream_seq` of `stream`, decoded; `None`
+/// when it is gone (aged out) or undecodable (it was dead-lettered when it
+/// was first handled).
+///
+/// # Errors
+/// When the stream cannot be read.
+pub async fn original<T: serde::de::DeserializeOwned>(
     js: &jetstream::Context,
-    subject: &str,
-) -> anyhow::Result<Vec<ServerFrame>> {
-    Ok(bus::replay::payloads(js, streams::CHAT_TOK, subject)
-        .await?
-        .iter()
-        .filter_map(|p| serde_json::from_slice(p).ok())
-        .collect())
+    stream: &str,
+    stream_seq: u64,
+) -> anyhow::Result<Option<T>> {
+    let stream = js.get_stream(stream).await?;
+    let message = match stream.get_raw_message(stream_seq).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            tracing::warn!(
+                stream_seq,
+                "An exhausted request is no longer stored; nothing to close."
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(serde_json::from_slice(&message.payload).ok())
 }
 
 /// The state of one turn being generated.
 struct Turn {
-    seq: u64,
-    /// Token frames sent, for usage when the provider reports none.
+    /// Upstream deltas received, for usage when the provider reports none.
     tokens: u32,
     text: String,
     model: String,
@@ -380,16 +520,13 @@ struct Turn {
     usage: Option<Usage>,
     error: Option<String>,
     first_token_at: Option<DateTime<Utc>>,
-    /// Publish acks not yet awaited, oldest first; at most `window`.
-    acks: std::collections::VecDeque<PublishAckFuture>,
-    window: usize,
     created_at: DateTime<Utc>,
+    last_token: Option<tokio::time::Instant>,
 }
 
 impl Turn {
     fn new(request: &ChatRequest, model: &str) -> Self {
         Self {
-            seq: 0,
             tokens: 0,
             text: String::new(),
             model: request.model.clone().unwrap_or_else(|| model.to_owned()),
@@ -398,25 +535,31 @@ impl Turn {
             usage: None,
             error: None,
             first_token_at: None,
-            acks: std::collections::VecDeque::new(),
-            window: 1,
             created_at: request.created_at,
+            last_token: None,
         }
     }
 
-    /// Keeps a frame's publish ack, awaiting the oldest beyond the window.
-    /// The JetStream context allows 5,000 un-awaited publishes in all, and a
-    /// publish waits for a free one: if the turns in flight together held
-    /// that many, each would wait for a permit only another could free. The
-    /// window keeps their sum under [`ACK_BUDGET`].
-    async fn track(&mut self, ack: PublishAckFuture) -> anyhow::Result<()> {
-        self.acks.push_back(ack);
-        while self.acks.len() > self.window {
-            if let Some(oldest) = self.acks.pop_front() {
-                oldest.await.context("a frame was not stored")?;
+    /// Time to first token (upstream hop, and accept to first token) and
+    /// inter-token gaps.
+    fn record_timing(&mut self, request: &ChatRequest, started: tokio::time::Instant) {
+        let now = tokio::time::Instant::now();
+        match self.last_token {
+            None => {
+                let at = Utc::now();
+                self.first_token_at = Some(at);
+                metrics::histogram!("streamer_upstream_ttft_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let queued = (at - request.created_at).to_std().unwrap_or_default();
+                metrics::histogram!("streamer_accept_to_first_token_seconds")
+                    .record(queued.as_secs_f64());
+            }
+            Some(previous) => {
+                metrics::histogram!("streamer_inter_token_seconds")
+                    .record((now - previous).as_secs_f64());
             }
         }
-        Ok(())
+        self.last_token = Some(now);
     }
 
     fn saw_finish(&self) -> bool {
@@ -433,22 +576,16 @@ impl Turn {
         // The provider's figure when it gave one; otherwise what we counted.
         self.usage.unwrap_or(Usage {
             prompt_tokens: 0,
-            completion_tokens: self.text_tokens(),
+            completion_tokens: self.tokens,
         })
     }
 
-    fn text_tokens(&self) -> u32 {
-        self.tokens
-    }
-
-    /// Looks at an earlier attempt's frames: returns the finished record when
-    /// that attempt reached `done` (true), else remembers the last `seq` it used.
-    fn rebuild(&mut self, frames: &[ServerFrame]) -> bool {
+    /// Takes the outcome of a turn whose frames reached `done`: the text
+    /// since the last reset, the finish reason, usage and error.
+    fn rebuild(&mut self, frames: &[bus::wire::ServerFrame]) {
+        use bus::wire::ServerFrame;
         let mut text = String::new();
         for frame in frames {
-            if let Some(seq) = frame.seq() {
-                self.seq = self.seq.max(seq);
-            }
             match frame {
                 ServerFrame::Token { delta, .. } => {
                     self.tokens += 1;
@@ -470,33 +607,10 @@ impl Turn {
                     self.text = std::mem::take(&mut text);
                     self.finish = *finish_reason;
                     self.usage = Some(*usage);
-                    return true;
+                    return;
                 }
                 _ => {}
             }
-        }
-        // Not finished: the answer starts over; only the seq space carries on.
-        self.error = None;
-        self.tokens = 0;
-        self.first_token_at = None;
-        false
-    }
-
-    fn record_fields(&self) -> TurnRecord {
-        TurnRecord {
-            turn_id: String::new(),
-            conversation_id: String::new(),
-            user_id: String::new(),
-            request_id: String::new(),
-            model: self.model.clone(),
-            user_text: String::new(),
-            assistant_text: self.text.clone(),
-            finish_reason: self.finish,
-            usage: self.usage(),
-            error: self.error.clone(),
-            created_at: self.created_at,
-            first_token_at: self.first_token_at,
-            completed_at: Utc::now(),
         }
     }
 
@@ -506,8 +620,15 @@ impl Turn {
             conversation_id: request.conversation_id.clone(),
             user_id: request.user_id.clone(),
             request_id: request.request_id.clone(),
+            model: self.model.clone(),
             user_text: request.content.clone(),
-            ..self.record_fields()
+            assistant_text: self.text.clone(),
+            finish_reason: self.finish,
+            usage: self.usage(),
+            error: self.error.clone(),
+            created_at: self.created_at,
+            first_token_at: self.first_token_at,
+            completed_at: Utc::now(),
         }
     }
 }

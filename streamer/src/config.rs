@@ -45,7 +45,8 @@ pub struct Config {
     /// Chat turns generated at once by this process.
     #[arg(long, env = "STREAMER_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
-    /// Upper bound on the answer's tokens when the request sets none.
+    /// Upper bound on the answer's tokens when the request sets none; the
+    /// gateway reads the same variable as the most a request may ask for.
     #[arg(long, env = "LLM_MAX_TOKENS", default_value_t = 512)]
     pub max_tokens: u32,
     /// Time allowed to connect to the provider, in milliseconds.

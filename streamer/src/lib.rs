@@ -2,7 +2,9 @@
 //!
 //! It owns the durable pull consumer on chat requests (`chat.req.>`), the
 //! calls to OpenAI-compatible streaming APIs ([`upstream`]), and the
-//! publishing of each turn's frames and its completed record ([`chat`]).
+//! publishing of each turn's frames, one writer at a time ([`frames`]), and
+//! its completed record ([`chat`]). It closes turns and scans whose
+//! deliveries ran out from JetStream's advisories ([`exhausted`]).
 //! It also owns the scan pipeline ([`scan`]): the durable consumer on scan
 //! jobs (`scan.req.>`), the image model behind [`vision::Vision`], the
 //! perceptual hash ([`phash`]), the disposal rules ([`rules`]) and the DLQ
@@ -12,6 +14,8 @@
 
 pub mod chat;
 mod config;
+mod exhausted;
+pub mod frames;
 pub mod phash;
 pub mod rules;
 pub mod scan;
@@ -80,9 +84,8 @@ impl Streamer {
             upstream,
             system_prompt: config.system_prompt.clone(),
             max_tokens: config.max_tokens,
-            progress_every: consumer.ack_wait / 3,
+            lease: consumer.ack_wait,
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
-            ack_window: (chat::ACK_BUDGET / config.concurrency).clamp(1, 64),
         };
         let scan = scan::ScanWorker {
             client: client.clone(),
@@ -177,12 +180,25 @@ impl Streamer {
                 async move { scan.handle(message).await }
             },
         );
+        let exhausted = bus::streams::STREAMER_EXHAUSTED.ensure(&self.js).await?;
+        let (worker, scan) = (self.worker.clone(), self.scan.clone());
+        let exhausted = consume(
+            exhausted,
+            "exhausted work",
+            4,
+            tracker.clone(),
+            shutdown.clone(),
+            move |message| {
+                let (worker, scan) = (worker.clone(), scan.clone());
+                async move { exhausted::handle(&worker, &scan, message).await }
+            },
+        );
         let reprocess = reprocess_periodically(
             self.js.clone(),
             Duration::from_secs(self.config.dlq_reprocess_every_s),
             shutdown.clone(),
         );
-        tokio::try_join!(chat, scans, async {
+        tokio::try_join!(chat, scans, exhausted, async {
             reprocess.await;
             Ok(())
         })?;

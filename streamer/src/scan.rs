@@ -37,7 +37,6 @@ use bus::{
 use chrono::Utc;
 use futures::{FutureExt as _, StreamExt as _};
 use image::{DynamicImage, ImageDecoder as _};
-use rand::Rng as _;
 use sha2::Digest as _;
 use tokio::io::AsyncReadExt as _;
 
@@ -149,6 +148,7 @@ impl Failure {
             "image_missing" => ("image_missing", false),
             "vision_failed" => ("vision_failed", true),
             "answer_failed" => ("answer_failed", true),
+            crate::chat::EXHAUSTED_CODE => (crate::chat::EXHAUSTED_CODE, true),
             _ => ("internal", true),
         };
         Self {
@@ -296,6 +296,7 @@ impl ScanWorker {
     /// Handles one delivery of a `scan.req.*` message, acking it once the
     /// scan's outcome is stored, or handing it back when the bus failed.
     pub async fn handle(&self, message: jetstream::Message) {
+        let lease = bus::lease::Lease::keep(&self.client, &message, self.settings.progress_every);
         let deliveries = bus::dlq::deliveries(&message);
         let request: ScanRequest = match serde_json::from_slice(&message.payload) {
             Ok(r) => r,
@@ -314,9 +315,8 @@ impl ScanWorker {
         }
         let span = tracing::info_span!("scan", scan = %request.scan_id, run = request.reprocessed);
         let _enter = span.enter();
-        let alive = self.keep_alive(&message);
         let outcome = AssertUnwindSafe(self.run(&request)).catch_unwind().await;
-        alive.abort();
+        drop(lease);
         let outcome = match outcome {
             Ok(o) => o,
             Err(_) => {
@@ -360,18 +360,50 @@ impl ScanWorker {
         }
     }
 
-    /// Tells JetStream the job is alive while a long stage runs.
-    fn keep_alive(&self, message: &jetstream::Message) -> tokio::task::JoinHandle<()> {
-        let every = self.settings.progress_every;
-        let client = self.client.clone();
-        let reply = message.reply.clone();
-        tokio::spawn(async move {
-            let Some(reply) = reply else { return };
-            loop {
-                tokio::time::sleep(every).await;
-                let _ = client.publish(reply.clone(), "+WPI".into()).await;
+    /// Closes a scan whose job used up its deliveries (the advisory of its
+    /// stream sequence `stream_seq`): its `error` event, the failed record
+    /// and a dead letter on `dlq.scan` (reprocessable). A scan whose run
+    /// already ended is only finished again.
+    ///
+    /// # Errors
+    /// When the bus fails; the advisory is then handed back and retried.
+    pub async fn close_exhausted(&self, stream_seq: u64, deliveries: u64) -> anyhow::Result<()> {
+        let Some(request) =
+            crate::chat::original::<ScanRequest>(&self.js, bus::streams::SCAN_REQ, stream_seq)
+                .await?
+        else {
+            return Ok(());
+        };
+        let span = tracing::info_span!("scan", scan = %request.scan_id, run = request.reprocessed);
+        let _enter = span.enter();
+        let failure = Failure {
+            code: crate::chat::EXHAUSTED_CODE,
+            message: "the scan could not be completed after several attempts; please try again"
+                .into(),
+            stage: ScanStage::Done,
+            dead_letter: true,
+        };
+        // A worker still writing (slow, not dead) is fenced by our event; if
+        // it wrote between our read and our write, read again.
+        for _ in 0..5 {
+            let closed = match Events::open(&self.js, &request).await? {
+                Opened::Finished(last) => self.refinish(&request, last).await,
+                Opened::Fresh(mut events) => {
+                    self.finish_failed(&request, Some(&mut events), failure.clone(), deliveries)
+                        .await
+                }
+            };
+            match closed {
+                Ok(()) => {
+                    metrics::counter!("streamer_exhausted_total", "kind" => "scan").increment(1);
+                    return Ok(());
+                }
+                Err(Stop::Superseded) => continue,
+                Err(Stop::Bus(e)) => return Err(e),
+                Err(Stop::Failed(_)) => unreachable!("finish_failed does not fail a scan"),
             }
-        })
+        }
+        anyhow::bail!("another worker kept writing the scan")
     }
 
     async fn run(&self, request: &ScanRequest) -> Result<(), Stop> {
@@ -879,9 +911,7 @@ fn failed_record(request: &ScanRequest, failure: &Failure) -> ScanRecord {
 }
 
 fn retry_delay(base: Duration, attempt: u32) -> Duration {
-    let ceiling = base.saturating_mul(1 << attempt.min(10));
-    let jitter = rand::rng().random_range(0.5..=1.0);
-    ceiling.mul_f64(jitter)
+    bus::backoff::delay(base, attempt, base.saturating_mul(1 << 10))
 }
 
 /// Runs CPU-bound work off the async threads; a panic inside becomes a

@@ -25,6 +25,24 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_token_frames_total",
+        kind: Kind::Counter,
+        help: "Token frames written to chat.tok (a frame may join several deltas).",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_turns_fenced_total",
+        kind: Kind::Counter,
+        help: "Turns a stale worker stopped writing because another worker's frames came first.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_exhausted_total",
+        kind: Kind::Counter,
+        help: "Turns and scans closed as failed after their deliveries ran out, by kind.",
+        labels: &[&[("kind", "chat")], &[("kind", "scan")]],
+    },
+    Series {
         name: "streamer_turn_resets_total",
         kind: Kind::Counter,
         help: "Turns restarted with a reset frame after a worker died.",

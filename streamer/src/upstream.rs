@@ -13,7 +13,6 @@ use std::{pin::Pin, time::Duration};
 use bus::wire::{ChatMessage, FinishReason, Usage};
 use eventsource_stream::Eventsource as _;
 use futures::{Stream, StreamExt as _};
-use rand::Rng as _;
 use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
 
@@ -343,8 +342,7 @@ fn backoff(attempt: u32, error: &UpstreamError) -> Duration {
     {
         return Duration::from_secs((*seconds).min(60));
     }
-    let cap = 200u64.saturating_mul(1 << attempt.min(6)).min(5_000);
-    Duration::from_millis(rand::rng().random_range(cap / 2..=cap))
+    bus::backoff::delay(Duration::from_millis(200), attempt, Duration::from_secs(5))
 }
 
 /// Parses one `data:` payload into the events it carries (possibly none).

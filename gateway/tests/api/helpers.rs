@@ -110,7 +110,73 @@ impl TestApp {
     }
 
     pub async fn ws(&self, user: &str) -> Ws {
-        let mut request = format!("ws://{}/v1/chat/ws", self.addr)
+        ws_to(self.addr, user).await
+    }
+}
+
+/// A gateway alone on a real nats-server: the test plays the streamer.
+pub struct GatewayOnly {
+    pub addr: std::net::SocketAddr,
+    _nats: NatsServer,
+    pub js: async_nats::jetstream::Context,
+    shutdown: CancellationToken,
+}
+
+impl Drop for GatewayOnly {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl GatewayOnly {
+    pub async fn start(extra: &[&str]) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start()
+            .await
+            .expect("nats-server (run scripts/setup.sh)");
+        let shutdown = CancellationToken::new();
+        let gateway = gateway::Gateway::build(gateway_config(&nats.url(), extra), shutdown.clone())
+            .await
+            .unwrap();
+        let addr = gateway.local_addr().unwrap();
+        tokio::spawn(gateway.run(shutdown.clone()));
+        let js = async_nats::jetstream::new(nats.client().await.unwrap());
+        Self {
+            addr,
+            _nats: nats,
+            js,
+            shutdown,
+        }
+    }
+
+    pub async fn ws(&self, user: &str) -> Ws {
+        ws_to(self.addr, user).await
+    }
+
+    /// Publishes a frame of `turn` on `chat.tok.<conv>.<turn>` as a streamer would.
+    pub async fn publish(&self, conversation: &str, frame: &ServerFrame) {
+        let turn = match frame {
+            ServerFrame::Token { turn_id, .. }
+            | ServerFrame::Done { turn_id, .. }
+            | ServerFrame::Reset { turn_id, .. } => turn_id.clone(),
+            _ => panic!("a turn frame"),
+        };
+        self.js
+            .publish(
+                bus::subject::chat_tok(conversation, &turn).unwrap(),
+                serde_json::to_vec(frame).unwrap().into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+/// Opens the chat WebSocket of the gateway at `addr` as `user`.
+pub async fn ws_to(addr: std::net::SocketAddr, user: &str) -> Ws {
+    {
+        let mut request = format!("ws://{addr}/v1/chat/ws")
             .into_client_request()
             .unwrap();
         request.headers_mut().insert(

@@ -1,5 +1,6 @@
 //! Gateway integration tests: real nats-server, real streamer, stand-in LLM.
 
+mod guarantees;
 mod helpers;
 mod refused_uploads;
 mod scans;
@@ -11,6 +12,9 @@ use helpers::{TestApp, gateway_config, text_of, token_for};
 use serde_json::{Value, json};
 use testkit::{NatsServer, Script};
 use tokio_tungstenite::tungstenite::Message;
+
+/// The streamer's default `LLM_MODEL`, which the gateway allows by default.
+const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 fn answer() -> Script {
     Script::new(
@@ -359,7 +363,7 @@ async fn openai_compatible_endpoint_streams_and_completes_through_the_bus() {
         .http
         .post(app.url("/v1/chat/completions"))
         .bearer_auth(&token)
-        .json(&json!({"model": "m", "messages": [
+        .json(&json!({"model": DEFAULT_MODEL, "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "glass?"}
         ]}))
@@ -472,6 +476,7 @@ async fn the_official_openai_python_client_works_against_the_gateway() {
         .arg(app.url("/v1"))
         .arg(token_for("erin", 600))
         .arg("Glass goes in the glass bin.")
+        .arg(DEFAULT_MODEL)
         .output()
         .await
         .expect("the venv's python (run scripts/setup.sh)");
@@ -560,4 +565,137 @@ async fn a_client_that_cannot_keep_up_is_closed_with_4008_and_resumes_without_lo
     let seqs: Vec<u64> = all.iter().filter_map(ServerFrame::seq).collect();
     assert_eq!(seqs, (1..=3001).collect::<Vec<_>>());
     assert_eq!(text_of(&all), full);
+}
+
+#[tokio::test]
+async fn the_official_openai_python_client_lists_the_allowed_models_and_is_refused_others() {
+    let app = TestApp::start_with(
+        answer(),
+        &["--llm-models", "alpha, beta", "--llm-max-tokens", "300"],
+    )
+    .await;
+    let output = tokio::process::Command::new(testkit::venv_bin("python3"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/models_client.py"
+        ))
+        .arg(app.url("/v1"))
+        .arg(token_for("erin", 600))
+        .arg("alpha,beta")
+        .arg("300")
+        .output()
+        .await
+        .expect("the venv's python (run scripts/setup.sh)");
+    assert!(
+        output.status.success(),
+        "openai client failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Only the one allowed call reached the provider, with what it asked for.
+    let sent = app.llm.requests();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["model"], "beta");
+    assert_eq!(sent[0]["max_tokens"], 300);
+
+    let unauthenticated = app.http.get(app.url("/v1/models")).send().await.unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+}
+
+#[tokio::test]
+async fn models_default_to_the_streamers_model_and_errors_carry_openai_fields() {
+    let app = TestApp::start(answer()).await;
+    let token = token_for("frank", 600);
+    let list: Value = app
+        .http
+        .get(app.url("/v1/models"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"][0]["id"], DEFAULT_MODEL, "{list}");
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+
+    let refused = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&token)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+
+    // The cap's default is the streamer's default, LLM_MAX_TOKENS=512.
+    for (max_tokens, code) in [(513, "max_tokens_too_large"), (0, "invalid_max_tokens")] {
+        let refused = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&token)
+            .json(
+                &json!({"max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert_eq!(body["error"]["param"], "max_tokens", "{body}");
+    }
+    assert!(
+        app.llm.requests().is_empty(),
+        "a refused request reached the LLM"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_send_may_name_an_allowed_model_and_a_token_cap() {
+    let app = TestApp::start_with(
+        answer(),
+        &["--llm-models", "alpha,beta", "--llm-max-tokens", "300"],
+    )
+    .await;
+    let mut ws = app.ws("gina").await;
+    let expect_error = |frame: ServerFrame, want: &str| match frame {
+        ServerFrame::Error { code, message, .. } => {
+            assert_eq!(code, want, "{message}");
+            message
+        }
+        other => panic!("expected error {want}, got {other:?}"),
+    };
+    ws.send_json(json!({"type": "send", "content": "hi", "request_id": "w-1", "model": "gpt-4o"}))
+        .await;
+    let message = expect_error(ws.next().await, "model_not_found");
+    assert!(message.contains("gpt-4o"), "{message}");
+    ws.send_json(json!({"type": "send", "content": "hi", "request_id": "w-2", "max_tokens": 301}))
+        .await;
+    let message = expect_error(ws.next().await, "max_tokens_too_large");
+    assert!(message.contains("300"), "{message}");
+    assert!(
+        app.llm.requests().is_empty(),
+        "a refused send reached the LLM"
+    );
+
+    ws.send_json(json!({"type": "send", "content": "hi", "request_id": "w-3", "model": "beta", "max_tokens": 300}))
+        .await;
+    assert!(matches!(ws.next().await, ServerFrame::Accepted { .. }));
+    ws.until_done().await;
+    ws.send_json(json!({"type": "send", "content": "hi", "request_id": "w-4"}))
+        .await;
+    assert!(matches!(ws.next().await, ServerFrame::Accepted { .. }));
+    ws.until_done().await;
+    let sent = app.llm.requests();
+    assert_eq!(sent[0]["model"], "beta");
+    assert_eq!(sent[0]["max_tokens"], 300);
+    // Without the fields a send is what it always was: the streamer's defaults.
+    assert_eq!(sent[1]["max_tokens"], 512);
 }

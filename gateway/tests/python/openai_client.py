@@ -1,24 +1,24 @@
 """Drives the gateway's /v1/chat/completions with the official openai package.
 
-Usage: openai_client.py BASE_URL TOKEN EXPECTED_TEXT
+Usage: openai_client.py BASE_URL TOKEN EXPECTED_TEXT MODEL
 Exits non-zero (with the reason) when anything differs from the contract.
 """
 import sys
 
 from openai import OpenAI
 
-base_url, token, expected = sys.argv[1], sys.argv[2], sys.argv[3]
+base_url, token, expected, model = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 client = OpenAI(base_url=base_url, api_key=token, max_retries=0)
 
 completion = client.chat.completions.create(
-    model="any", messages=[{"role": "user", "content": "glass?"}]
+    model=model, messages=[{"role": "user", "content": "glass?"}]
 )
 text = completion.choices[0].message.content
 assert text == expected, f"non-stream text {text!r} != {expected!r}"
 assert completion.usage.completion_tokens > 0, completion.usage
 
 stream = client.chat.completions.create(
-    model="any",
+    model=model,
     messages=[{"role": "user", "content": "glass again?"}],
     stream=True,
     stream_options={"include_usage": True},

@@ -372,8 +372,31 @@ impl TestPersister {
         let query = HistoryGetRequest {
             user_id: user_id.into(),
             conversation_id: conversation_id.into(),
+            ..Default::default()
         };
         self.ask(bus::subject::HISTORY_GET, &query).await
+    }
+
+    /// One `history.get` page straight from this persister, and the size of
+    /// its reply in bytes.
+    pub async fn history_page(
+        &self,
+        query: &HistoryGetRequest,
+    ) -> (HistoryReply<ConversationDetail>, usize) {
+        let body = serde_json::to_vec(query).unwrap();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.servers
+                .client
+                .request(bus::subject::HISTORY_GET, body.into()),
+        )
+        .await
+        .expect("history answers within 5 s")
+        .expect("a persister answers");
+        (
+            serde_json::from_slice(&reply.payload).unwrap(),
+            reply.payload.len(),
+        )
     }
 
     /// `history.list` as `user_id`.
@@ -432,4 +455,39 @@ pub fn record(conversation_id: &str) -> TurnRecord {
         first_token_at: Some(created_at + chrono::Duration::milliseconds(250)),
         completed_at: created_at + chrono::Duration::seconds(1),
     }
+}
+
+/// Every turn of a conversation, oldest first, read page by page through
+/// `history` (newest page first, each page oldest first), and the pages'
+/// sizes in turns.
+pub async fn all_pages(
+    history: &bus::history::HistoryClient,
+    user_id: &str,
+    conversation_id: &str,
+    limit: u32,
+) -> (Vec<TurnRecord>, Vec<usize>) {
+    let mut pages: Vec<Vec<TurnRecord>> = Vec::new();
+    let mut before = None;
+    loop {
+        let query = HistoryGetRequest {
+            user_id: user_id.into(),
+            conversation_id: conversation_id.into(),
+            limit: Some(limit),
+            before: before.take(),
+            ..Default::default()
+        };
+        let detail = match history.get(&query, Duration::from_secs(5)).await {
+            Ok(Some(HistoryReply::Ok(detail))) => detail,
+            other => panic!("history.get page {} failed: {other:?}", pages.len() + 1),
+        };
+        assert!(pages.len() < 1000, "the cursor does not advance");
+        pages.push(detail.turns);
+        match (detail.has_more, detail.next_cursor) {
+            (true, Some(cursor)) => before = Some(cursor),
+            (false, None) => break,
+            other => panic!("has_more and next_cursor disagree: {other:?}"),
+        }
+    }
+    let sizes = pages.iter().map(Vec::len).collect();
+    (pages.into_iter().rev().flatten().collect(), sizes)
 }

@@ -392,35 +392,141 @@ async fn two_persisters_share_the_work_and_history_stays_complete_across_their_s
     for r in &late {
         first.publish(r, &r.turn_id).await;
     }
-    let request = bus::wire::HistoryGetRequest {
-        user_id: "user-1".into(),
-        conversation_id: "conv-scale".into(),
-    };
-    let complete = testkit::wait_for(
-        "history with every turn",
-        std::time::Duration::from_secs(30),
-        || {
-            let (history, request) = (&history, &request);
-            async move {
-                match history
-                    .get(request, std::time::Duration::from_secs(3))
-                    .await
-                {
-                    Ok(Some(HistoryReply::Ok(detail))) if detail.turns.len() == 240 => Some(detail),
-                    _ => None,
-                }
-            }
-        },
-    )
-    .await
-    .unwrap();
-    let late_first = late
-        .iter()
-        .filter(|r| complete.turns.iter().any(|t| t.turn_id == r.turn_id))
-        .count();
-    assert_eq!(late_first, 40);
+    for r in &late {
+        let (a, b) = (&first.wal, &second_wal);
+        testkit::wait_for(
+            "a late turn in either SQLite file",
+            helpers::WAIT,
+            || async {
+                let here = a.turn(&r.turn_id).await.ok().flatten();
+                let there = b.turn(&r.turn_id).await.ok().flatten();
+                here.or(there)
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // Pages of 30 from two persisters, each answering from its own SQLite
+    // file: every turn exactly once, in order.
+    let (turns, _) = helpers::all_pages(&history, "user-1", "conv-scale", 30).await;
+    let ids: Vec<&str> = turns.iter().map(|t| t.turn_id.as_str()).collect();
+    let mut want: Vec<&TurnRecord> = records.iter().chain(&late).collect();
+    want.sort_by_key(|r| (r.created_at.timestamp_micros(), r.turn_id.clone()));
+    let want: Vec<&str> = want.iter().map(|r| r.turn_id.as_str()).collect();
+    assert_eq!(ids, want);
     let unsynced_first = first.wal.unsynced(1000).await.unwrap().len();
     let unsynced_second = second_wal.unsynced(1000).await.unwrap().len();
     assert_eq!(unsynced_first + unsynced_second, 40);
     stop_second.cancel();
+}
+
+/// A turn of about 60 KB (30 KB asked, 30 KB answered) created `n` seconds
+/// after `base`, its number at the start of both texts.
+fn big_turn(conversation_id: &str, base: DateTime<Utc>, n: i64) -> TurnRecord {
+    let mut turn = record(conversation_id);
+    turn.created_at = base + chrono::Duration::seconds(n);
+    turn.first_token_at = Some(turn.created_at);
+    turn.completed_at = turn.created_at + chrono::Duration::milliseconds(500);
+    turn.user_text = format!("question {n:02} {}", "가나다\"\n".repeat(3_750));
+    turn.assistant_text = format!("answer {n:02} {}", "x".repeat(30_000));
+    turn
+}
+
+#[tokio::test]
+async fn history_get_pages_a_conversation_larger_than_a_nats_message_from_postgres_and_sqlite() {
+    let mut app = TestPersister::start().await;
+    let history = bus::history::HistoryClient::start(app.servers.client.clone(), &app.servers.js)
+        .await
+        .unwrap();
+    let max_payload = app.servers.client.server_info().max_payload;
+    let base = Utc::now() - chrono::Duration::hours(1);
+    let turns: Vec<_> = (0..60).map(|n| big_turn("conv-big", base, n)).collect();
+    assert!(
+        turns
+            .iter()
+            .map(|t| serde_json::to_vec(t).unwrap().len())
+            .sum::<usize>()
+            > 3 * max_payload,
+        "the conversation must not fit in one message"
+    );
+    for turn in &turns {
+        app.publish(turn, &turn.turn_id).await;
+    }
+    for turn in &turns {
+        app.wait_pg(&turn.turn_id).await;
+    }
+    let ids = |turns: &[TurnRecord]| turns.iter().map(|t| t.turn_id.clone()).collect::<Vec<_>>();
+
+    // Unbounded, the reply would exceed max_payload and never arrive.
+    let (reply, bytes) = app
+        .history_page(&bus::wire::HistoryGetRequest {
+            user_id: "user-1".into(),
+            conversation_id: "conv-big".into(),
+            limit: Some(200),
+            ..Default::default()
+        })
+        .await;
+    let HistoryReply::Ok(page) = reply else {
+        panic!("history.get refused: {reply:?}")
+    };
+    assert!(bytes <= max_payload, "{bytes} > {max_payload}");
+    assert!(page.has_more && page.next_cursor.is_some());
+    assert!(!page.turns.is_empty() && page.turns.len() < 60);
+    assert_eq!(
+        ids(&page.turns),
+        ids(&turns[60 - page.turns.len()..]),
+        "the newest, oldest first"
+    );
+    // Without a limit: the newest 50 at most, bytes permitting.
+    let HistoryReply::Ok(default) = app.history_get("user-1", "conv-big").await else {
+        panic!("history.get without a limit failed")
+    };
+    assert!(default.has_more && default.turns.len() <= 50);
+
+    // Whole pages from Postgres (and whatever SQLite keeps): each turn once, in order.
+    let want = ids(&turns);
+    let (all, sizes) = helpers::all_pages(&history, "user-1", "conv-big", 7).await;
+    assert_eq!(ids(&all), want);
+    assert_eq!(sizes[..8], [7; 8], "{sizes:?}");
+    assert_eq!(all[0], in_postgres(&turns[0]), "records come back verbatim");
+    let (all, _) = helpers::all_pages(&history, "user-1", "conv-big", 200).await;
+    assert_eq!(ids(&all), want);
+
+    // Postgres down: SQLite alone answers the same pages, new turns included.
+    app.servers.pg.stop().unwrap();
+    let late: Vec<_> = (60..63).map(|n| big_turn("conv-big", base, n)).collect();
+    for turn in &late {
+        app.publish(turn, &turn.turn_id).await;
+        app.wait_sqlite(&turn.turn_id).await;
+    }
+    let want: Vec<_> = want.into_iter().chain(ids(&late)).collect();
+    let (all, _) = helpers::all_pages(&history, "user-1", "conv-big", 11).await;
+    assert_eq!(ids(&all), want);
+    assert_eq!(all[62], late[2], "SQLite keeps the exact record");
+
+    // Postgres back: what SQLite alone holds and what Postgres holds, merged.
+    app.servers.pg.start_again().await.unwrap();
+    app.wait_ready_status("ok").await;
+    let (all, _) = helpers::all_pages(&history, "user-1", "conv-big", 50).await;
+    assert_eq!(ids(&all), want);
+
+    // A cursor that is not one gets a clear refusal; another user gets none.
+    let (reply, _) = app
+        .history_page(&bus::wire::HistoryGetRequest {
+            user_id: "user-1".into(),
+            conversation_id: "conv-big".into(),
+            before: Some("yesterday".into()),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(reply, HistoryReply::Err(e) if e.error.code == "invalid_request"));
+    let (reply, _) = app
+        .history_page(&bus::wire::HistoryGetRequest {
+            user_id: "user-2".into(),
+            conversation_id: "conv-big".into(),
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await;
+    assert!(matches!(reply, HistoryReply::Err(e) if e.error.code == "forbidden"));
 }

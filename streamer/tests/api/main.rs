@@ -1,5 +1,6 @@
 //! Streamer integration tests against a real nats-server and an LLM server.
 
+mod guarantees;
 mod helpers;
 
 /// The text of a turn's token frames, in order.

@@ -1,0 +1,196 @@
+//! Never stuck, never doubled: the gateway's side of the guarantees. Most
+//! tests here play the streamer themselves (publishing frames on the bus)
+//! so the fault is exact.
+
+use std::time::Duration;
+
+use bus::wire::{FinishReason, ServerFrame, Usage};
+use serde_json::json;
+use testkit::Script;
+
+use crate::helpers::{GatewayOnly, TestApp, Ws};
+
+async fn send(ws: &mut Ws, request_id: &str) -> (String, String) {
+    ws.send_json(
+        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": request_id}),
+    )
+    .await;
+    match ws.next().await {
+        ServerFrame::Accepted {
+            conversation_id,
+            turn_id,
+            ..
+        } => (conversation_id, turn_id),
+        other => panic!("accepted: {other:?}"),
+    }
+}
+
+fn token(turn: &str, seq: u64, delta: &str) -> ServerFrame {
+    ServerFrame::Token {
+        turn_id: turn.to_owned(),
+        seq,
+        delta: delta.to_owned(),
+    }
+}
+
+fn done(turn: &str, seq: u64) -> ServerFrame {
+    ServerFrame::Done {
+        turn_id: turn.to_owned(),
+        seq,
+        finish_reason: FinishReason::Stop,
+        usage: Usage::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_done_the_live_path_lost_is_found_in_jetstream_and_the_client_is_not_left_waiting() {
+    let app = GatewayOnly::start(&["--relay-recheck-ms", "300"]).await;
+    let mut ws = app.ws("alice").await;
+    let (conversation, turn) = send(&mut ws, "r-lost").await;
+    app.publish(&conversation, &token(&turn, 1, "hello")).await;
+    assert_eq!(ws.next().await, token(&turn, 1, "hello"));
+
+    // `done` reaches the stream but never this node's subscription, as when
+    // it is published while the node's NATS connection is away: stored by
+    // sourcing from another stream, which delivers nothing on core NATS.
+    let js = &app.js;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "LOST".into(),
+        subjects: vec!["lost.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut tok = js
+        .get_stream(bus::streams::CHAT_TOK)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    tok.sources = Some(vec![async_nats::jetstream::stream::Source {
+        name: "LOST".into(),
+        subject_transforms: vec![async_nats::jetstream::stream::SubjectTransform {
+            source: "lost.chat.tok.>".into(),
+            destination: "chat.tok.>".into(),
+        }],
+        ..Default::default()
+    }]);
+    js.update_stream(tok).await.unwrap();
+    js.publish(
+        format!("lost.chat.tok.{conversation}.{turn}"),
+        serde_json::to_vec(&done(&turn, 2)).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(
+        ws.next().await,
+        done(&turn, 2),
+        "done arrives after the recheck"
+    );
+}
+
+#[tokio::test]
+async fn a_turn_that_never_progresses_ends_with_turn_stalled_not_silence() {
+    let app = GatewayOnly::start(&["--relay-recheck-ms", "200", "--turn-stall-ms", "1500"]).await;
+    let mut ws = app.ws("alice").await;
+    let (_, turn) = send(&mut ws, "r-stall").await;
+    let started = tokio::time::Instant::now();
+    match ws.next().await {
+        ServerFrame::Error { turn_id, code, .. } => {
+            assert_eq!(code, "turn_stalled");
+            assert_eq!(turn_id.as_deref(), Some(turn.as_str()));
+        }
+        other => panic!("turn_stalled: {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The socket is still usable: the client may resume later.
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.next().await, ServerFrame::Pong);
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_past_the_replay_window_is_resume_expired() {
+    let app = GatewayOnly::start(&[]).await;
+    let mut ws = app.ws("alice").await;
+    let (conversation, turn) = send(&mut ws, "r-old").await;
+    app.publish(&conversation, &done(&turn, 1)).await;
+    assert_eq!(ws.next().await, done(&turn, 1));
+    // Age the turn past CHAT_TOK's max_age (the replay window).
+    let kv = app.js.get_key_value(bus::streams::KV_TURNS).await.unwrap();
+    let mut index: bus::wire::TurnIndex =
+        serde_json::from_slice(&kv.get(&turn).await.unwrap().unwrap()).unwrap();
+    index.created_at -= chrono::Duration::hours(2);
+    kv.put(&turn, serde_json::to_vec(&index).unwrap().into())
+        .await
+        .unwrap();
+
+    ws.send_json(
+        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r-old"}),
+    )
+    .await;
+    match ws.next().await {
+        ServerFrame::Error { turn_id, code, .. } => {
+            assert_eq!(code, "resume_expired");
+            assert_eq!(turn_id.as_deref(), Some(turn.as_str()));
+        }
+        other => panic!("resume_expired, not {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn resuming_a_followed_turn_replaces_its_relay_and_a_socket_has_a_stream_cap() {
+    let app = GatewayOnly::start(&["--ws-max-streams", "2"]).await;
+    let mut ws = app.ws("alice").await;
+    let (conversation, turn) = send(&mut ws, "r-a").await;
+    app.publish(&conversation, &token(&turn, 1, "a")).await;
+    assert_eq!(ws.next().await, token(&turn, 1, "a"));
+    for _ in 0..3 {
+        ws.send_json(json!({"type": "resume", "turn_id": turn, "after_seq": 1}))
+            .await;
+    }
+    // Let the resumes' relays subscribe before the next frames.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.publish(&conversation, &token(&turn, 2, "b")).await;
+    app.publish(&conversation, &done(&turn, 3)).await;
+    assert_eq!(ws.next().await, token(&turn, 2, "b"));
+    assert_eq!(ws.next().await, done(&turn, 3));
+
+    // Two turns in flight fill the cap; a third is refused, and nothing is accepted.
+    send(&mut ws, "r-b").await;
+    send(&mut ws, "r-c").await;
+    ws.send_json(
+        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r-d"}),
+    )
+    .await;
+    match ws.next().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, "too_many_streams"),
+        other => panic!("too_many_streams, not {other:?}"),
+    }
+    // Each frame once: nothing else arrives for the first turn.
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.next().await, ServerFrame::Pong);
+}
+
+#[tokio::test]
+async fn a_non_streaming_completion_has_a_deadline() {
+    let slow = Script::new(vec!["x "; 50], Duration::from_millis(100));
+    let app = TestApp::start_with(slow, &["--completion-timeout-ms", "1000"]).await;
+    let started = tokio::time::Instant::now();
+    let response = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(crate::helpers::token_for("alice", 3600))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+}

@@ -1,0 +1,306 @@
+//! One turn's frames on `chat.tok.<conv>.<turn>`, written by one worker at a
+//! time.
+//!
+//! Every frame is published with `Nats-Expected-Last-Subject-Sequence` set to
+//! the stream sequence of the turn's previous frame. Two workers that hold
+//! the same turn (a slow one and its replacement, or a worker and the closer
+//! of a turn out of deliveries) therefore cannot interleave: the first to
+//! publish after the other's last frame wins, the loser is [`Fenced`] and
+//! stops. That also keeps `seq` contiguous, since a writer continues from the
+//! last stored frame.
+//!
+//! Because each publish waits for the previous one's ack, deltas that arrive
+//! while a publish is in flight are joined into the next token frame: at
+//! low load every upstream delta is its own frame, at high load the number
+//! of bus messages per token falls instead of queueing behind acks.
+//!
+//! [`Fenced`]: WriteError::Fenced
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use bus::{
+    streams,
+    wire::{FinishReason, ServerFrame, Usage},
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why a writer stopped.
+#[derive(Debug)]
+pub enum WriteError {
+    /// Another worker wrote this turn's frames since our last one.
+    Fenced,
+    /// The bus failed; the turn is handed back and redone from what is stored.
+    Bus(anyhow::Error),
+}
+
+impl From<anyhow::Error> for WriteError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Bus(e)
+    }
+}
+
+/// What `CHAT_TOK` holds of a turn.
+#[derive(Debug, Default)]
+pub struct TurnLog {
+    /// Its frames, oldest first.
+    pub frames: Vec<ServerFrame>,
+    /// Stream sequence of the last one (0: none).
+    pub last_stream_seq: u64,
+    /// When the last one was stored.
+    pub last_stored_at: Option<std::time::SystemTime>,
+}
+
+impl TurnLog {
+    /// Reads the turn's stored frames.
+    ///
+    /// # Errors
+    /// When the stream cannot be read.
+    pub async fn read(js: &jetstream::Context, subject: &str) -> anyhow::Result<Self> {
+        let stored = bus::replay::messages(js, streams::CHAT_TOK, subject).await?;
+        Ok(Self {
+            last_stream_seq: stored.last().map_or(0, |m| m.sequence),
+            last_stored_at: stored.last().map(|m| m.stored_at),
+            frames: stored
+                .iter()
+                .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+                .collect(),
+        })
+    }
+
+    /// True when a frame was stored less than `within` ago: some worker is
+    /// writing the turn right now.
+    pub fn written_within(&self, within: std::time::Duration) -> bool {
+        self.last_stored_at
+            .and_then(|at| at.elapsed().ok())
+            .is_some_and(|age| age < within)
+    }
+
+    /// The last `seq` used.
+    pub fn last_seq(&self) -> u64 {
+        self.frames
+            .iter()
+            .filter_map(ServerFrame::seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// True when the turn reached `done`.
+    pub fn is_done(&self) -> bool {
+        self.frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Done { .. }))
+    }
+
+    /// The text a client following the turn holds: the token deltas since
+    /// the last `reset`, and how many token frames carried them.
+    pub fn shown(&self) -> (String, u32) {
+        let start = self
+            .frames
+            .iter()
+            .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
+            .map_or(0, |i| i + 1);
+        let mut text = String::new();
+        let mut frames = 0;
+        for frame in &self.frames[start..] {
+            if let ServerFrame::Token { delta, .. } = frame {
+                text.push_str(delta);
+                frames += 1;
+            }
+        }
+        (text, frames)
+    }
+}
+
+/// Publishes one turn's frames, fenced.
+pub struct FrameWriter {
+    js: jetstream::Context,
+    subject: String,
+    turn_id: String,
+    last_stream_seq: u64,
+    seq: u64,
+}
+
+impl FrameWriter {
+    /// A writer that continues after what `log` holds.
+    pub fn after(js: &jetstream::Context, subject: String, turn_id: &str, log: &TurnLog) -> Self {
+        Self {
+            js: js.clone(),
+            subject,
+            turn_id: turn_id.to_owned(),
+            last_stream_seq: log.last_stream_seq,
+            seq: log.last_seq(),
+        }
+    }
+
+    /// The last `seq` written.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// A token frame.
+    pub async fn token(&mut self, delta: String) -> Result<(), WriteError> {
+        let frame = ServerFrame::Token {
+            turn_id: self.turn_id.clone(),
+            seq: self.seq + 1,
+            delta,
+        };
+        self.write(&frame).await
+    }
+
+    /// A reset: the client drops what it has of the turn.
+    pub async fn reset(&mut self, reason: &str) -> Result<(), WriteError> {
+        let frame = ServerFrame::Reset {
+            turn_id: self.turn_id.clone(),
+            seq: self.seq + 1,
+            reason: reason.to_owned(),
+        };
+        self.write(&frame).await
+    }
+
+    /// An error frame for the turn (it carries no `seq`).
+    pub async fn error(&mut self, code: &str, message: &str) -> Result<(), WriteError> {
+        let frame = ServerFrame::error(Some(self.turn_id.clone()), code, message);
+        self.write(&frame).await
+    }
+
+    /// The final frame.
+    pub async fn done(
+        &mut self,
+        finish_reason: FinishReason,
+        usage: Usage,
+    ) -> Result<(), WriteError> {
+        let frame = ServerFrame::Done {
+            turn_id: self.turn_id.clone(),
+            seq: self.seq + 1,
+            finish_reason,
+            usage,
+        };
+        self.write(&frame).await
+    }
+
+    async fn write(&mut self, frame: &ServerFrame) -> Result<(), WriteError> {
+        let body = serde_json::to_vec(frame).context("encoding a frame")?;
+        // No Nats-Msg-Id: the fence already makes a frame unrepeatable, and
+        // the server's dedupe window would cost memory per message.
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(body.into())
+            .expected_last_subject_sequence(self.last_stream_seq);
+        let ack = self
+            .js
+            .send_publish(self.subject.clone(), publish)
+            .await
+            .context("publishing a frame")?
+            .await;
+        match ack {
+            Ok(ack) => {
+                self.last_stream_seq = ack.sequence;
+                if let Some(seq) = frame.seq() {
+                    self.seq = seq;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                metrics::counter!("streamer_turns_fenced_total").increment(1);
+                Err(WriteError::Fenced)
+            }
+            Err(e) => {
+                let error = anyhow::Error::new(e).context("a frame was not stored");
+                self.settle(frame, error).await
+            }
+        }
+    }
+
+    /// After a publish whose outcome is unknown (its ack timed out, for
+    /// instance because this process was frozen), looks at what the subject
+    /// holds: our frame (it landed), another writer's (we are fenced: a nak
+    /// now would hand the turn to a third worker), or nothing new (a real
+    /// bus failure).
+    async fn settle(
+        &mut self,
+        frame: &ServerFrame,
+        error: anyhow::Error,
+    ) -> Result<(), WriteError> {
+        let Ok(stream) = self.js.get_stream(streams::CHAT_TOK).await else {
+            return Err(WriteError::Bus(error));
+        };
+        let last = match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(last) => last,
+            Err(_) => return Err(WriteError::Bus(error)),
+        };
+        if last.sequence == self.last_stream_seq {
+            return Err(WriteError::Bus(error));
+        }
+        match serde_json::from_slice::<ServerFrame>(&last.payload) {
+            Ok(stored) if stored == *frame => {
+                self.last_stream_seq = last.sequence;
+                if let Some(seq) = frame.seq() {
+                    self.seq = seq;
+                }
+                Ok(())
+            }
+            _ => {
+                metrics::counter!("streamer_turns_fenced_total").increment(1);
+                Err(WriteError::Fenced)
+            }
+        }
+    }
+}
+
+/// A [`FrameWriter`] on its own task, fed token deltas without waiting: the
+/// generation reads the upstream at its own pace while frames are written
+/// one ack at a time, joined when they queue up.
+pub struct TokenPipe {
+    tx: mpsc::UnboundedSender<String>,
+    stopped: CancellationToken,
+    task: tokio::task::JoinHandle<(FrameWriter, Result<(), WriteError>)>,
+}
+
+impl TokenPipe {
+    /// Starts writing through `writer`.
+    pub fn start(writer: FrameWriter) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stopped = CancellationToken::new();
+        let task = tokio::spawn(pump(writer, rx, stopped.clone()));
+        Self { tx, stopped, task }
+    }
+
+    /// Queues a delta.
+    pub fn send(&self, delta: String) {
+        // A closed pipe has stopped; `stopped()` tells the caller.
+        let _ = self.tx.send(delta);
+    }
+
+    /// Fires when writing stopped early (fenced or the bus failed).
+    pub fn stopped(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.stopped.cancelled()
+    }
+
+    /// Writes what is queued and hands the writer back.
+    ///
+    /// # Errors
+    /// Why writing stopped early.
+    pub async fn finish(self) -> Result<FrameWriter, WriteError> {
+        drop(self.tx);
+        let (writer, result) = self.task.await.context("the frame writer panicked")?;
+        result.map(|()| writer)
+    }
+}
+
+async fn pump(
+    mut writer: FrameWriter,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    stopped: CancellationToken,
+) -> (FrameWriter, Result<(), WriteError>) {
+    while let Some(mut delta) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            delta.push_str(&more);
+        }
+        if let Err(error) = writer.token(delta).await {
+            stopped.cancel();
+            return (writer, Err(error));
+        }
+        metrics::counter!("streamer_token_frames_total").increment(1);
+    }
+    (writer, Ok(()))
+}

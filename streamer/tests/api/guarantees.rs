@@ -1,0 +1,90 @@
+//! The edges of the guarantees: a turn whose deliveries run out still ends
+//! (terminal frames, a failed record, a dead letter), and a turn has one
+//! writer at a time.
+
+use std::time::Duration;
+
+use bus::wire::{FinishReason, ServerFrame};
+use futures::StreamExt as _;
+use testkit::{Script, StandInLlm};
+
+use crate::helpers::{self, Killable, TestStreamer};
+
+/// The consumer's `max_deliver` (nats/consumers/CHAT_REQ.streamer-chat.json).
+const MAX_DELIVER: usize = 5;
+
+/// The text since the turn's last reset: what a client following it holds.
+fn shown_text(frames: &[ServerFrame]) -> String {
+    let start = frames
+        .iter()
+        .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
+        .map_or(0, |i| i + 1);
+    crate::text_of(&frames[start..])
+}
+
+#[tokio::test]
+async fn a_turn_whose_worker_is_killed_at_every_delivery_ends_failed_with_a_record_and_a_dead_letter()
+ {
+    let words: Vec<String> = (1..=200).map(|i| format!("w{i} ")).collect();
+    let llm = StandInLlm::start(Script::new(words, Duration::from_millis(40)))
+        .await
+        .unwrap();
+    let app = TestStreamer::without_streamer().await;
+    let fast = ["--ack-wait-ms", "1000"];
+    let turn = app.send("conv-x", "count").await;
+    let mut live = app
+        .client
+        .subscribe(format!("chat.tok.conv-x.{turn}"))
+        .await
+        .unwrap();
+    for delivery in 1..=MAX_DELIVER {
+        let mut worker = Killable::spawn(helpers::config(&app.nats_url(), llm.base_url(), &fast));
+        // This delivery has produced a token: kill it mid-answer.
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(message) = live.next().await {
+                let frame: ServerFrame = serde_json::from_slice(&message.payload).unwrap();
+                if matches!(frame, ServerFrame::Token { .. }) {
+                    break;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("delivery {delivery} produced a token"));
+        worker.kill();
+    }
+
+    // A healthy worker comes back: the turn is out of deliveries, so it must
+    // be closed as failed, not left hanging or answered a sixth time.
+    let started = tokio::time::Instant::now();
+    let _healthy = Killable::spawn(helpers::config(&app.nats_url(), llm.base_url(), &fast));
+    let frames = app.frames_until_done(&turn).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed within the bound"
+    );
+    let n = frames.len();
+    assert!(
+        matches!(&frames[n - 2], ServerFrame::Error { turn_id: Some(t), code, .. } if *t == turn && code == "delivery_exhausted"),
+        "an error frame with the turn id before done: {:?}",
+        &frames[n.saturating_sub(3)..]
+    );
+    let ServerFrame::Done { finish_reason, .. } = &frames[n - 1] else {
+        panic!("ends with done")
+    };
+    assert_eq!(*finish_reason, FinishReason::Error);
+    let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+
+    let record = app.turn_record("conv-x", &turn).await;
+    assert_eq!(record.finish_reason, FinishReason::Error);
+    assert_eq!(
+        record.assistant_text,
+        shown_text(&frames),
+        "the record keeps what the client was shown"
+    );
+    assert!(!record.assistant_text.is_empty());
+    let letter = app.dead_letter().await;
+    assert!(letter.payload.contains(&turn), "{letter:?}");
+    assert_eq!(letter.deliveries, MAX_DELIVER as u64);
+    assert_eq!(llm.streams_completed(), 0, "never answered a sixth time");
+}
