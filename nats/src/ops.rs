@@ -46,6 +46,123 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// What kind of metric a [`Series`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up; its name ends in `_total`.
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// A distribution (rendered as a summary: quantiles, `_sum`, `_count`).
+    Histogram,
+}
+
+/// One metric a service emits, as its catalogue lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct Series {
+    /// The metric name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// The `# HELP` text.
+    pub help: &'static str,
+    /// Every label set it is emitted with (few, by design); empty for an
+    /// unlabelled metric.
+    pub labels: &'static [&'static [(&'static str, &'static str)]],
+}
+
+/// Describes `catalogue` and registers each series (each label set) at
+/// zero, so a fresh process shows them on `/metrics` before any traffic:
+/// `rate()` and absence alerts work from the first scrape. Registering adds
+/// nothing to a series that already counts (another service in the same
+/// test process), so calling it twice is harmless.
+pub fn register(catalogue: &[Series]) {
+    // The recorder must exist before anything registers with it.
+    let _ = metrics_handle();
+    for series in catalogue {
+        let label_sets: Vec<Vec<metrics::Label>> = if series.labels.is_empty() {
+            vec![Vec::new()]
+        } else {
+            series
+                .labels
+                .iter()
+                .map(|set| {
+                    set.iter()
+                        .map(|(k, v)| metrics::Label::new(*k, *v))
+                        .collect()
+                })
+                .collect()
+        };
+        match series.kind {
+            Kind::Counter => {
+                metrics::describe_counter!(series.name, series.help);
+                for labels in label_sets {
+                    metrics::counter!(series.name, labels).increment(0);
+                }
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(series.name, series.help);
+                for labels in label_sets {
+                    metrics::gauge!(series.name, labels).increment(0.0);
+                }
+            }
+            Kind::Histogram => {
+                metrics::describe_histogram!(series.name, series.help);
+                for labels in label_sets {
+                    // A handle is enough: the exporter renders it with count 0.
+                    let _ = metrics::histogram!(series.name, labels);
+                }
+            }
+        }
+    }
+}
+
+/// The metric names `source` mentions as string literals starting with
+/// `prefix` (`"gateway_`): what a catalogue test checks against the
+/// catalogue, so a series added in code without its entry is caught.
+pub fn metric_names_in(source: &str, prefix: &str) -> Vec<String> {
+    let quoted = format!("\"{prefix}");
+    let mut names = Vec::new();
+    let mut rest = source;
+    while let Some(start) = rest.find(&quoted) {
+        let after = &rest[start + 1..];
+        let end = after.find('"').unwrap_or(after.len());
+        let name = &after[..end];
+        if name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            names.push(name.to_owned());
+        }
+        rest = &after[(end + 1).min(after.len())..];
+    }
+    names
+}
+
+/// [`metric_names_in`] over every `.rs` file under `dir`, with the file
+/// each name is in.
+///
+/// # Errors
+/// When a folder or file cannot be read.
+pub fn metric_names_under(
+    dir: &std::path::Path,
+    prefix: &str,
+) -> std::io::Result<Vec<(std::path::PathBuf, String)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            found.extend(metric_names_under(&path, prefix)?);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let source = std::fs::read_to_string(&path)?;
+            for name in metric_names_in(&source, prefix) {
+                found.push((path.clone(), name));
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// `/healthz`, `/readyz` and `/metrics`.
 pub fn router(ready: ReadyFn) -> Router {
     let handle = metrics_handle();

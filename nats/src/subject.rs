@@ -44,6 +44,25 @@ pub fn token(id: &str) -> Result<&str, BadId> {
     }
 }
 
+/// The subject token and KV key standing for a user id.
+///
+/// A user id is a JWT `sub`, any non-empty string (`auth0|alice@example.com`),
+/// and is stored verbatim everywhere else; only a subject or a KV key needs
+/// this form. It is `u` followed by the unpadded base64url SHA-256 of the id:
+/// 44 characters from `[A-Za-z0-9_-]`, so valid as both, stable across
+/// processes and releases, and it does not put an e-mail address into
+/// subject names that monitoring shows. Different ids never share a key in
+/// practice (a SHA-256 collision).
+pub fn user_key(user_id: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(user_id.as_bytes());
+    format!(
+        "u{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest)
+    )
+}
+
 /// `chat.req.<conversation>`: a turn request from the gateway to the streamer.
 ///
 /// # Errors
@@ -133,6 +152,37 @@ mod tests {
         assert_eq!(chat_cancel("t1").unwrap(), "chat.cancel.t1");
         assert_eq!(scan_evt("s1").unwrap(), "scan.evt.s1");
         assert_eq!(dlq("chat").unwrap(), "dlq.chat");
+    }
+
+    #[test]
+    fn any_user_id_maps_to_a_stable_subject_token_and_kv_key() {
+        let ids = [
+            "auth0|alice@example.com",
+            "a.b",
+            "*",
+            ">",
+            "a b",
+            "김민지",
+            "x",
+        ];
+        let keys: Vec<String> = ids.iter().map(|id| user_key(id)).collect();
+        for key in &keys {
+            assert_eq!(token(key), Ok(key.as_str()));
+            assert_eq!(key.len(), 44);
+            // What NATS accepts in a KV key.
+            assert!(
+                key.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '=' | '/' | '.'))
+            );
+        }
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Stable: the same id gives the same key in every process, release
+        // and node (a key written by one must be found by another).
+        assert_eq!(
+            user_key("auth0|alice@example.com"),
+            "uB0cvuNFKwT4JqUK3JfQhoxisJWRkwdtgEbzBCIQMBqc"
+        );
     }
 
     #[test]

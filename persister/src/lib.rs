@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod history;
 pub mod ingest;
+mod series;
 pub mod sync;
 pub mod wal;
 
@@ -68,6 +69,7 @@ impl Persister {
     /// unreachable is not one: the persister starts degraded (see [`sync`]).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
+        series::register();
         let listener = bus::ops::bind(&config.listen, "PERSISTER_LISTEN").await?;
         let wal = Wal::open(&config.sqlite_path).await?;
         let postgres = sync::Postgres::connect(&config.database_url).await?;

@@ -71,7 +71,8 @@ pub struct Config {
     /// Vision model name sent to VISION_BASE_URL.
     #[arg(long, env = "VISION_MODEL", default_value = "gpt-4o-mini")]
     pub vision_model: String,
-    /// API key for VISION_BASE_URL (default: LLM_API_KEY).
+    /// API key for VISION_BASE_URL (default: LLM_API_KEY, but only when
+    /// VISION_BASE_URL is on the same scheme, host and port as LLM_BASE_URL).
     #[arg(long, env = "VISION_API_KEY", value_parser = bus::parse_secret, hide_env_values = true)]
     pub vision_api_key: Option<SecretString>,
     /// The local model's weights (safetensors); default

@@ -19,6 +19,7 @@ pub mod frames;
 pub mod phash;
 pub mod rules;
 pub mod scan;
+mod series;
 pub mod upstream;
 pub mod vision;
 
@@ -62,6 +63,7 @@ impl Streamer {
             "STREAMER_CONCURRENCY must be between 1 and {}",
             chat::ACK_BUDGET
         );
+        series::register();
         let listener = bus::ops::bind(&config.listen, "STREAMER_LISTEN").await?;
         let client = bus::connect::connect(&config.nats_url, "streamer").await?;
         let js = async_nats::jetstream::new(client.clone());
@@ -222,10 +224,7 @@ fn build_vision(config: &Config) -> anyhow::Result<Arc<dyn vision::Vision>> {
         Some(url) => Arc::new(vision::openai::OpenAiVision::new(
             url,
             &config.vision_model,
-            config
-                .vision_api_key
-                .clone()
-                .or_else(|| config.llm_api_key.clone()),
+            vision_api_key(config, url),
             config.vision_threshold,
             config.connect_timeout(),
         )?),
@@ -243,6 +242,25 @@ fn build_vision(config: &Config) -> anyhow::Result<Arc<dyn vision::Vision>> {
             )
         }
     })
+}
+
+/// The key sent to `vision_url`: `VISION_API_KEY`, else `LLM_API_KEY` only
+/// when the vision host is the LLM's own (same scheme, host and port). A
+/// key goes only to the host it was configured for, never to a third party.
+fn vision_api_key(config: &Config, vision_url: &str) -> Option<secrecy::SecretString> {
+    let origin = |url: &str| {
+        let url = reqwest::Url::parse(url).ok()?;
+        Some((
+            url.scheme().to_owned(),
+            url.host_str()?.to_ascii_lowercase(),
+            url.port_or_known_default(),
+        ))
+    };
+    let same_host = origin(vision_url).is_some_and(|o| Some(o) == origin(&config.llm_base_url));
+    config
+        .vision_api_key
+        .clone()
+        .or_else(|| config.llm_api_key.clone().filter(|_| same_host))
 }
 
 /// Pulls from `consumer` and runs `handle` on each message, at most
@@ -321,5 +339,51 @@ async fn reprocess_periodically(
                 tracing::warn!(error = format!("{error:#}"), "DLQ reprocess pass failed.")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use secrecy::ExposeSecret as _;
+
+    use super::*;
+
+    fn key(args: &[&str], vision_url: &str) -> Option<String> {
+        let mut all = vec!["streamer"];
+        all.extend_from_slice(args);
+        vision_api_key(&Config::parse_from(all), vision_url).map(|k| k.expose_secret().to_owned())
+    }
+
+    #[test]
+    fn the_llm_key_goes_to_the_vision_host_only_when_it_is_the_llm_host() {
+        let llm = [
+            "--llm-base-url",
+            "https://api.openai.com/v1",
+            "--llm-api-key",
+            "sk-llm",
+        ];
+        assert_eq!(
+            key(&llm, "https://api.openai.com/v1").as_deref(),
+            Some("sk-llm")
+        );
+        assert_eq!(
+            key(&llm, "https://API.openai.com:443/v2").as_deref(),
+            Some("sk-llm")
+        );
+        for elsewhere in [
+            "https://vision.example.com/v1",
+            "http://api.openai.com/v1",
+            "https://api.openai.com:8443/v1",
+            "not a url",
+        ] {
+            assert_eq!(key(&llm, elsewhere), None, "{elsewhere}");
+        }
+        let mut own = llm.to_vec();
+        own.extend(["--vision-api-key", "sk-vision"]);
+        assert_eq!(
+            key(&own, "https://vision.example.com/v1").as_deref(),
+            Some("sk-vision")
+        );
     }
 }

@@ -306,7 +306,9 @@ impl ScanWorker {
                 return;
             }
         };
-        if subject::token(&request.scan_id).is_err() || subject::token(&request.user_id).is_err() {
+        // The scan id names subjects; the user id is a JWT `sub` (any
+        // non-empty string) that is only stored and compared.
+        if subject::token(&request.scan_id).is_err() || request.user_id.is_empty() {
             let reason = "scan request with an invalid id";
             bus::dlq::terminate(&self.js, DLQ_KIND, &message, reason).await;
             return;
@@ -731,21 +733,33 @@ impl ScanWorker {
             };
             metrics::histogram!("streamer_scan_vision_seconds")
                 .record(started.elapsed().as_secs_f64());
-            match outcome {
+            // The provider's own words (its URL, its body) go to the log;
+            // the event, the record and the dead letter get a plain cause.
+            let (code, detail, public, retryable) = match outcome {
                 Some(Ok(seen)) => return Ok(seen),
-                Some(Err(e)) if !e.retryable => {
-                    return Err(Stop::Failed(Failure {
-                        code: "vision_failed",
-                        message: e.message,
-                        stage: ScanStage::Vision,
-                        dead_letter: true,
-                    }));
+                Some(Err(e)) => (
+                    e.code,
+                    e.message.clone(),
+                    e.public_message().to_owned(),
+                    e.retryable,
+                ),
+                None => {
+                    let timeout = format!("no answer within {:?}", s.vision_hard);
+                    ("upstream_timeout", timeout.clone(), timeout, true)
                 }
-                Some(Err(e)) => last_error = e.message,
-                None => last_error = format!("no answer within {:?}", s.vision_hard),
+            };
+            metrics::counter!("streamer_scan_vision_errors_total", "code" => code).increment(1);
+            tracing::warn!(attempt, code, error = %detail, "Vision attempt failed.");
+            if !retryable {
+                return Err(Stop::Failed(Failure {
+                    code: "vision_failed",
+                    message: public,
+                    stage: ScanStage::Vision,
+                    dead_letter: true,
+                }));
             }
+            last_error = public;
             metrics::counter!("streamer_scan_retries_total", "stage" => "vision").increment(1);
-            tracing::warn!(attempt, error = %last_error, "Vision attempt failed.");
         }
         Err(Stop::Failed(Failure {
             code: "vision_failed",
@@ -832,9 +846,15 @@ impl ScanWorker {
         let soft = tokio::time::sleep(s.answer_soft);
         tokio::pin!(hard, soft);
         let mut soft_sent = false;
+        // The provider's own words (its URL, its body) go to the log; the
+        // event, the record and the dead letter get a plain cause.
+        let upstream_failed = |e: upstream::UpstreamError| {
+            tracing::warn!(code = e.code(), error = %e, "The explanation's LLM call failed.");
+            failed(e.public_message().to_owned())
+        };
         let open = self.upstream.stream(prompt);
         let mut stream = tokio::select! {
-            opened = open => opened.map_err(|e| failed(e.to_string()))?,
+            opened = open => opened.map_err(upstream_failed)?,
             _ = &mut hard => return Err(failed(format!("no answer within {:?}", s.answer_hard))),
         };
         let mut text = String::new();
@@ -856,7 +876,7 @@ impl ScanWorker {
                 }
                 Some(Ok(upstream::Event::Finish(_))) => {}
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(failed(e.to_string())),
+                Some(Err(e)) => return Err(upstream_failed(e)),
             }
         }
     }

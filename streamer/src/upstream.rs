@@ -60,6 +60,34 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// A stable short code for clients, records and metrics:
+    /// `upstream_unavailable` (unreachable, 5xx), `upstream_rate_limited`
+    /// (429), `upstream_timeout` (silence past the read timeout, 408, 504),
+    /// `upstream_rejected` (another 4xx: a bad key, a bad model) or
+    /// `upstream_interrupted` (the stream broke off, carried an error
+    /// object, or was unreadable).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Network(_) => "upstream_unavailable",
+            Self::Timeout(_) => "upstream_timeout",
+            Self::Status { status, .. } => status_code(*status),
+            Self::Provider(_) | Self::Protocol(_) | Self::Truncated => "upstream_interrupted",
+        }
+    }
+
+    /// What a client may be told: a plain sentence per [`Self::code`],
+    /// never the provider's URL or body (those can carry keys, account
+    /// details and internal hosts; they go to the logs, with `Display`).
+    pub fn public_message(&self) -> &'static str {
+        match self.code() {
+            "upstream_rate_limited" => "the language model provider is busy; try again shortly",
+            "upstream_timeout" => "the language model provider did not answer in time",
+            "upstream_rejected" => "the language model provider refused the request",
+            "upstream_interrupted" => "the language model provider's answer broke off",
+            _ => "the language model provider is unavailable",
+        }
+    }
+
     /// A low-cardinality label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -79,6 +107,17 @@ impl UpstreamError {
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             _ => false,
         }
+    }
+}
+
+/// The [`UpstreamError::code`] of an HTTP error status from a provider
+/// (also used for the vision provider).
+pub fn status_code(status: u16) -> &'static str {
+    match status {
+        429 => "upstream_rate_limited",
+        408 | 504 => "upstream_timeout",
+        500.. => "upstream_unavailable",
+        _ => "upstream_rejected",
     }
 }
 
@@ -169,16 +208,14 @@ impl Upstream {
             match self.open(provider, model, request).await {
                 Ok(stream) => return Ok(stream),
                 Err(error) if error.retryable() && attempt < self.max_retries => {
-                    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind())
-                        .increment(1);
+                    count(&error);
                     let delay = backoff(attempt, &error);
                     tracing::warn!(%error, attempt, ?delay, "LLM request failed; retrying.");
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(error) => {
-                    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind())
-                        .increment(1);
+                    count(&error);
                     return Err(error);
                 }
             }
@@ -271,6 +308,13 @@ impl Upstream {
             });
         Ok(Box::pin(stream))
     }
+}
+
+/// Counts a failed request. The detail (status, body, URL) is in the
+/// warning logged beside it; the labels are the few stable values.
+fn count(error: &UpstreamError) {
+    metrics::counter!("streamer_upstream_errors_total", "kind" => error.kind(), "code" => error.code())
+        .increment(1);
 }
 
 fn network(error: &reqwest::Error, read_timeout: Duration) -> UpstreamError {
@@ -400,6 +444,53 @@ mod tests {
             parse_chunk("not json"),
             Err(UpstreamError::Protocol(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn public_messages_carry_neither_urls_nor_provider_bodies() {
+        let secret = "sk-live-7f3a9c1e2b4d8a6f";
+        let refused = reqwest::get(format!("http://127.0.0.1:1/v1/{secret}"))
+            .await
+            .unwrap_err();
+        let body = |status| UpstreamError::Status {
+            status,
+            body: format!("{{\"error\":\"bad key {secret} at https://llm.internal/v1\"}}"),
+            retry_after: None,
+        };
+        let cases = [
+            (
+                network(&refused, Duration::from_secs(1)),
+                "upstream_unavailable",
+            ),
+            (
+                UpstreamError::Timeout(Duration::from_secs(60)),
+                "upstream_timeout",
+            ),
+            (body(429), "upstream_rate_limited"),
+            (body(503), "upstream_unavailable"),
+            (body(504), "upstream_timeout"),
+            (body(401), "upstream_rejected"),
+            (body(400), "upstream_rejected"),
+            (
+                UpstreamError::Provider(format!("quota of {secret}")),
+                "upstream_interrupted",
+            ),
+            (
+                UpstreamError::Protocol(format!("bad chunk {secret}")),
+                "upstream_interrupted",
+            ),
+            (UpstreamError::Truncated, "upstream_interrupted"),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.code(), code, "{error}");
+            let public = error.public_message();
+            assert!(!public.is_empty());
+            for leak in [secret, "127.0.0.1", "llm.internal", "http"] {
+                assert!(!public.contains(leak), "{code}: {public}");
+            }
+        }
+        // The detail stays available for the logs.
+        assert!(body(400).to_string().contains(secret));
     }
 
     #[test]

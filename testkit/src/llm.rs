@@ -59,6 +59,8 @@ pub struct Quirks {
     /// The first requests are answered with these statuses (and `Retry-After`
     /// seconds), in order, before the stream is served.
     pub fail_first: Vec<(u16, Option<u64>)>,
+    /// The body of those failures; default an OpenAI-style error object.
+    pub fail_body: Option<String>,
     /// Never send a usage chunk, even when asked.
     pub no_usage: bool,
 }
@@ -85,6 +87,7 @@ impl Script {
 #[derive(Default)]
 struct Recorded {
     requests: Mutex<Vec<Value>>,
+    authorizations: Mutex<Vec<Option<String>>>,
     failures_served: AtomicUsize,
     streams_dropped_early: AtomicUsize,
     streams_completed: AtomicUsize,
@@ -152,6 +155,16 @@ impl StandInLlm {
             .clone()
     }
 
+    /// The `Authorization` header of every request so far (`None`: absent),
+    /// in the order of [`StandInLlm::requests`].
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.recorded
+            .authorizations
+            .lock()
+            .expect("authorizations lock")
+            .clone()
+    }
+
     /// Streams whose client went away before the last chunk was sent.
     pub fn streams_dropped_early(&self) -> usize {
         self.recorded.streams_dropped_early.load(Ordering::SeqCst)
@@ -200,8 +213,18 @@ impl Drop for StreamGuard {
 
 async fn completions(
     State((recorded, script)): State<StandInState>,
+    headers: axum::http::HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
+    recorded
+        .authorizations
+        .lock()
+        .expect("authorizations lock")
+        .push(
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        );
     recorded
         .requests
         .lock()
@@ -210,8 +233,11 @@ async fn completions(
     let script = script.lock().expect("script lock").clone();
     let failure = recorded.failures_served.fetch_add(1, Ordering::SeqCst);
     if let Some((status, retry_after)) = script.quirks.fail_first.get(failure) {
-        let body = json!({"error": {"message": "stand-in failure", "type": "server_error"}});
-        let mut response = Json(body).into_response();
+        let mut response = match &script.quirks.fail_body {
+            Some(body) => body.clone().into_response(),
+            None => Json(json!({"error": {"message": "stand-in failure", "type": "server_error"}}))
+                .into_response(),
+        };
         *response.status_mut() = axum::http::StatusCode::from_u16(*status).expect("valid status");
         if let Some(seconds) = retry_after {
             let value = seconds.to_string().parse().expect("header value");

@@ -2,6 +2,7 @@
 
 mod guarantees;
 mod helpers;
+mod refused_uploads;
 mod scans;
 
 use std::time::Duration;
@@ -133,10 +134,21 @@ async fn dev_login_issues_tokens_only_when_enabled() {
         .await
         .unwrap();
     assert_ne!(ws.status(), 401, "a dev token authenticates");
+    // Any non-empty id, as identity providers issue them.
+    let email = app
+        .http
+        .post(app.url("/v1/dev/token"))
+        .json(&json!({"user_id": "auth0|a.b@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(email.status(), 200);
+    let body: Value = email.json().await.unwrap();
+    assert_eq!(body["user_id"], "auth0|a.b@example.com");
     let bad = app
         .http
         .post(app.url("/v1/dev/token"))
-        .json(&json!({"user_id": "a.b"}))
+        .json(&json!({"user_id": ""}))
         .send()
         .await
         .unwrap();

@@ -746,3 +746,143 @@ async fn a_hanging_vision_provider_hits_the_soft_then_the_hard_timeout() {
             .contains("failed 2 times")
     );
 }
+
+/// Everything about one scan that leaves the system's edge or is stored:
+/// its SSE events, its status, its record on `scan.done` (what the
+/// persister writes to the database) and its dead letter.
+async fn everything_told_about(app: &TestApp, id: &str) -> (Vec<Sse>, String) {
+    let events = app.events("alice", id, None).await;
+    let (_, status) = app.status("alice", id).await;
+    let js = app.js().await;
+    let done = js.get_stream(bus::streams::SCAN_DONE).await.unwrap();
+    let record = done
+        .get_last_raw_message_by_subject(&format!("scan.done.{id}"))
+        .await
+        .unwrap();
+    let dlq = js.get_stream(bus::streams::DLQ).await.unwrap();
+    let letter = dlq
+        .get_last_raw_message_by_subject("dlq.scan")
+        .await
+        .unwrap();
+    let told = format!(
+        "{}\n{status}\n{}\n{}",
+        events
+            .iter()
+            .map(|e| e.data.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        String::from_utf8_lossy(&record.payload),
+        String::from_utf8_lossy(&letter.payload),
+    );
+    (events, told)
+}
+
+const PROVIDER_SECRET: &str = "sk-live-7f3a9c1e2b4d8a6f";
+
+/// A provider's error body the way real ones look: its own URL, an echo of
+/// a key, request ids.
+fn leaky_body(base_url: &str) -> String {
+    json!({"error": {
+        "message": format!("Incorrect API key provided: {PROVIDER_SECRET}. See {base_url}/chat/completions"),
+        "type": "invalid_request_error",
+    }})
+    .to_string()
+}
+
+#[tokio::test]
+async fn llm_error_bodies_and_urls_reach_neither_the_client_nor_the_record() {
+    let vision = vision_standin("{\"category\":\"glass\",\"confidence\":0.9}").await;
+    let app = TestApp::start_full(
+        answer(),
+        &[],
+        &[
+            "--vision-base-url",
+            vision.base_url(),
+            "--llm-api-key",
+            "sk-llm-only-key",
+            "--scan-retry-base-ms",
+            "20",
+            "--dlq-reprocess-every-s",
+            "0",
+        ],
+    )
+    .await;
+    let llm_url = app.llm.base_url().to_owned();
+    app.llm.set_script(answer().with_quirks(Quirks {
+        fail_first: vec![(400, None); 3],
+        fail_body: Some(leaky_body(&llm_url)),
+        ..Quirks::default()
+    }));
+    let id = app.scan("alice", fixture("coffee.jpg")).await;
+    let (events, told) = everything_told_about(&app, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error");
+    assert_eq!(last.data["code"], "answer_failed");
+    assert_eq!(app.llm.requests().len(), 3, "three attempts");
+    let message = last.data["message"].as_str().unwrap();
+    assert!(message.contains("refused"), "a plain cause: {message}");
+    assert!(!told.contains(PROVIDER_SECRET), "{told}");
+    let host = llm_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    assert!(!told.contains(host), "{told}");
+    assert!(!told.contains("invalid_request_error"), "{told}");
+    // Each key goes to its own host only.
+    assert!(
+        app.llm
+            .authorizations()
+            .iter()
+            .all(|a| a.as_deref() == Some("Bearer sk-llm-only-key")),
+        "{:?}",
+        app.llm.authorizations()
+    );
+    assert_eq!(
+        vision.authorizations(),
+        [None],
+        "the LLM key reached the vision host"
+    );
+}
+
+#[tokio::test]
+async fn vision_error_bodies_reach_neither_the_client_nor_the_record_and_get_no_llm_key() {
+    let vision = StandInLlm::start(Script::new(["{}"], Duration::ZERO))
+        .await
+        .unwrap();
+    let vision_url = vision.base_url().to_owned();
+    vision.set_script(Script::new(["{}"], Duration::ZERO).with_quirks(Quirks {
+        fail_first: vec![(503, None); 3],
+        fail_body: Some(leaky_body(&vision_url)),
+        ..Quirks::default()
+    }));
+    let app = TestApp::start_full(
+        answer(),
+        &[],
+        &[
+            "--vision-base-url",
+            &vision_url,
+            "--llm-api-key",
+            "sk-llm-only-key",
+            "--scan-retry-base-ms",
+            "20",
+            "--dlq-reprocess-every-s",
+            "0",
+        ],
+    )
+    .await;
+    let id = app.scan("alice", fixture("coffee.jpg")).await;
+    let (events, told) = everything_told_about(&app, &id).await;
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error");
+    assert_eq!(last.data["code"], "vision_failed");
+    assert_eq!(vision.requests().len(), 3, "three attempts");
+    assert!(!told.contains(PROVIDER_SECRET), "{told}");
+    let host = vision_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1");
+    assert!(!told.contains(host), "{told}");
+    assert_eq!(
+        vision.authorizations(),
+        [None, None, None],
+        "the LLM key reached the vision host"
+    );
+}

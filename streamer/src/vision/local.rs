@@ -164,6 +164,7 @@ impl Vision for LocalVision {
                 .await
                 .map_err(|error| VisionError {
                     message: format!("local image model task failed: {error}"),
+                    code: "vision_internal",
                     // A runtime shutting down may let another worker finish
                     // it; a panic would only repeat.
                     retryable: error.is_cancelled(),
@@ -171,6 +172,7 @@ impl Vision for LocalVision {
                 .map_err(|error| VisionError {
                     // Same input, same weights, same failure.
                     message: format!("local image model failed: {error:#}"),
+                    code: "vision_internal",
                     retryable: false,
                 })?;
             let classification = self.classification(&probs);

@@ -43,10 +43,28 @@ pub struct Classification {
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct VisionError {
-    /// What went wrong, for logs and the DLQ.
+    /// What went wrong, for the logs only: a remote provider's text may
+    /// hold its URL or an echo of a key.
     pub message: String,
+    /// A stable code, as [`crate::upstream::UpstreamError::code`] for a
+    /// remote provider, `vision_internal` for the local model.
+    pub code: &'static str,
     /// True when retrying may succeed.
     pub retryable: bool,
+}
+
+impl VisionError {
+    /// What a client may be told: a plain sentence per [`Self::code`].
+    pub fn public_message(&self) -> &'static str {
+        match self.code {
+            "upstream_rate_limited" => "the image model provider is busy; try again shortly",
+            "upstream_timeout" => "the image model provider did not answer in time",
+            "upstream_rejected" => "the image model provider refused the request",
+            "upstream_interrupted" => "the image model provider's answer was unreadable",
+            "upstream_unavailable" => "the image model provider is unavailable",
+            _ => "the image model failed",
+        }
+    }
 }
 
 /// A boxed future, so the trait stays object-safe.

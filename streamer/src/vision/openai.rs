@@ -115,6 +115,11 @@ impl Vision for OpenAiVision {
             }
             let response = request.send().await.map_err(|e| VisionError {
                 message: format!("vision provider unreachable: {e}"),
+                code: if e.is_timeout() {
+                    "upstream_timeout"
+                } else {
+                    "upstream_unavailable"
+                },
                 retryable: true,
             })?;
             let status = response.status();
@@ -126,24 +131,26 @@ impl Vision for OpenAiVision {
                         status.as_u16(),
                         body.chars().take(200).collect::<String>()
                     ),
+                    code: crate::upstream::status_code(status.as_u16()),
                     retryable: status.as_u16() == 429 || status.is_server_error(),
                 });
             }
-            let body: Value = response.json().await.map_err(|e| VisionError {
-                message: format!("vision provider sent unreadable JSON: {e}"),
+            let unreadable = |message: String| VisionError {
+                message,
+                code: "upstream_interrupted",
                 retryable: true,
-            })?;
+            };
+            let body: Value = response
+                .json()
+                .await
+                .map_err(|e| unreadable(format!("vision provider sent unreadable JSON: {e}")))?;
             let text = body["choices"][0]["message"]["content"]
                 .as_str()
-                .ok_or_else(|| VisionError {
-                    message: "vision provider's reply has no message content".into(),
-                    retryable: true,
+                .ok_or_else(|| {
+                    unreadable("vision provider's reply has no message content".into())
                 })?;
             let (category, confidence, labels) =
-                parse_answer(text, self.threshold).map_err(|message| VisionError {
-                    message,
-                    retryable: true,
-                })?;
+                parse_answer(text, self.threshold).map_err(unreadable)?;
             Ok(Classification {
                 category,
                 confidence,

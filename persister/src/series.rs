@@ -1,0 +1,218 @@
+//! The persister's metric series, in one place: each is described and
+//! registered at zero at startup ([`bus::ops::register`]), so a fresh
+//! persister's `/metrics` lists them all, with every label value. A test
+//! checks that this list and the metric names the code mentions agree.
+
+use bus::ops::{Kind, Series};
+
+/// Every series the persister emits.
+pub const SERIES: &[Series] = &[
+    Series {
+        name: "persister_commits_total",
+        kind: Kind::Counter,
+        help: "SQLite commits of turn records.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_commit_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of one SQLite commit of turn records.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_rows_ingested_total",
+        kind: Kind::Counter,
+        help: "Turn records written to SQLite.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_rows_superseded_total",
+        kind: Kind::Counter,
+        help: "Turn records replaced by a later one.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_duplicates_total",
+        kind: Kind::Counter,
+        help: "Turn records already stored (redeliveries).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_commit_failures_total",
+        kind: Kind::Counter,
+        help: "Failed SQLite commits of turn records (an operator must act).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_dead_letters_total",
+        kind: Kind::Counter,
+        help: "Turn records dead-lettered, by reason.",
+        labels: &[&[("reason", "undecodable")], &[("reason", "sqlite")]],
+    },
+    Series {
+        name: "persister_rows_synced_total",
+        kind: Kind::Counter,
+        help: "Turn rows copied to Postgres.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sync_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of one Postgres sync batch of turn rows.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sync_lag_seconds",
+        kind: Kind::Histogram,
+        help: "From a turn's completion to its Postgres commit.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sync_rejected_total",
+        kind: Kind::Counter,
+        help: "Turn rows Postgres refused (kept in SQLite with the reason).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_rows_pending_sync",
+        kind: Kind::Gauge,
+        help: "SQLite rows waiting for Postgres (turns and scans).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_rows_rejected_sync",
+        kind: Kind::Gauge,
+        help: "SQLite rows Postgres refused (turns and scans).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_commits_total",
+        kind: Kind::Counter,
+        help: "SQLite commits of scan records.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_commit_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of one SQLite commit of scan records.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_rows_ingested_total",
+        kind: Kind::Counter,
+        help: "Scan records written to SQLite.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_rows_superseded_total",
+        kind: Kind::Counter,
+        help: "Scan records replaced by a later one.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_duplicates_total",
+        kind: Kind::Counter,
+        help: "Scan records already stored (redeliveries).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_commit_failures_total",
+        kind: Kind::Counter,
+        help: "Failed SQLite commits of scan records (an operator must act).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_dead_letters_total",
+        kind: Kind::Counter,
+        help: "Scan records dead-lettered, by reason.",
+        labels: &[&[("reason", "undecodable")], &[("reason", "sqlite")]],
+    },
+    Series {
+        name: "persister_scan_rows_synced_total",
+        kind: Kind::Counter,
+        help: "Scan rows copied to Postgres.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_sync_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of one Postgres sync batch of scan rows.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_sync_lag_seconds",
+        kind: Kind::Histogram,
+        help: "From a scan's completion to its Postgres commit.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_sync_rejected_total",
+        kind: Kind::Counter,
+        help: "Scan rows Postgres refused (kept in SQLite with the reason).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_rows_pending_sync",
+        kind: Kind::Gauge,
+        help: "SQLite rows waiting for Postgres (scans).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_scan_rows_rejected_sync",
+        kind: Kind::Gauge,
+        help: "SQLite rows Postgres refused (scans).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sync_failures_total",
+        kind: Kind::Counter,
+        help: "Postgres sync attempts that failed (Postgres unreachable).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sqlite_bytes",
+        kind: Kind::Gauge,
+        help: "Size of the SQLite file.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sqlite_wal_bytes",
+        kind: Kind::Gauge,
+        help: "Size of the SQLite WAL file.",
+        labels: &[],
+    },
+];
+
+/// Describes and registers [`SERIES`] at zero.
+pub fn register() {
+    bus::ops::register(SERIES);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalogue_lists_exactly_the_metrics_the_code_emits() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let used: Vec<_> = bus::ops::metric_names_under(&src, "persister_")
+            .unwrap()
+            .into_iter()
+            .filter(|(path, _)| !path.ends_with("series.rs"))
+            .collect();
+        for (path, name) in &used {
+            assert!(
+                SERIES.iter().any(|s| s.name == *name),
+                "{name} (in {}) is not in the catalogue",
+                path.display()
+            );
+        }
+        for series in SERIES {
+            assert!(
+                used.iter().any(|(_, name)| name == series.name),
+                "{} is catalogued but nothing emits it",
+                series.name
+            );
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The streamer's metric series, in one place: each is described and
+//! registered at zero at startup ([`bus::ops::register`]), so a fresh
+//! streamer's `/metrics` lists them all, with every label value. A test
+//! checks that this list and the metric names the code mentions agree.
+
+use bus::ops::{Kind, Series};
+
+/// Every series the streamer emits.
+pub const SERIES: &[Series] = &[
+    Series {
+        name: "streamer_turns_total",
+        kind: Kind::Counter,
+        help: "Chat turns finished, by finish reason.",
+        labels: &[
+            &[("finish_reason", "stop")],
+            &[("finish_reason", "length")],
+            &[("finish_reason", "cancelled")],
+            &[("finish_reason", "error")],
+        ],
+    },
+    Series {
+        name: "streamer_tokens_total",
+        kind: Kind::Counter,
+        help: "Token frames published.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_token_frames_total",
+        kind: Kind::Counter,
+        help: "Token frames written to chat.tok (a frame may join several deltas).",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_turns_fenced_total",
+        kind: Kind::Counter,
+        help: "Turns a stale worker stopped writing because another worker's frames came first.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_exhausted_total",
+        kind: Kind::Counter,
+        help: "Turns and scans closed as failed after their deliveries ran out, by kind.",
+        labels: &[&[("kind", "chat")], &[("kind", "scan")]],
+    },
+    Series {
+        name: "streamer_turn_resets_total",
+        kind: Kind::Counter,
+        help: "Turns restarted with a reset frame after a worker died.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_history_unavailable_total",
+        kind: Kind::Counter,
+        help: "Turns answered without context because history was unavailable.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_records_truncated_total",
+        kind: Kind::Counter,
+        help: "Turn records cut to fit the bus's message limit.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_upstream_ttft_seconds",
+        kind: Kind::Histogram,
+        help: "From the request to the provider to its first token.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_accept_to_first_token_seconds",
+        kind: Kind::Histogram,
+        help: "From the gateway accepting a turn to its first token (queueing plus the provider).",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_inter_token_seconds",
+        kind: Kind::Histogram,
+        help: "Time between two tokens of one answer.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_upstream_errors_total",
+        kind: Kind::Counter,
+        help: "Failed LLM requests, by kind and by the code clients see.",
+        labels: &[
+            &[("kind", "network"), ("code", "upstream_unavailable")],
+            &[("kind", "timeout"), ("code", "upstream_timeout")],
+            &[("kind", "rate_limited"), ("code", "upstream_rate_limited")],
+            &[("kind", "status"), ("code", "upstream_unavailable")],
+            &[("kind", "status"), ("code", "upstream_timeout")],
+            &[("kind", "status"), ("code", "upstream_rejected")],
+            &[("kind", "provider"), ("code", "upstream_interrupted")],
+            &[("kind", "protocol"), ("code", "upstream_interrupted")],
+            &[("kind", "truncated"), ("code", "upstream_interrupted")],
+        ],
+    },
+    Series {
+        name: "streamer_upstream_fallbacks_total",
+        kind: Kind::Counter,
+        help: "Times a failed provider handed over to the next one.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_scans_total",
+        kind: Kind::Counter,
+        help: "Scans finished, by status and whether the cache answered.",
+        labels: &[
+            &[("status", "done"), ("cached", "false")],
+            &[("status", "done"), ("cached", "true")],
+            &[("status", "failed"), ("cached", "false")],
+        ],
+    },
+    Series {
+        name: "streamer_scan_retries_total",
+        kind: Kind::Counter,
+        help: "Scan stage attempts retried, by stage.",
+        labels: &[&[("stage", "vision")], &[("stage", "answer")]],
+    },
+    Series {
+        name: "streamer_scan_vision_errors_total",
+        kind: Kind::Counter,
+        help: "Failed vision attempts, by code.",
+        labels: &[
+            &[("code", "upstream_unavailable")],
+            &[("code", "upstream_timeout")],
+            &[("code", "upstream_rate_limited")],
+            &[("code", "upstream_rejected")],
+            &[("code", "upstream_interrupted")],
+            &[("code", "vision_internal")],
+        ],
+    },
+    Series {
+        name: "streamer_scan_vision_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of one vision attempt.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_scan_dead_letters_total",
+        kind: Kind::Counter,
+        help: "Failed scans sent to dlq.scan.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_scan_panics_total",
+        kind: Kind::Counter,
+        help: "Scans failed because a pipeline stage panicked.",
+        labels: &[],
+    },
+];
+
+/// Describes and registers [`SERIES`] at zero.
+pub fn register() {
+    bus::ops::register(SERIES);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalogue_lists_exactly_the_metrics_the_code_emits() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let used: Vec<_> = bus::ops::metric_names_under(&src, "streamer_")
+            .unwrap()
+            .into_iter()
+            .filter(|(path, _)| !path.ends_with("series.rs"))
+            .collect();
+        for (path, name) in &used {
+            assert!(
+                SERIES.iter().any(|s| s.name == *name),
+                "{name} (in {}) is not in the catalogue",
+                path.display()
+            );
+        }
+        for series in SERIES {
+            assert!(
+                used.iter().any(|(_, name)| name == series.name),
+                "{} is catalogued but nothing emits it",
+                series.name
+            );
+        }
+    }
+}
