@@ -242,7 +242,7 @@ impl Worker {
         deliveries: u64,
     ) -> Result<(), WriteError> {
         if let Some(error) = &turn.error {
-            writer.error("upstream_error", error).await?;
+            writer.error(turn.error_code, error).await?;
         }
         writer.done(turn.finish, turn.usage()).await?;
         metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str())
@@ -518,7 +518,10 @@ struct Turn {
     finish: FinishReason,
     finish_seen: bool,
     usage: Option<Usage>,
+    /// A plain message for the client and the record.
     error: Option<String>,
+    /// The code of the `error` frame.
+    error_code: &'static str,
     first_token_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     last_token: Option<tokio::time::Instant>,
@@ -534,6 +537,7 @@ impl Turn {
             finish_seen: false,
             usage: None,
             error: None,
+            error_code: "upstream_error",
             first_token_at: None,
             created_at: request.created_at,
             last_token: None,
@@ -566,10 +570,13 @@ impl Turn {
         self.finish_seen || self.finish != FinishReason::Stop
     }
 
+    /// The provider's detail (its body, our URL) goes to the log only; the
+    /// client, the record and the dead letter get a code and a plain message.
     fn fail(&mut self, error: upstream::UpstreamError) {
-        tracing::warn!(%error, kind = error.kind(), "LLM stream failed.");
+        tracing::warn!(%error, kind = error.kind(), code = error.code(), "LLM stream failed.");
         self.finish = FinishReason::Error;
-        self.error = Some(error.to_string());
+        self.error_code = error.code();
+        self.error = Some(error.public_message().to_owned());
     }
 
     fn usage(&self) -> Usage {

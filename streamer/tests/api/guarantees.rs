@@ -88,3 +88,39 @@ async fn a_turn_whose_worker_is_killed_at_every_delivery_ends_failed_with_a_reco
     assert_eq!(letter.deliveries, MAX_DELIVER as u64);
     assert_eq!(llm.streams_completed(), 0, "never answered a sixth time");
 }
+
+#[tokio::test]
+async fn a_provider_error_body_and_url_reach_neither_the_client_nor_the_record() {
+    let secret = "sk-live-0123456789abcdef";
+    let llm = StandInLlm::start(
+        Script::new(["never"], Duration::ZERO).with_quirks(testkit::Quirks {
+            fail_first: vec![(400, None)],
+            fail_body: Some(format!(
+                r#"{{"error":{{"message":"key {secret} is not valid for http://internal.example/v1","type":"invalid_request_error"}}}}"#
+            )),
+            ..testkit::Quirks::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let app = TestStreamer::start(llm.base_url()).await;
+    let turn = app.send("conv-leak", "hi").await;
+    let frames = app.frames_until_done(&turn).await;
+    let record = app.turn_record("conv-leak", &turn).await;
+    let letter = app.dead_letter().await;
+    let n = frames.len();
+    let ServerFrame::Error { code, message, .. } = &frames[n - 2] else {
+        panic!("an error frame before done: {frames:?}")
+    };
+    assert_eq!(code, "upstream_rejected");
+    for text in [
+        message.clone(),
+        serde_json::to_string(&record).unwrap(),
+        letter.error.clone(),
+    ] {
+        assert!(!text.contains(secret), "{text}");
+        assert!(!text.contains("internal.example"), "{text}");
+        assert!(!text.contains(llm.base_url()), "{text}");
+    }
+    assert_eq!(record.finish_reason, FinishReason::Error);
+}
