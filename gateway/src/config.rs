@@ -38,7 +38,9 @@ pub struct Config {
     /// For local development only; needs AUTH_JWT_SECRET.
     #[arg(long, env = "GATEWAY_DEV_LOGIN")]
     pub dev_login: bool,
-    /// Turns one user may have streaming at once on this node.
+    /// Turns one user may have in progress at once, counted across every
+    /// gateway node (a disconnect does not give a place back; a finished
+    /// turn does).
     #[arg(long, env = "GATEWAY_MAX_TURNS_PER_USER", default_value_t = 8)]
     pub max_turns_per_user: usize,
     /// Frames a WebSocket may have queued before the client counts as too

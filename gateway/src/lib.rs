@@ -13,6 +13,7 @@ mod config;
 mod drain;
 pub mod error;
 mod history;
+mod inflight;
 pub mod models;
 mod openai;
 mod scan_events;
@@ -52,7 +53,8 @@ pub struct AppState {
     scan_images: async_nats::jetstream::object_store::ObjectStore,
     /// Interval of SSE keep-alive comments.
     sse_keepalive: std::time::Duration,
-    limits: Arc<turns::Limits>,
+    /// Each user's turns in flight, across nodes.
+    in_flight: inflight::InFlight,
     /// The models and token cap clients may ask for.
     models: Arc<models::Models>,
     /// Asks every live persister for history.
@@ -129,6 +131,15 @@ impl Gateway {
             );
         }
         let history = bus::history::HistoryClient::start(client.clone(), &js).await?;
+        let in_flight = inflight::InFlight::new(
+            &js,
+            js.get_key_value(bus::streams::KV_USER_TURNS)
+                .await
+                .context("KV bucket user_turns is missing")?,
+            turns.clone(),
+            config.max_turns_per_user,
+            std::time::Duration::from_millis(config.turn_stall_ms.max(1_000)),
+        );
         let state = AppState {
             auth,
             client,
@@ -138,7 +149,7 @@ impl Gateway {
             scans,
             scan_images,
             sse_keepalive: std::time::Duration::from_millis(config.sse_keepalive_ms.max(100)),
-            limits: Arc::new(turns::Limits::new(config.max_turns_per_user)),
+            in_flight,
             models: Arc::new(models::Models::from_config(&config)),
             history,
             ws_outbox: config.ws_outbox_frames.max(1),

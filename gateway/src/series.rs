@@ -14,6 +14,12 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "gateway_turns_refused_total",
+        kind: Kind::Counter,
+        help: "Turns refused because their user had the most turns in flight (across nodes).",
+        labels: &[],
+    },
+    Series {
         name: "gateway_cancels_total",
         kind: Kind::Counter,
         help: "Cancel requests forwarded to the worker generating a turn.",

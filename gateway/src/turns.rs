@@ -3,16 +3,12 @@
 //!
 //! Accepting a turn derives its ids from the user and `request_id` (so a
 //! repeat maps to the same turn), claims or checks the conversation's owner
-//! in KV, records the turn's owner, subscribes to its frames *before*
-//! publishing the request, and publishes with `Nats-Msg-Id` = turn id.
+//! in KV, records the turn's owner, counts it against the user's turns in
+//! flight on every node ([`crate::inflight`]), subscribes to its frames
+//! *before* publishing the request, and publishes with `Nats-Msg-Id` = turn id.
 //! Following a turn replays what `CHAT_TOK` holds after the client's `seq`,
 //! then forwards live frames from the core subscription, skipping what was
 //! already sent and refilling gaps from the stream.
-
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
 
 use async_nats::jetstream::kv;
 use bus::{
@@ -86,7 +82,6 @@ pub struct Follow {
     subject: String,
     turn_id: String,
     js: async_nats::jetstream::Context,
-    slot: Option<TurnSlot>,
     timing: RelayTiming,
 }
 
@@ -116,57 +111,6 @@ enum Replayed {
     Failed,
 }
 
-/// Per-node limits shared by all connections.
-#[derive(Debug)]
-pub struct Limits {
-    /// Turns a user may have streaming at once on this node.
-    pub max_turns_per_user: usize,
-    active: Mutex<HashMap<String, usize>>,
-}
-
-impl Limits {
-    /// Limits allowing `max_turns_per_user` concurrent turns per user.
-    pub fn new(max_turns_per_user: usize) -> Self {
-        Self {
-            max_turns_per_user,
-            active: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-/// Holds one of a user's concurrent-turn slots until dropped.
-pub struct TurnSlot {
-    limits: Arc<Limits>,
-    user: String,
-}
-
-impl Limits {
-    fn acquire(self: &Arc<Self>, user: &str) -> Option<TurnSlot> {
-        let mut active = self.active.lock().expect("limits lock");
-        let count = active.entry(user.to_owned()).or_default();
-        if *count >= self.max_turns_per_user {
-            return None;
-        }
-        *count += 1;
-        Some(TurnSlot {
-            limits: self.clone(),
-            user: user.to_owned(),
-        })
-    }
-}
-
-impl Drop for TurnSlot {
-    fn drop(&mut self) {
-        let mut active = self.limits.active.lock().expect("limits lock");
-        if let Some(count) = active.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
-                active.remove(&self.user);
-            }
-        }
-    }
-}
-
 /// An `error` frame for a turn operation.
 pub fn error(turn_id: Option<&str>, code: &str, message: impl Into<String>) -> ServerFrame {
     ServerFrame::error(turn_id.map(str::to_owned), code, message)
@@ -180,7 +124,7 @@ fn forbidden(turn_id: &str) -> ServerFrame {
     )
 }
 
-fn unavailable(e: &dyn std::fmt::Display) -> ServerFrame {
+pub(crate) fn unavailable(e: &dyn std::fmt::Display) -> ServerFrame {
     tracing::warn!(error = %e, "NATS request failed.");
     error(
         None,
@@ -215,7 +159,9 @@ impl AppState {
         if turn.content.trim().is_empty() {
             return Err(error(None, "empty_content", "content is empty"));
         }
-        let key = format!("{user}\n{}", turn.request_id);
+        // The user's key, not the raw id, so that no (user, request id) pair
+        // can spell another's: a `sub` may contain any character.
+        let key = format!("{}\n{}", subject::user_key(user), turn.request_id);
         let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
 
         let conversation_id = match turn.conversation_id {
@@ -232,20 +178,6 @@ impl AppState {
             ));
         }
         let new_conversation = self.claim_conversation(user, &conversation_id).await?;
-        let Some(slot) = self.limits.acquire(user) else {
-            // At the limit, a repeat of a running turn may still follow it.
-            if let Some(accepted) = self.repeated(user, &turn_id).await? {
-                return Ok(accepted);
-            }
-            return Err(error(
-                None,
-                "too_many_turns",
-                format!(
-                    "at most {} turns may stream at once",
-                    self.limits.max_turns_per_user
-                ),
-            ));
-        };
         let created_at = Utc::now();
         let index = TurnIndex {
             user_id: user.to_owned(),
@@ -255,11 +187,11 @@ impl AppState {
         };
         let index_bytes = serde_json::to_vec(&index).expect("serializes");
         // Creating the index is also the repeat check: one round trip for a
-        // new request id, and a repeat finds the turn it made.
+        // new request id, and a repeat finds the turn it made (whatever the
+        // user's count: it is no new turn).
         match self.turns.create(&turn_id, index_bytes.into()).await {
             Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                drop(slot);
                 return self
                     .repeated(user, &turn_id)
                     .await?
@@ -267,8 +199,18 @@ impl AppState {
             }
             Err(e) => return Err(unavailable(&e)),
         }
+        if let Err(frame) = self.in_flight.claim(user, &turn_id, &conversation_id).await {
+            let _ = self.turns.delete(&turn_id).await;
+            return Err(frame);
+        }
         // Subscribe before publishing so no live frame can slip past.
-        let mut follow = self.follow(&conversation_id, &turn_id, Some(slot)).await?;
+        let mut follow = match self.follow(&conversation_id, &turn_id).await {
+            Ok(follow) => follow,
+            Err(frame) => {
+                self.abandon(user, &turn_id).await;
+                return Err(frame);
+            }
+        };
         // Nothing can have been published for this turn before the
         // subscription, so its relay skips the initial replay.
         follow.fresh = true;
@@ -298,9 +240,7 @@ impl AppState {
             Err(e) => Err(unavailable(&e)),
         };
         if let Err(frame) = published {
-            // Without the request the index would make a retry of this
-            // request id follow a turn that never runs.
-            let _ = self.turns.delete(&turn_id).await;
+            self.abandon(user, &turn_id).await;
             return Err(frame);
         }
         metrics::counter!("gateway_turns_accepted_total").increment(1);
@@ -309,6 +249,14 @@ impl AppState {
             turn_id,
             follow,
         })
+    }
+
+    /// Undoes an accept whose request was not published: without the
+    /// request the index would make a retry of this request id follow a
+    /// turn that never runs, and the claim would count it.
+    async fn abandon(&self, user: &str, turn_id: &str) {
+        let _ = self.turns.delete(turn_id).await;
+        self.in_flight.release(user, turn_id).await;
     }
 
     /// The turn a repeated request id made, followed from its start.
@@ -322,7 +270,7 @@ impl AppState {
         // Past the replay window the frames are gone: following would
         // answer `accepted` and then nothing.
         self.within_replay_window(turn_id, &index)?;
-        let follow = self.follow(&index.conversation_id, turn_id, None).await?;
+        let follow = self.follow(&index.conversation_id, turn_id).await?;
         Ok(Some(Accepted {
             conversation_id: index.conversation_id,
             turn_id: turn_id.to_owned(),
@@ -346,7 +294,7 @@ impl AppState {
             return Err(forbidden(turn_id));
         }
         self.within_replay_window(turn_id, &index)?;
-        self.follow(&index.conversation_id, turn_id, None).await
+        self.follow(&index.conversation_id, turn_id).await
     }
 
     /// The index outlives the frames (7 days against CHAT_TOK's max_age):
@@ -418,12 +366,7 @@ impl AppState {
         }
     }
 
-    async fn follow(
-        &self,
-        conversation_id: &str,
-        turn_id: &str,
-        slot: Option<TurnSlot>,
-    ) -> Result<Follow, ServerFrame> {
+    async fn follow(&self, conversation_id: &str, turn_id: &str) -> Result<Follow, ServerFrame> {
         let subject =
             subject::chat_tok(conversation_id, turn_id).map_err(|_| forbidden(turn_id))?;
         let live = self
@@ -437,7 +380,6 @@ impl AppState {
             subject,
             turn_id: turn_id.to_owned(),
             js: self.js.clone(),
-            slot,
             timing: self.relay_timing,
         })
     }
@@ -532,7 +474,6 @@ impl Follow {
                 }
             }
         }
-        drop(self.slot.take());
     }
 
     /// After a silence: one cheap look at the turn's last stored frame, and
@@ -632,20 +573,4 @@ async fn forward<S: FrameSink>(last_seq: &mut u64, frame: ServerFrame, sink: &S)
     *last_seq = frame.seq().unwrap_or(*last_seq);
     let done = matches!(frame, ServerFrame::Done { .. });
     !sink.deliver(&frame).await || done
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn turn_slots_are_bounded_per_user_and_released_on_drop() {
-        let limits = Arc::new(Limits::new(2));
-        let a = limits.acquire("u").unwrap();
-        let _b = limits.acquire("u").unwrap();
-        assert!(limits.acquire("u").is_none());
-        assert!(limits.acquire("v").is_some());
-        drop(a);
-        assert!(limits.acquire("u").is_some());
-    }
 }

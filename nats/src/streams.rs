@@ -87,6 +87,10 @@ pub const KV_CONVERSATIONS: &str = "conversations";
 /// KV bucket: turn id -> `TurnIndex`, for idempotent sends, resume and cancel.
 pub const KV_TURNS: &str = "chat_turns";
 
+/// KV bucket: user key -> the user's turns in flight, for the per-user
+/// limit across gateway nodes.
+pub const KV_USER_TURNS: &str = "user_turns";
+
 /// KV bucket: persister instance -> heartbeat, so history askers know how
 /// many persisters to wait for.
 pub const KV_PERSISTERS: &str = "persisters";
@@ -127,6 +131,15 @@ pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
             history: 1,
             max_age: week,
             max_value_size: 4096,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_USER_TURNS.into(),
+            description: "User key -> the user's turns in flight (the per-user limit across gateways).".into(),
+            history: 1,
+            max_age: std::time::Duration::from_secs(3600),
+            max_value_size: 64 * 1024,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         },

@@ -100,6 +100,19 @@ impl TestApp {
         }
     }
 
+    /// A second gateway node on the same bus.
+    pub async fn another_gateway(&self, extra: &[&str]) -> std::net::SocketAddr {
+        let gateway = gateway::Gateway::build(
+            gateway_config(&self._nats.url(), extra),
+            self.shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = gateway.local_addr().unwrap();
+        tokio::spawn(gateway.run(self.shutdown.clone()));
+        addr
+    }
+
     /// A JetStream context on the app's nats-server.
     pub async fn js(&self) -> async_nats::jetstream::Context {
         async_nats::jetstream::new(self._nats.client().await.unwrap())

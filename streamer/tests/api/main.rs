@@ -252,9 +252,9 @@ async fn quirk_error_object_mid_stream_ends_the_turn_with_error_and_keeps_the_pa
         Some("the language model provider's answer broke off")
     );
     assert!(
-        frames
-            .iter()
-            .any(|f| matches!(f, ServerFrame::Error { code, .. } if code == "upstream_interrupted"))
+        frames.iter().any(
+            |f| matches!(f, ServerFrame::Error { code, .. } if code == "upstream_interrupted")
+        )
     );
     assert!(matches!(
         frames.last(),
@@ -319,7 +319,12 @@ async fn a_client_error_is_not_retried_and_fails_the_turn_cleanly() {
         frames.last(),
         Some(ServerFrame::Done { seq: 1, .. })
     ));
-    assert!(app.dead_letter().await.error.contains("refused the request"));
+    assert!(
+        app.dead_letter()
+            .await
+            .error
+            .contains("refused the request")
+    );
 }
 
 #[tokio::test]
