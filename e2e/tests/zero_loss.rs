@@ -67,7 +67,13 @@ async fn client(gateway: String, user: String, turns: usize, accepted: Arc<Mutex
                     match serde_json::from_str::<ServerFrame>(&text) {
                         Ok(ServerFrame::Accepted { turn_id: id, .. }) => turn_id = Some(id),
                         Ok(ServerFrame::Done { .. }) => break true,
-                        Ok(ServerFrame::Error { code, .. }) if code == "unavailable" => {
+                        // Refused, not accepted (the bus was away, or this
+                        // user's earlier turns are still being counted):
+                        // send the same request again shortly.
+                        Ok(ServerFrame::Error { code, .. })
+                            if code == "unavailable" || code == "too_many_turns" =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
                             break false;
                         }
                         _ => {}

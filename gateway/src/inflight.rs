@@ -77,7 +77,7 @@ impl InFlight {
                 .turns
                 .retain(|r| (now - r.at).to_std().unwrap_or_default() < self.lifetime);
             if entry.turns.len() >= self.max {
-                self.drop_finished(&mut entry).await;
+                self.drop_finished(&mut entry).await?;
             }
             if entry.turns.len() >= self.max {
                 metrics::counter!("gateway_turns_refused_total").increment(1);
@@ -156,10 +156,14 @@ impl InFlight {
     }
 
     /// Drops the turns that are over: `done` stored, or never published.
-    async fn drop_finished(&self, entry: &mut Entry) {
-        let Ok(stream) = self.js.get_stream(streams::CHAT_TOK).await else {
-            return;
-        };
+    /// A lookup that fails is `unavailable`, never taken for a running turn:
+    /// an outage must not read as the user's limit.
+    async fn drop_finished(&self, entry: &mut Entry) -> Result<(), ServerFrame> {
+        let stream = self
+            .js
+            .get_stream(streams::CHAT_TOK)
+            .await
+            .map_err(|e| unavailable(&e))?;
         let mut keep = Vec::with_capacity(entry.turns.len());
         for running in entry.turns.drain(..) {
             let Ok(tok) = subject::chat_tok(&running.conversation_id, &running.turn_id) else {
@@ -170,13 +174,22 @@ impl InFlight {
                     serde_json::from_slice(&last.payload),
                     Ok(ServerFrame::Done { .. })
                 ),
-                Err(_) => false,
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    false
+                }
+                Err(e) => return Err(unavailable(&e)),
             };
-            let abandoned = matches!(self.turns.get(&running.turn_id).await, Ok(None));
+            let abandoned = match self.turns.get(&running.turn_id).await {
+                Ok(index) => index.is_none(),
+                Err(e) => return Err(unavailable(&e)),
+            };
             if !done && !abandoned {
                 keep.push(running);
             }
         }
         entry.turns = keep;
+        Ok(())
     }
 }

@@ -63,6 +63,9 @@ pub struct AppState {
     ws_outbox: usize,
     /// How long a turn's frames stay in `CHAT_TOK` (its `max_age`).
     replay_window: std::time::Duration,
+    /// `CHAT_REQ`'s duplicate window: a repeated request is published
+    /// again only inside it, where a second copy is dropped.
+    request_dedupe_window: std::time::Duration,
     /// When relays re-read JetStream and when they give up.
     relay_timing: turns::RelayTiming,
     /// Deadline of a non-streaming OpenAI-compatible call.
@@ -158,6 +161,11 @@ impl Gateway {
                 .find(|d| d.name == bus::streams::CHAT_TOK)
                 .map(|d| d.max_age)
                 .context("no CHAT_TOK definition")?,
+            request_dedupe_window: bus::streams::definitions()?
+                .into_iter()
+                .find(|d| d.name == bus::streams::CHAT_REQ)
+                .map(|d| d.duplicate_window)
+                .context("no CHAT_REQ definition")?,
             relay_timing: turns::RelayTiming {
                 recheck: std::time::Duration::from_millis(config.relay_recheck_ms.max(50)),
                 stall: std::time::Duration::from_millis(config.turn_stall_ms.max(1_000)),

@@ -111,6 +111,52 @@ enum Replayed {
     Failed,
 }
 
+/// Refuses a turn whose request id or content is out of bounds.
+fn check(turn: &NewTurn) -> Result<(), ServerFrame> {
+    if turn.request_id.is_empty() || turn.request_id.len() > 128 {
+        return Err(error(
+            None,
+            "invalid_request_id",
+            "request_id must be 1-128 bytes",
+        ));
+    }
+    if turn.content.len() > MAX_CONTENT_BYTES {
+        return Err(error(
+            None,
+            "too_large",
+            format!(
+                "content is {} bytes; the limit is {MAX_CONTENT_BYTES}",
+                turn.content.len()
+            ),
+        ));
+    }
+    if turn.content.trim().is_empty() {
+        return Err(error(None, "empty_content", "content is empty"));
+    }
+    Ok(())
+}
+
+/// The turn's id and its conversation's, derived from the user and the
+/// request id, so a repeat maps to the same ones. The user's key, not the
+/// raw id, goes in, so that no (user, request id) pair can spell another's:
+/// a `sub` may contain any character.
+fn ids(user: &str, turn: &NewTurn) -> Result<(String, String), ServerFrame> {
+    let key = format!("{}\n{}", subject::user_key(user), turn.request_id);
+    let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
+    let conversation_id = match &turn.conversation_id {
+        Some(id) => id.clone(),
+        None => Uuid::new_v5(&ID_NAMESPACE, format!("conversation\n{key}").as_bytes()).to_string(),
+    };
+    if subject::token(&conversation_id).is_err() {
+        return Err(error(
+            None,
+            "invalid_conversation_id",
+            "conversation_id is not a valid id",
+        ));
+    }
+    Ok((turn_id, conversation_id))
+}
+
 /// An `error` frame for a turn operation.
 pub fn error(turn_id: Option<&str>, code: &str, message: impl Into<String>) -> ServerFrame {
     ServerFrame::error(turn_id.map(str::to_owned), code, message)
@@ -139,51 +185,27 @@ impl AppState {
     /// # Errors
     /// An `error` frame with a specific code; nothing is published then.
     pub async fn accept_turn(&self, user: &str, turn: NewTurn) -> Result<Accepted, ServerFrame> {
-        if turn.request_id.is_empty() || turn.request_id.len() > 128 {
-            return Err(error(
-                None,
-                "invalid_request_id",
-                "request_id must be 1-128 bytes",
-            ));
-        }
-        if turn.content.len() > MAX_CONTENT_BYTES {
-            return Err(error(
-                None,
-                "too_large",
-                format!(
-                    "content is {} bytes; the limit is {MAX_CONTENT_BYTES}",
-                    turn.content.len()
-                ),
-            ));
-        }
-        if turn.content.trim().is_empty() {
-            return Err(error(None, "empty_content", "content is empty"));
-        }
-        // The user's key, not the raw id, so that no (user, request id) pair
-        // can spell another's: a `sub` may contain any character.
-        let key = format!("{}\n{}", subject::user_key(user), turn.request_id);
-        let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
-
-        let conversation_id = match turn.conversation_id {
-            Some(id) => id,
-            None => {
-                Uuid::new_v5(&ID_NAMESPACE, format!("conversation\n{key}").as_bytes()).to_string()
-            }
-        };
-        if subject::token(&conversation_id).is_err() {
-            return Err(error(
-                None,
-                "invalid_conversation_id",
-                "conversation_id is not a valid id",
-            ));
-        }
+        check(&turn)?;
+        let (turn_id, conversation_id) = ids(user, &turn)?;
         let new_conversation = self.claim_conversation(user, &conversation_id).await?;
-        let created_at = Utc::now();
+        let request = ChatRequest {
+            turn_id: turn_id.clone(),
+            conversation_id: conversation_id.clone(),
+            user_id: user.to_owned(),
+            request_id: turn.request_id,
+            content: turn.content,
+            history: turn.history,
+            new_conversation,
+            model: turn.model,
+            max_tokens: turn.max_tokens,
+            temperature: turn.temperature,
+            created_at: Utc::now(),
+        };
         let index = TurnIndex {
             user_id: user.to_owned(),
             conversation_id: conversation_id.clone(),
-            request_id: turn.request_id.clone(),
-            created_at,
+            request_id: request.request_id.clone(),
+            created_at: request.created_at,
         };
         let index_bytes = serde_json::to_vec(&index).expect("serializes");
         // Creating the index is also the repeat check: one round trip for a
@@ -193,7 +215,7 @@ impl AppState {
             Ok(_) => {}
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 return self
-                    .repeated(user, &turn_id)
+                    .repeated(user, &turn_id, Some(request))
                     .await?
                     .ok_or_else(|| error(None, "unavailable", "the turn is being created; retry"));
             }
@@ -214,32 +236,7 @@ impl AppState {
         // Nothing can have been published for this turn before the
         // subscription, so its relay skips the initial replay.
         follow.fresh = true;
-        let request = ChatRequest {
-            turn_id: turn_id.clone(),
-            conversation_id: conversation_id.clone(),
-            user_id: user.to_owned(),
-            request_id: turn.request_id,
-            content: turn.content,
-            history: turn.history,
-            new_conversation,
-            model: turn.model,
-            max_tokens: turn.max_tokens,
-            temperature: turn.temperature,
-            created_at,
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, turn_id.as_str());
-        let subject = subject::chat_req(&conversation_id).expect("checked above");
-        let body = serde_json::to_vec(&request).expect("serializes");
-        let published = match self
-            .js
-            .publish_with_headers(subject, headers, body.into())
-            .await
-        {
-            Ok(ack) => ack.await.map_err(|e| unavailable(&e)),
-            Err(e) => Err(unavailable(&e)),
-        };
-        if let Err(frame) = published {
+        if let Err(frame) = self.publish_request(&request).await {
             self.abandon(user, &turn_id).await;
             return Err(frame);
         }
@@ -251,6 +248,26 @@ impl AppState {
         })
     }
 
+    /// Publishes a turn's request; its message id (the turn id) makes a
+    /// second publish within the stream's duplicate window a no-op.
+    async fn publish_request(&self, request: &ChatRequest) -> Result<(), ServerFrame> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            request.turn_id.as_str(),
+        );
+        let subject = subject::chat_req(&request.conversation_id).expect("checked id");
+        let body = serde_json::to_vec(request).expect("serializes");
+        match self
+            .js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| unavailable(&e)),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
     /// Undoes an accept whose request was not published: without the
     /// request the index would make a retry of this request id follow a
     /// turn that never runs, and the claim would count it.
@@ -260,7 +277,16 @@ impl AppState {
     }
 
     /// The turn a repeated request id made, followed from its start.
-    async fn repeated(&self, user: &str, turn_id: &str) -> Result<Option<Accepted>, ServerFrame> {
+    /// With the repeat's `request`, that request is published again while
+    /// the stream would still drop it as a duplicate: a request lost with
+    /// the bus (its index written, its publish failed) is then sent after
+    /// all, and one that was sent changes nothing.
+    async fn repeated(
+        &self,
+        user: &str,
+        turn_id: &str,
+        request: Option<ChatRequest>,
+    ) -> Result<Option<Accepted>, ServerFrame> {
         let Some(index) = self.turn_index(turn_id).await? else {
             return Ok(None);
         };
@@ -271,6 +297,14 @@ impl AppState {
         // answer `accepted` and then nothing.
         self.within_replay_window(turn_id, &index)?;
         let follow = self.follow(&index.conversation_id, turn_id).await?;
+        let age = (Utc::now() - index.created_at).to_std().unwrap_or_default();
+        if let Some(mut request) = request
+            && age < self.request_dedupe_window
+        {
+            request.conversation_id = index.conversation_id.clone();
+            request.created_at = index.created_at;
+            self.publish_request(&request).await?;
+        }
         Ok(Some(Accepted {
             conversation_id: index.conversation_id,
             turn_id: turn_id.to_owned(),

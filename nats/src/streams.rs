@@ -114,7 +114,9 @@ pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
             description: "Persister instance -> heartbeat (expires when it stops).".into(),
             history: 1,
             max_age: crate::history::HEARTBEAT_STALE,
-            storage: jetstream::stream::StorageType::Memory,
+            // File, not memory: a memory bucket is gone after a nats-server
+            // restart, and with it every persister's heartbeat.
+            storage: jetstream::stream::StorageType::File,
             ..Default::default()
         },
         jetstream::kv::Config {
@@ -245,12 +247,7 @@ pub async fn ensure_all(js: &jetstream::Context) -> anyhow::Result<()> {
         })?;
     }
     for config in key_value_buckets() {
-        if js.get_key_value(&config.bucket).await.is_err() {
-            let bucket = config.bucket.clone();
-            js.create_key_value(config)
-                .await
-                .with_context(|| format!("cannot create KV bucket {bucket}"))?;
-        }
+        ensure_bucket(js, config).await?;
     }
     let objects = object_store();
     if js.get_object_store(&objects.bucket).await.is_err() {
@@ -260,6 +257,28 @@ pub async fn ensure_all(js: &jetstream::Context) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create object store {bucket}"))?;
     }
     Ok(())
+}
+
+/// Creates the KV bucket `config` describes unless it exists.
+///
+/// # Errors
+/// When the server refuses to create it.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+) -> anyhow::Result<jetstream::kv::Store> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .with_context(|| format!("cannot create KV bucket {bucket}"))
+}
+
+/// The definition of the contract's KV bucket `name`.
+pub fn bucket(name: &str) -> Option<jetstream::kv::Config> {
+    key_value_buckets().into_iter().find(|c| c.bucket == name)
 }
 
 /// True when every stream of the contract exists on the server.

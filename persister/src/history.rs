@@ -11,6 +11,7 @@
 //! every turn of the retention period. The gateway checks ownership before it
 //! asks; this checks again, because the streamer asks too.
 
+use anyhow::Context as _;
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -60,7 +61,9 @@ pub async fn heartbeat(
     js: async_nats::jetstream::Context,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let kv = js.get_key_value(bus::streams::KV_PERSISTERS).await?;
+    let config =
+        bus::streams::bucket(bus::streams::KV_PERSISTERS).context("no persisters bucket")?;
+    let mut kv = js.get_key_value(bus::streams::KV_PERSISTERS).await?;
     let instance = uuid::Uuid::new_v4().simple().to_string();
     let mut tick = tokio::time::interval(bus::history::HEARTBEAT_EVERY);
     loop {
@@ -69,6 +72,11 @@ pub async fn heartbeat(
             _ = tick.tick() => {
                 if let Err(error) = kv.put(&instance, bytes::Bytes::new()).await {
                     tracing::warn!(%error, "Persister heartbeat failed.");
+                    // The bucket may be gone (a deployment whose bucket was
+                    // in memory, across a nats-server restart): make it again.
+                    if let Ok(store) = bus::streams::ensure_bucket(&js, config.clone()).await {
+                        kv = store;
+                    }
                 }
             }
         }
