@@ -16,6 +16,7 @@ mod history;
 mod inflight;
 pub mod models;
 mod openai;
+mod relay;
 mod scan_events;
 pub mod scans;
 mod series;
@@ -67,7 +68,7 @@ pub struct AppState {
     /// again only inside it, where a second copy is dropped.
     request_dedupe_window: std::time::Duration,
     /// When relays re-read JetStream and when they give up.
-    relay_timing: turns::RelayTiming,
+    relay_timing: relay::RelayTiming,
     /// Deadline of a non-streaming OpenAI-compatible call.
     completion_timeout: std::time::Duration,
     /// Turns one WebSocket may follow at once.
@@ -166,7 +167,7 @@ impl Gateway {
                 .find(|d| d.name == bus::streams::CHAT_REQ)
                 .map(|d| d.duplicate_window)
                 .context("no CHAT_REQ definition")?,
-            relay_timing: turns::RelayTiming {
+            relay_timing: relay::RelayTiming {
                 recheck: std::time::Duration::from_millis(config.relay_recheck_ms.max(50)),
                 stall: std::time::Duration::from_millis(config.turn_stall_ms.max(1_000)),
             },

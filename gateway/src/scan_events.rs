@@ -25,8 +25,8 @@ use serde_json::{Value, json};
 use crate::{
     AppState,
     auth::StreamUser,
+    relay::RelayTiming,
     scans::{Refusal, owned, refuse, unavailable},
-    turns::RelayTiming,
 };
 
 #[derive(Debug, Deserialize)]

@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     AppState,
     auth::StreamUser,
-    turns::{Follow, FrameSink, NewTurn, SLOW_AFTER},
+    relay::{Follow, FrameSink, SLOW_AFTER},
+    turns::NewTurn,
 };
 
 /// Longest a single write to a client may take before the socket is dropped.

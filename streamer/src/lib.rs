@@ -20,6 +20,7 @@ pub mod phash;
 pub mod rules;
 pub mod scan;
 mod series;
+mod turn;
 pub mod upstream;
 pub mod vision;
 

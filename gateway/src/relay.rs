@@ -1,0 +1,258 @@
+//! Following one turn's frames for one client: what `CHAT_TOK` holds after
+//! the client's `seq` (replay), then the live frames from a core NATS
+//! subscription, each `seq` exactly once, refilling gaps from the stream.
+//! A relay that hears nothing re-reads the stream, so a frame the live path
+//! lost (a NATS restart or reconnect) still arrives, and it ends with an
+//! error frame rather than silence when the turn stalls or cannot be read.
+
+use bus::{streams, wire::ServerFrame};
+use futures::StreamExt as _;
+
+use crate::turns::error;
+
+/// How long a relay waits for room in a receiver's buffer before the
+/// receiver counts as too slow.
+pub const SLOW_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where a relay delivers frames. `deliver` waits (up to [`SLOW_AFTER`])
+/// while the receiver catches up, so a replay burst is paced rather than
+/// dropped; it returns false when the receiver is gone or too slow, which
+/// ends the relay (never the turn).
+pub trait FrameSink: Send + Sync + 'static {
+    /// Delivers one frame.
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send;
+}
+
+impl FrameSink for tokio::sync::mpsc::Sender<ServerFrame> {
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
+        let frame = frame.clone();
+        async move { self.send_timeout(frame, SLOW_AFTER).await.is_ok() }
+    }
+}
+
+/// A subscription to one turn's frames, taken before anything was published.
+pub struct Follow {
+    pub(crate) live: async_nats::Subscriber,
+    /// Subscribed before the turn's request was published: nothing to replay.
+    pub(crate) fresh: bool,
+    pub(crate) subject: String,
+    pub(crate) turn_id: String,
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) timing: RelayTiming,
+}
+
+/// How a relay notices what the live path lost.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayTiming {
+    /// Silence after which the relay re-reads the turn from `CHAT_TOK`: a
+    /// frame published while this node's NATS connection was away (a
+    /// restart, a reconnect) is never delivered live.
+    pub recheck: std::time::Duration,
+    /// Silence after which the relay gives up with `turn_stalled` (the
+    /// client may resume later). Longer than a turn's worst case: its
+    /// deliveries times the lease, after which the streamer closes it.
+    pub stall: std::time::Duration,
+}
+
+/// Attempts of one replay before the relay reports `replay_failed`.
+const REPLAY_ATTEMPTS: u32 = 3;
+
+/// What a replay from `CHAT_TOK` found.
+enum Replayed {
+    /// The turn's `done` was delivered, or the sink is gone.
+    Ended,
+    /// Delivered what was stored; the turn goes on.
+    More,
+    /// The stream could not be read.
+    Failed,
+}
+
+impl Follow {
+    /// True when the subscription was taken before the turn was published
+    /// (nothing stored to replay).
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// The `seq` of the turn's last stored `reset` (0: none): a client that
+    /// cannot drop text follows from there.
+    pub async fn last_reset(&self) -> u64 {
+        let Ok(stored) = bus::replay::payloads(&self.js, streams::CHAT_TOK, &self.subject).await
+        else {
+            return 0;
+        };
+        stored
+            .iter()
+            .filter_map(|p| serde_json::from_slice::<ServerFrame>(p).ok())
+            .filter_map(|f| match f {
+                ServerFrame::Reset { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .last()
+            .unwrap_or(0)
+    }
+
+    /// Delivers the turn's frames after `after_seq` to `sink`, in order,
+    /// each exactly once, until `done`, the sink gives up, or the turn is
+    /// silent past [`RelayTiming::stall`]; a turn whose stored frames
+    /// cannot be read ends with `replay_failed`.
+    pub async fn relay<S: FrameSink>(mut self, after_seq: u64, sink: S) {
+        let mut last_seq = after_seq;
+        let started = tokio::time::Instant::now();
+        let sink = TimedSink {
+            inner: sink,
+            started,
+            first: std::sync::atomic::AtomicBool::new(after_seq == 0),
+        };
+        if !self.fresh && self.replay_or_report(&mut last_seq, &sink).await.is_none() {
+            return;
+        }
+        let mut heard = tokio::time::Instant::now();
+        loop {
+            let message = match tokio::time::timeout(self.timing.recheck, self.live.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(_) => {
+                    match self.recheck(&mut last_seq, &sink).await {
+                        None => return,
+                        Some(true) => heard = tokio::time::Instant::now(),
+                        Some(false) => {}
+                    }
+                    if heard.elapsed() >= self.timing.stall {
+                        metrics::counter!("gateway_relays_stalled_total").increment(1);
+                        let frame = error(
+                            Some(&self.turn_id),
+                            "turn_stalled",
+                            "no progress on this turn for a while; resume it later or load it from history",
+                        );
+                        sink.deliver(&frame).await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            heard = tokio::time::Instant::now();
+            let Ok(frame) = serde_json::from_slice::<ServerFrame>(&message.payload) else {
+                continue;
+            };
+            match frame.seq() {
+                // Advisory frames (error) have no seq.
+                None => {
+                    if !sink.deliver(&frame).await {
+                        return;
+                    }
+                }
+                Some(seq) if seq <= last_seq => continue,
+                Some(seq) if seq > last_seq + 1 => {
+                    // A gap on the live path: the stream has what we missed.
+                    if self.replay_or_report(&mut last_seq, &sink).await.is_none() {
+                        return;
+                    }
+                }
+                Some(_) => {
+                    if forward(&mut last_seq, frame, &sink).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a silence: one cheap look at the turn's last stored frame, and
+    /// a replay only when it is past what the client has. `None` when the
+    /// relay is over; otherwise whether the client moved on.
+    async fn recheck<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Option<bool> {
+        metrics::counter!("gateway_relay_rechecks_total").increment(1);
+        let stream = self.js.get_stream(streams::CHAT_TOK).await.ok()?;
+        let newer = match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(last) => serde_json::from_slice::<ServerFrame>(&last.payload)
+                .ok()
+                .is_some_and(|f| f.seq().is_none_or(|seq| seq > *last_seq)),
+            // Nothing stored yet, or the bus is away: the stall bound decides.
+            Err(_) => false,
+        };
+        if !newer {
+            return Some(false);
+        }
+        self.replay_or_report(last_seq, sink).await
+    }
+
+    /// [`Self::replay`] with retries; on failure the client gets a
+    /// `replay_failed` frame. `None` when the relay is over.
+    async fn replay_or_report<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Option<bool> {
+        let before = *last_seq;
+        for attempt in 0..REPLAY_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(bus::backoff::delay(
+                    std::time::Duration::from_millis(200),
+                    attempt - 1,
+                    std::time::Duration::from_secs(2),
+                ))
+                .await;
+            }
+            match self.replay(last_seq, sink).await {
+                Replayed::Ended => return None,
+                Replayed::More => return Some(*last_seq > before),
+                Replayed::Failed => {}
+            }
+        }
+        metrics::counter!("gateway_replays_failed_total").increment(1);
+        let frame = error(
+            Some(&self.turn_id),
+            "replay_failed",
+            "the turn's stored frames could not be read; resume it later",
+        );
+        sink.deliver(&frame).await;
+        None
+    }
+
+    /// Sends the stored frames after `last_seq`.
+    async fn replay<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Replayed {
+        let stored = match bus::replay::payloads(&self.js, streams::CHAT_TOK, &self.subject).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "Replay from CHAT_TOK failed.");
+                return Replayed::Failed;
+            }
+        };
+        for payload in stored {
+            let Ok(frame) = serde_json::from_slice::<ServerFrame>(&payload) else {
+                continue;
+            };
+            if frame.seq() == Some(*last_seq + 1) {
+                metrics::counter!("gateway_replayed_frames_total").increment(1);
+                if forward(last_seq, frame, sink).await {
+                    return Replayed::Ended;
+                }
+            }
+        }
+        Replayed::More
+    }
+}
+
+/// Records the client hop's time to first token for fresh turns.
+struct TimedSink<S> {
+    inner: S,
+    started: tokio::time::Instant,
+    /// True until the first token of a turn followed from its start.
+    first: std::sync::atomic::AtomicBool,
+}
+
+impl<S: FrameSink> FrameSink for TimedSink<S> {
+    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
+        if matches!(frame, ServerFrame::Token { .. })
+            && self.first.swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            metrics::histogram!("gateway_ttft_seconds")
+                .record(self.started.elapsed().as_secs_f64());
+        }
+        self.inner.deliver(frame)
+    }
+}
+
+/// Sends one in-order frame; true when it ended the turn or the sink.
+async fn forward<S: FrameSink>(last_seq: &mut u64, frame: ServerFrame, sink: &S) -> bool {
+    *last_seq = frame.seq().unwrap_or(*last_seq);
+    let done = matches!(frame, ServerFrame::Done { .. });
+    !sink.deliver(&frame).await || done
+}
