@@ -334,3 +334,53 @@ pub async fn sse_until_terminal(response: reqwest::Response, limit: Duration) ->
     }
     seen
 }
+
+/// Uploads the coffee photo the scan tests use as `user`, and opens the
+/// scan's SSE events; returns the scan id and the open event stream.
+///
+/// # Panics
+/// When the gateway refuses.
+pub async fn start_scan(gateway: &str, user: &str) -> (String, reqwest::Response) {
+    let http = reqwest::Client::new();
+    let token = token_for(user);
+    let photo = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../streamer/tests/fixtures/images/coffee.jpg"
+    ))
+    .expect("the coffee fixture");
+    let accepted: serde_json::Value = http
+        .post(format!("http://{gateway}/v1/scans"))
+        .bearer_auth(&token)
+        .header("content-type", "image/jpeg")
+        .body(photo)
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("202 JSON");
+    let scan_id = accepted["scan_id"].as_str().expect("scan_id").to_owned();
+    let events = http
+        .get(format!("http://{gateway}/v1/scans/{scan_id}/events"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(events.status(), 200);
+    (scan_id, events)
+}
+
+/// The value `sql` selects in `database`, once it selects one (within 30 s).
+///
+/// # Panics
+/// When nothing is selected in time.
+pub async fn pg_value(pg: &testkit::Postgres, database: &str, sql: &str) -> String {
+    testkit::wait_for(&format!("a row for {sql}"), Duration::from_secs(30), || {
+        let row = pg.psql(database, sql).ok().filter(|r| !r.trim().is_empty());
+        async move { row }
+    })
+    .await
+    .unwrap()
+    .trim()
+    .to_owned()
+}

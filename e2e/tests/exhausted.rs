@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bus::wire::{FinishReason, ServerFrame};
 use e2e::{
-    Service, build_binaries, sse_until_terminal, token_for, ws_connect, ws_send, ws_until_done,
+    Service, build_binaries, pg_value, sse_until_terminal, start_scan, ws_connect, ws_send,
+    ws_until_done,
 };
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -124,15 +125,14 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
         })
         .collect();
     assert!(!shown.is_empty());
-    let row = testkit::wait_for("the failed turn in Postgres", Duration::from_secs(30), || {
-        let row = pg
-            .psql("exhausted", &format!("select finish_reason || '|' || assistant_text from turns where turn_id = '{turn_id}'"))
-            .ok()
-            .filter(|r| !r.trim().is_empty());
-        async move { row }
-    })
-    .await
-    .unwrap();
+    let row = pg_value(
+        &pg,
+        "exhausted",
+        &format!(
+            "select finish_reason || '|' || assistant_text from turns where turn_id = '{turn_id}'"
+        ),
+    )
+    .await;
     assert_eq!(row.trim(), format!("error|{}", shown).trim());
     let dlq = js.get_stream(bus::streams::DLQ).await.unwrap();
     let letter = dlq
@@ -142,32 +142,8 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
     assert!(String::from_utf8_lossy(&letter.payload).contains(&turn_id));
 
     // --- a scan ---
-    let http = reqwest::Client::new();
-    let token = token_for("alice");
-    let photo = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../streamer/tests/fixtures/images/coffee.jpg"
-    ))
-    .unwrap();
     streamer.kill();
-    let accepted: Value = http
-        .post(format!("http://{addr}/v1/scans"))
-        .bearer_auth(&token)
-        .header("content-type", "image/jpeg")
-        .body(photo)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let scan_id = accepted["scan_id"].as_str().unwrap().to_owned();
-    let events = http
-        .get(format!("http://{addr}/v1/scans/{scan_id}/events"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let (scan_id, events) = start_scan(&addr, "alice").await;
     let follower = tokio::spawn(sse_until_terminal(events, Duration::from_secs(150)));
     kill_at_every_delivery(&mut streamer, &client, format!("scan.evt.{scan_id}"), |p| {
         serde_json::from_slice::<Value>(p).is_ok_and(|v| v["event"] == "token")
@@ -185,22 +161,12 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
     assert_eq!(last.data["code"], "delivery_exhausted");
     let ids: Vec<u64> = seen.iter().map(|e| e.id).collect();
     assert_eq!(ids, (1..=seen.len() as u64).collect::<Vec<_>>());
-    let row = testkit::wait_for(
-        "the failed scan in Postgres",
-        Duration::from_secs(30),
-        || {
-            let row = pg
-                .psql(
-                    "exhausted",
-                    &format!("select status from scans where scan_id = '{scan_id}'"),
-                )
-                .ok()
-                .filter(|r| !r.trim().is_empty());
-            async move { row }
-        },
+    let row = pg_value(
+        &pg,
+        "exhausted",
+        &format!("select status from scans where scan_id = '{scan_id}'"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(row.trim(), "failed");
     let letter = dlq
         .get_last_raw_message_by_subject("dlq.scan")

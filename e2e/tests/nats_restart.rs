@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use bus::wire::ServerFrame;
 use e2e::{
-    Service, Ws, build_binaries, sse_until_terminal, token_for, ws_connect, ws_send, ws_until_done,
+    Service, Ws, build_binaries, pg_value, sse_until_terminal, start_scan, ws_connect, ws_send,
+    ws_until_done,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use testkit::{NatsServer, Postgres, Script, StandInLlm};
 
 fn words() -> Vec<String> {
@@ -93,31 +94,7 @@ async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
     let full: String = words().concat();
 
     // A scan whose explanation is being written, followed over SSE.
-    let http = reqwest::Client::new();
-    let token = token_for("alice");
-    let photo = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../streamer/tests/fixtures/images/coffee.jpg"
-    ))
-    .unwrap();
-    let accepted: Value = http
-        .post(format!("http://{addr}/v1/scans"))
-        .bearer_auth(&token)
-        .header("content-type", "image/jpeg")
-        .body(photo)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let scan_id = accepted["scan_id"].as_str().unwrap().to_owned();
-    let events = http
-        .get(format!("http://{addr}/v1/scans/{scan_id}/events"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let (scan_id, events) = start_scan(&addr, "alice").await;
     let scan_follower = tokio::spawn(sse_until_terminal(events, Duration::from_secs(120)));
 
     // Two turns mid-answer.
@@ -182,32 +159,20 @@ async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
 
     // Each once in Postgres, with the answer the clients ended with.
     for turn in [&stay_turn, &leave_turn] {
-        let row = testkit::wait_for("the turn in Postgres", Duration::from_secs(30), || {
-            let row = pg
-                .psql(
-                    "restart",
-                    &format!("select assistant_text from turns where turn_id = '{turn}'"),
-                )
-                .ok()
-                .filter(|r| !r.trim().is_empty());
-            async move { row }
-        })
-        .await
-        .unwrap();
+        let row = pg_value(
+            &pg,
+            "restart",
+            &format!("select assistant_text from turns where turn_id = '{turn}'"),
+        )
+        .await;
         assert_eq!(row.trim(), full.trim());
     }
-    let scan_row = testkit::wait_for("the scan in Postgres", Duration::from_secs(30), || {
-        let row = pg
-            .psql(
-                "restart",
-                &format!("select status from scans where scan_id = '{scan_id}'"),
-            )
-            .ok()
-            .filter(|r| !r.trim().is_empty());
-        async move { row }
-    })
-    .await
-    .unwrap();
+    let scan_row = pg_value(
+        &pg,
+        "restart",
+        &format!("select status from scans where scan_id = '{scan_id}'"),
+    )
+    .await;
     assert_eq!(scan_row.trim(), "done");
     assert_eq!(
         pg.psql("restart", "select count(*) from turns")

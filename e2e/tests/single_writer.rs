@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bus::wire::ServerFrame;
-use e2e::{Service, build_binaries, ws_connect, ws_send, ws_until_done};
+use e2e::{Service, build_binaries, pg_value, ws_connect, ws_send, ws_until_done};
 use serde_json::json;
 use testkit::{NatsServer, Postgres, Script, StandInLlm};
 
@@ -107,18 +107,12 @@ async fn a_frozen_streamer_that_comes_back_is_fenced_and_the_client_ends_with_th
         })
         .collect();
     assert_eq!(shown, words.concat());
-    let stored = testkit::wait_for("the turn in Postgres", Duration::from_secs(30), || {
-        let row = pg
-            .psql(
-                "fence",
-                &format!("select assistant_text from turns where turn_id = '{turn_id}'"),
-            )
-            .ok()
-            .filter(|r| !r.trim().is_empty());
-        async move { row }
-    })
-    .await
-    .unwrap();
+    let stored = pg_value(
+        &pg,
+        "fence",
+        &format!("select assistant_text from turns where turn_id = '{turn_id}'"),
+    )
+    .await;
     assert_eq!(stored.trim(), shown.trim());
     let count = pg.psql("fence", "select count(*) from turns").unwrap();
     assert_eq!(count.trim(), "1");

@@ -163,6 +163,36 @@ pub fn metric_names_under(
     Ok(found)
 }
 
+/// What differs between a service's catalogue `series` and the metric names
+/// with `prefix` its sources under `src` use (its `series.rs` aside): each
+/// name used but not listed, and each listed but never used. Empty when
+/// they agree.
+///
+/// # Errors
+/// When a folder or file cannot be read.
+pub fn catalogue_mismatches(
+    series: &[Series],
+    src: &std::path::Path,
+    prefix: &str,
+) -> std::io::Result<Vec<String>> {
+    let used: Vec<_> = metric_names_under(src, prefix)?
+        .into_iter()
+        .filter(|(path, _)| !path.ends_with("series.rs"))
+        .collect();
+    let mut mismatches: Vec<String> = used
+        .iter()
+        .filter(|(_, name)| !series.iter().any(|s| s.name == *name))
+        .map(|(path, name)| format!("{name} (in {}) is not in the catalogue", path.display()))
+        .collect();
+    mismatches.extend(
+        series
+            .iter()
+            .filter(|s| !used.iter().any(|(_, name)| name == s.name))
+            .map(|s| format!("{} is catalogued but nothing emits it", s.name)),
+    );
+    Ok(mismatches)
+}
+
 /// `/healthz`, `/readyz` and `/metrics`.
 pub fn router(ready: ReadyFn) -> Router {
     let handle = metrics_handle();
