@@ -53,8 +53,9 @@ pub struct Config {
     pub relay_recheck_ms: u64,
     /// Silence (ms) after which a client following a turn gets `turn_stalled`
     /// and the stream ends (it may resume later). Longer than the streamer
-    /// needs to close a turn whose deliveries ran out.
-    #[arg(long, env = "GATEWAY_TURN_STALL_MS", default_value_t = 300_000)]
+    /// needs to close work whose deliveries ran out (5 x the 60 s ack wait
+    /// of scans) and than a worker may spend opening the upstream.
+    #[arg(long, env = "GATEWAY_TURN_STALL_MS", default_value_t = 600_000)]
     pub turn_stall_ms: u64,
     /// Deadline (ms) of a non-streaming `POST /v1/chat/completions`.
     #[arg(long, env = "GATEWAY_COMPLETION_TIMEOUT_MS", default_value_t = 600_000)]

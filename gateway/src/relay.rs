@@ -39,6 +39,9 @@ pub struct Follow {
     pub(crate) turn_id: String,
     pub(crate) js: async_nats::jetstream::Context,
     pub(crate) timing: RelayTiming,
+    /// The `seq` after which an `error` frame was sent to the client, so a
+    /// replay does not send it twice.
+    pub(crate) error_at: Option<u64>,
 }
 
 /// How a relay notices what the live path lost.
@@ -138,6 +141,7 @@ impl Follow {
             match frame.seq() {
                 // Advisory frames (error) have no seq.
                 None => {
+                    self.error_at = Some(last_seq);
                     if !sink.deliver(&frame).await {
                         return;
                     }
@@ -161,7 +165,7 @@ impl Follow {
     /// After a silence: one cheap look at the turn's last stored frame, and
     /// a replay only when it is past what the client has. `None` when the
     /// relay is over; otherwise whether the client moved on.
-    async fn recheck<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Option<bool> {
+    async fn recheck<S: FrameSink>(&mut self, last_seq: &mut u64, sink: &S) -> Option<bool> {
         metrics::counter!("gateway_relay_rechecks_total").increment(1);
         let stream = self.js.get_stream(streams::CHAT_TOK).await.ok()?;
         let newer = match stream.get_last_raw_message_by_subject(&self.subject).await {
@@ -179,7 +183,11 @@ impl Follow {
 
     /// [`Self::replay`] with retries; on failure the client gets a
     /// `replay_failed` frame. `None` when the relay is over.
-    async fn replay_or_report<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Option<bool> {
+    async fn replay_or_report<S: FrameSink>(
+        &mut self,
+        last_seq: &mut u64,
+        sink: &S,
+    ) -> Option<bool> {
         let before = *last_seq;
         for attempt in 0..REPLAY_ATTEMPTS {
             if attempt > 0 {
@@ -207,7 +215,7 @@ impl Follow {
     }
 
     /// Sends the stored frames after `last_seq`.
-    async fn replay<S: FrameSink>(&self, last_seq: &mut u64, sink: &S) -> Replayed {
+    async fn replay<S: FrameSink>(&mut self, last_seq: &mut u64, sink: &S) -> Replayed {
         let stored = match bus::replay::payloads(&self.js, streams::CHAT_TOK, &self.subject).await {
             Ok(stored) => stored,
             Err(error) => {
@@ -215,15 +223,33 @@ impl Follow {
                 return Replayed::Failed;
             }
         };
+        // An `error` frame has no seq: it is the client's when it comes
+        // right after the frame the client has last (and was not sent yet).
+        let mut at_cursor = *last_seq == 0;
         for payload in stored {
             let Ok(frame) = serde_json::from_slice::<ServerFrame>(&payload) else {
                 continue;
             };
-            if frame.seq() == Some(*last_seq + 1) {
-                metrics::counter!("gateway_replayed_frames_total").increment(1);
-                if forward(last_seq, frame, sink).await {
+            match frame.seq() {
+                None if at_cursor && self.error_at != Some(*last_seq) => {
+                    self.error_at = Some(*last_seq);
+                    if !sink.deliver(&frame).await {
+                        return Replayed::Ended;
+                    }
+                }
+                None => {}
+                // The client has the turn's end already (a resume after `done`).
+                Some(seq) if seq <= *last_seq && matches!(frame, ServerFrame::Done { .. }) => {
                     return Replayed::Ended;
                 }
+                Some(seq) if seq == *last_seq + 1 => {
+                    metrics::counter!("gateway_replayed_frames_total").increment(1);
+                    if forward(last_seq, frame, sink).await {
+                        return Replayed::Ended;
+                    }
+                    at_cursor = true;
+                }
+                Some(seq) => at_cursor = seq == *last_seq,
             }
         }
         Replayed::More

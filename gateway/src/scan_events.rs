@@ -86,7 +86,7 @@ pub async fn events(
     }
     let subject = subject::scan_evt(&scan_id).expect("checked token");
     // Subscribe before replaying, so nothing published in between is missed.
-    let live = match state.client.subscribe(subject.clone()).await {
+    let live = match state.client.subscribe(subject::live(&subject)).await {
         Ok(s) => s,
         Err(e) => return unavailable("Subscribing to scan events", e),
     };

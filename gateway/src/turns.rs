@@ -51,6 +51,10 @@ pub struct Accepted {
     pub follow: Follow,
 }
 
+/// How long an accept takes at the most before its outcome is settled
+/// (published, or refused and its index removed).
+const ACCEPT_SETTLED: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Refuses a turn whose request id or content is out of bounds.
 fn check(turn: &NewTurn) -> Result<(), ServerFrame> {
     if turn.request_id.is_empty() || turn.request_id.len() > 128 {
@@ -237,8 +241,12 @@ impl AppState {
         // answer `accepted` and then nothing.
         self.within_replay_window(turn_id, &index)?;
         let follow = self.follow(&index.conversation_id, turn_id).await?;
+        // Not while the first accept may still be under way (it may yet
+        // be refused and remove the index), and only while a second copy
+        // is still dropped as a duplicate.
         let age = (Utc::now() - index.created_at).to_std().unwrap_or_default();
         if let Some(mut request) = request
+            && age >= ACCEPT_SETTLED
             && age < self.request_dedupe_window
         {
             request.conversation_id = index.conversation_id.clone();
@@ -345,7 +353,7 @@ impl AppState {
             subject::chat_tok(conversation_id, turn_id).map_err(|_| forbidden(turn_id))?;
         let live = self
             .client
-            .subscribe(subject.clone())
+            .subscribe(subject::live(&subject))
             .await
             .map_err(|e| unavailable(&e))?;
         Ok(Follow {
@@ -355,6 +363,7 @@ impl AppState {
             turn_id: turn_id.to_owned(),
             js: self.js.clone(),
             timing: self.relay_timing,
+            error_at: None,
         })
     }
 }

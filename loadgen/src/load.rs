@@ -266,12 +266,18 @@ pub async fn connect_ws(
     Ok(socket)
 }
 
-/// Tracks one turn's token frames against the expected answer.
+/// Tracks one turn's token frames against the expected answer. A frame may
+/// carry several of the script's tokens (the streamer joins deltas that
+/// queue behind a publish), so timing is kept per script token: each one
+/// is timed when the frame completing it arrives.
 struct Check<'a> {
     expected: &'a [String],
+    /// Where each script token ends in the whole text.
+    ends: Vec<usize>,
+    /// Script tokens completed so far.
+    completed: usize,
     epoch: Instant,
     sent: Instant,
-    seen: Vec<bool>,
     last_seq: u64,
     text: String,
     turn: TurnObservation,
@@ -279,11 +285,19 @@ struct Check<'a> {
 
 impl<'a> Check<'a> {
     fn new(expected: &'a [String], epoch: Instant) -> Self {
+        let ends = expected
+            .iter()
+            .scan(0, |end, token| {
+                *end += token.len();
+                Some(*end)
+            })
+            .collect();
         Self {
             expected,
+            ends,
+            completed: 0,
             epoch,
             sent: Instant::now(),
-            seen: vec![false; expected.len() + 1],
             last_seq: 0,
             text: String::new(),
             turn: TurnObservation {
@@ -297,25 +311,27 @@ impl<'a> Check<'a> {
         if self.turn.ttft.is_none() {
             self.turn.ttft = Some(at - self.sent);
         }
-        self.turn
-            .token_times_us
-            .push((at - self.epoch).as_micros() as u64);
-        let index = seq as usize;
-        if index == 0 || index >= self.seen.len() {
+        if seq as usize > self.expected.len() {
             self.problem(format!(
-                "token seq {seq} outside 1..={}",
+                "token seq {seq} past the script's {} tokens",
                 self.expected.len()
             ));
-        } else if self.seen[index] {
+        }
+        if seq <= self.last_seq {
             self.turn.duplicates += 1;
-        } else {
-            self.seen[index] = true;
+            return;
         }
         if seq != self.last_seq + 1 {
             self.turn.out_of_order += 1;
+            self.turn.missing += seq - self.last_seq - 1;
         }
         self.last_seq = seq;
         self.text.push_str(delta);
+        let micros = (at - self.epoch).as_micros() as u64;
+        while self.completed < self.ends.len() && self.ends[self.completed] <= self.text.len() {
+            self.turn.token_times_us.push(micros);
+            self.completed += 1;
+        }
     }
 
     fn problem(&mut self, why: String) {
@@ -324,12 +340,10 @@ impl<'a> Check<'a> {
 
     /// Closes the turn: `done_seq` is the `done` frame's seq (`None` for SSE).
     fn finish(mut self, done_seq: Option<u64>) -> TurnObservation {
-        let count = self.expected.len();
-        self.turn.missing = self.seen[1..].iter().filter(|s| !**s).count() as u64;
         if let Some(seq) = done_seq
-            && seq != count as u64 + 1
+            && seq != self.last_seq + 1
         {
-            self.problem(format!("done at seq {seq}, expected {}", count + 1));
+            self.problem(format!("done at seq {seq}, expected {}", self.last_seq + 1));
         }
         if self.turn.missing > 0 || self.turn.duplicates > 0 || self.turn.out_of_order > 0 {
             let why = format!(

@@ -218,13 +218,13 @@ impl Report {
         writeln!(out, "- build: **{}** (`cargo run --release -p loadgen -- chat`; the streamer and gateway are compiled into the tool with the same profile)", c.profile).ok();
         writeln!(out, "- everything on loopback on this one machine, the load tool included: a testkit nats-server (JetStream, file store in a temp dir), a stand-in OpenAI-compatible upstream (testkit `StandInLlm`), the streamer and the gateway in-process, each on its own Tokio runtime with {} worker threads (as if each were its own process); the idle-memory phase runs the gateway as a separate process", c.workers).ok();
         writeln!(out, "- {} concurrent turns, one per WebSocket client, each client a distinct user (the gateway allows 8 turns per user at once)", c.turns).ok();
-        writeln!(out, "- latency phases: {} tokens per turn, the stand-in pausing {} ms before each token (ideal rate {} token frames/s at {} turns)", c.tokens, c.interval_ms, rate(c.turns as f64 * 1000.0 / c.interval_ms.max(1) as f64), c.turns).ok();
+        writeln!(out, "- latency phases: {} tokens per turn, the stand-in pausing {} ms before each token (ideal rate {} tokens/s at {} turns)", c.tokens, c.interval_ms, rate(c.turns as f64 * 1000.0 / c.interval_ms.max(1) as f64), c.turns).ok();
         writeln!(out, "- steady phase: client starts spread over {} ms, then turns back to back; {} warm-up + {} measured turns per client; burst phase: all {} turns sent at the same instant after a warm-up turn", c.stagger_ms, c.warmup, c.rounds, c.turns).ok();
         writeln!(out, "- highest-rate phases: {} clients start together, then run {} turns of {} tokens each back to back", c.turns, c.max_rate_rounds, c.max_rate_tokens).ok();
         writeln!(out, "- {} streamers in-process sharing the durable chat consumer (as replicas would), each with `--concurrency {}`, so that no streamer holds 5,000 un-acked token publishes, at which it deadlocks (see the notes); `--ack-wait-ms` left at its default", c.streamers, c.streamer_concurrency).ok();
         writeln!(out, "- baseline: the same number of clients read the stand-in directly (HTTP SSE via reqwest, `POST /v1/chat/completions` with `stream: true`, pooled keep-alive connections); gateway clients: tokio-tungstenite, one socket each, opened before the phase; both parse every frame and verify the exact text").ok();
         writeln!(out, "- TTFT is measured from just before the request is written to the arrival of the first token; \"added\" compares the percentiles of the two distributions (gateway p50 − baseline p50, gateway p99 − baseline p99)").ok();
-        writeln!(out, "- token frames/s \"all turns streaming\" counts frames between the last client's first token and the first client's last token; \"whole phase\" from the first token to the last").ok();
+        writeln!(out, "- tokens/s counts the script's tokens as they arrive (a WebSocket frame may carry several: the streamer joins deltas that queue behind a publish); \"all turns streaming\" counts them between the last client's first token and the first client's last token; \"whole phase\" from the first token to the last").ok();
         out
     }
 
@@ -258,7 +258,7 @@ impl Report {
                 self.conditions.turns, self.conditions.max_rate_rounds
             )
             .ok();
-            writeln!(out, "| stand-in interval | tokens per turn | direct: frames/s | gateway: frames/s | gateway / direct | gateway TTFT p50 / p99 | gateway turns verified | CPU during the gateway phase (% of one core) |").ok();
+            writeln!(out, "| stand-in interval | tokens per turn | direct: tokens/s | gateway: tokens/s | gateway / direct | gateway TTFT p50 / p99 | gateway turns verified | CPU during the gateway phase (% of one core) |").ok();
             writeln!(out, "|---|---|---|---|---|---|---|---|").ok();
             for m in &self.max_rate {
                 let (d, g) = (&m.pair.direct.stats, &m.pair.gateway.stats);
@@ -334,10 +334,10 @@ impl Report {
                 } else {
                     " (with losses: see below)"
                 };
-                writeln!(out, "| >= 50,000 token frames/s delivered to WebSocket clients, load tool included | {} frames/s (interval {interval} ms){note} | {} |", rate(best), yes(best >= 50_000.0 && clean)).ok();
+                writeln!(out, "| >= 50,000 tokens/s delivered to WebSocket clients, load tool included | {} tokens/s (interval {interval} ms){note} | {} |", rate(best), yes(best >= 50_000.0 && clean)).ok();
             }
             None => {
-                writeln!(out, "| >= 50,000 token frames/s | not measured | - |").ok();
+                writeln!(out, "| >= 50,000 tokens/s | not measured | - |").ok();
             }
         }
         match &self.idle {
@@ -422,7 +422,7 @@ fn pair_table(out: &mut String, pair: &Pair) {
     let (pd, pg) = (plateau_rate(d), plateau_rate(g));
     writeln!(
         out,
-        "| token frames/s, all turns streaming | {} | {} | × {:.3} |",
+        "| tokens/s, all turns streaming | {} | {} | × {:.3} |",
         rate(pd),
         rate(pg),
         pg / pd
@@ -430,7 +430,7 @@ fn pair_table(out: &mut String, pair: &Pair) {
     .ok();
     writeln!(
         out,
-        "| token frames/s, whole phase ({} / {} frames) | {} | {} | × {:.3} |",
+        "| tokens/s, whole phase ({} / {} tokens) | {} | {} | × {:.3} |",
         d.tokens,
         g.tokens,
         rate(d.rate_whole),

@@ -115,6 +115,15 @@ pub fn scan_evt(scan_id: &str) -> Result<String, BadId> {
     Ok(format!("scan.evt.{}", token(scan_id)?))
 }
 
+/// `live.<subject>`: where `CHAT_TOK` and `SCAN_EVT` republish each frame
+/// or event once it is stored. Live followers subscribe here, not to the
+/// subject itself: a publish that the stream refused (a writer fenced on
+/// the expected last sequence) still reaches the subject's subscribers,
+/// but never this one.
+pub fn live(subject: &str) -> String {
+    format!("live.{subject}")
+}
+
 /// `scan.done.<scan>`: the completed scan record for the persister.
 ///
 /// # Errors

@@ -114,8 +114,10 @@ impl Worker {
                     error = format!("{error:#}"),
                     "Turn failed on the bus; handing it back."
                 );
+                // Not sooner than half the lease: the redelivery must not
+                // take our own last frame for a live writer's and step back.
                 let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .ack_with(AckKind::Nak(Some(self.lease / 2 + Duration::from_secs(1))))
                     .await;
             }
         }

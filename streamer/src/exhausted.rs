@@ -15,8 +15,14 @@ use bus::{streams, wire::MaxDeliveriesAdvisory};
 
 use crate::{chat::Worker, scan::ScanWorker};
 
+/// A third of the `streamer-exhausted` consumer's 30 s ack wait.
+const LEASE_RENEWAL: Duration = Duration::from_secs(10);
+
 /// Handles one captured advisory, acking it once the work it names is closed.
 pub async fn handle(chat: &Worker, scan: &ScanWorker, message: jetstream::Message) {
+    // Closing can wait on the bus; keep the advisory ours meanwhile, so a
+    // second closer does not write the same terminal frames.
+    let _lease = bus::lease::Lease::keep(&chat.client, &message, LEASE_RENEWAL);
     let advisory: MaxDeliveriesAdvisory = match serde_json::from_slice(&message.payload) {
         Ok(advisory) => advisory,
         Err(error) => {

@@ -96,9 +96,11 @@ impl Turn {
                     }
                     text.push_str(delta);
                 }
+                // What an earlier attempt failed with is not this answer's.
                 ServerFrame::Reset { .. } => {
                     text.clear();
                     self.tokens = 0;
+                    self.error = None;
                 }
                 ServerFrame::Error { message, .. } => self.error = Some(message.clone()),
                 ServerFrame::Done {

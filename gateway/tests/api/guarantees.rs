@@ -51,16 +51,9 @@ async fn a_done_the_live_path_lost_is_found_in_jetstream_and_the_client_is_not_l
     assert_eq!(ws.next().await, token(&turn, 1, "hello"));
 
     // `done` reaches the stream but never this node's subscription, as when
-    // it is published while the node's NATS connection is away: stored by
-    // sourcing from another stream, which delivers nothing on core NATS.
+    // it is published while the node's NATS connection is away: the stream
+    // stops republishing to the live subjects for a moment.
     let js = &app.js;
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: "LOST".into(),
-        subjects: vec!["lost.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let mut tok = js
         .get_stream(bus::streams::CHAT_TOK)
         .await
@@ -70,23 +63,9 @@ async fn a_done_the_live_path_lost_is_found_in_jetstream_and_the_client_is_not_l
         .unwrap()
         .config
         .clone();
-    tok.sources = Some(vec![async_nats::jetstream::stream::Source {
-        name: "LOST".into(),
-        subject_transforms: vec![async_nats::jetstream::stream::SubjectTransform {
-            source: "lost.chat.tok.>".into(),
-            destination: "chat.tok.>".into(),
-        }],
-        ..Default::default()
-    }]);
+    tok.republish = None;
     js.update_stream(tok).await.unwrap();
-    js.publish(
-        format!("lost.chat.tok.{conversation}.{turn}"),
-        serde_json::to_vec(&done(&turn, 2)).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    app.publish(&conversation, &done(&turn, 2)).await;
     assert_eq!(
         ws.next().await,
         done(&turn, 2),
@@ -234,4 +213,33 @@ async fn the_turn_limit_counts_a_users_turns_in_flight_across_sockets_and_nodes(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut later = crate::helpers::ws_to(other, "alice").await;
     send(&mut later, "r5").await;
+}
+
+#[tokio::test]
+async fn a_frame_the_stream_refused_never_reaches_the_client() {
+    let app = GatewayOnly::start(&[]).await;
+    let mut ws = app.ws("alice").await;
+    let (conversation, turn) = send(&mut ws, "r-fenced").await;
+    app.publish(&conversation, &token(&turn, 1, "kept ")).await;
+    assert_eq!(ws.next().await, token(&turn, 1, "kept "));
+    // A stale writer's frame: refused by the fence, but core NATS still
+    // hands it to every subscriber of the subject.
+    let stale = async_nats::jetstream::message::PublishMessage::build()
+        .payload(
+            serde_json::to_vec(&token(&turn, 2, "stale "))
+                .unwrap()
+                .into(),
+        )
+        .expected_last_subject_sequence(999_999);
+    let refused = app
+        .js
+        .send_publish(bus::subject::chat_tok(&conversation, &turn).unwrap(), stale)
+        .await
+        .unwrap()
+        .await;
+    assert!(refused.is_err(), "the fence refused it");
+    app.publish(&conversation, &token(&turn, 2, "real ")).await;
+    app.publish(&conversation, &done(&turn, 3)).await;
+    assert_eq!(ws.next().await, token(&turn, 2, "real "));
+    assert_eq!(ws.next().await, done(&turn, 3));
 }
