@@ -106,9 +106,7 @@ struct ChatArgs {
     /// this executable, else this executable's `serve-gateway`).
     #[arg(long)]
     gateway_bin: Option<PathBuf>,
-    /// Streamers sharing the chat consumer (default: enough that one
-    /// streamer never holds 4,000 un-acked token publishes, since at 5,000,
-    /// async-nats's default `max_ack_inflight`, a streamer deadlocks).
+    /// Streamers sharing the chat consumer (default 1, taking every turn).
     #[arg(long)]
     streamers: Option<usize>,
     /// Worker threads of each runtime (clients, gateway, streamer, upstream);
@@ -162,22 +160,11 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let most_tokens = if args.no_max_rate {
-        args.tokens
-    } else {
-        args.tokens.max(args.max_rate_tokens)
-    };
-    let streamers = args
-        .streamers
-        .unwrap_or_else(|| (args.turns * most_tokens).div_ceil(4000))
-        .clamp(1, args.turns);
+    // One streamer takes every turn: a turn has at most one frame publish
+    // in flight (the fenced writer), so no streamer nears async-nats's
+    // 5,000 un-acked publishes however long the answers are.
+    let streamers = args.streamers.unwrap_or(1).clamp(1, args.turns);
     let streamer_concurrency = args.turns.div_ceil(streamers);
-    if streamer_concurrency * most_tokens >= 5000 {
-        say(&format!(
-            "Each streamer may hold {} un-acked publishes: at 5,000 (async-nats max_ack_inflight) it deadlocks.",
-            streamer_concurrency * most_tokens
-        ));
-    }
     let stagger_ms = args
         .stagger_ms
         .unwrap_or(args.tokens as u64 * args.interval_ms);

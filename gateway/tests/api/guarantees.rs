@@ -176,45 +176,35 @@ async fn a_non_streaming_completion_has_a_deadline() {
 
 #[tokio::test]
 async fn the_turn_limit_counts_a_users_turns_in_flight_across_sockets_and_nodes() {
+    // The default limit, 8 turns per user.
     let slow = Script::new(vec!["x "; 30], Duration::from_millis(100));
-    let limit = ["--max-turns-per-user", "3"];
-    let app = TestApp::start_with(slow, &limit).await;
-    let other = app.another_gateway(&limit).await;
+    let app = TestApp::start_with(slow, &[]).await;
+    let other = app.another_gateway(&[]).await;
 
     let mut first = app.ws("alice").await;
-    send(&mut first, "r1").await;
-    send(&mut first, "r2").await;
+    for i in 1..=8 {
+        send(&mut first, &format!("r{i}")).await;
+    }
     drop(first);
     // Reconnecting, even to another node, gives no place back.
     let mut second = crate::helpers::ws_to(other, "alice").await;
-    send(&mut second, "r3").await;
     second
-        .send_json(
-            json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r4"}),
-        )
+        .send_json(json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r9"}))
         .await;
-    loop {
-        match second.next().await {
-            ServerFrame::Error { code, .. } => {
-                assert_eq!(code, "too_many_turns");
-                break;
-            }
-            ServerFrame::Token { .. } => {}
-            other => panic!("too_many_turns, not {other:?}"),
-        }
+    match second.next().await {
+        ServerFrame::Error { code, .. } => assert_eq!(code, "too_many_turns"),
+        other => panic!("too_many_turns, not {other:?}"),
     }
     // Another user is not affected, and a repeat is no new turn.
     let mut bob = app.ws("bob").await;
     send(&mut bob, "r1").await;
     let mut again = app.ws("alice").await;
-    send(&mut again, "r1").await;
+    send(&mut again, "r8").await;
     again.until_done().await;
     // Once the turns are done, there is room again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut later = crate::helpers::ws_to(other, "alice").await;
-    send(&mut later, "r5").await;
+    send(&mut later, "r9").await;
 }
-
 #[tokio::test]
 async fn a_frame_the_stream_refused_never_reaches_the_client() {
     let app = GatewayOnly::start(&[]).await;
