@@ -40,6 +40,14 @@ use image::{DynamicImage, ImageDecoder as _};
 use sha2::Digest as _;
 use tokio::io::AsyncReadExt as _;
 
+mod events;
+mod picture;
+mod reprocess;
+
+use events::{Events, Opened};
+use picture::{blocking, hash, prepare};
+pub use reprocess::{ReprocessReport, reprocess_dead_letters};
+
 use crate::{
     phash::phash,
     rules::Rules,
@@ -47,10 +55,6 @@ use crate::{
     vision::{Classification, PreparedImage, Vision},
 };
 
-/// The header naming which run (0, then one more per DLQ reprocess) wrote an event.
-const RUN_HEADER: &str = "Scan-Run";
-/// Longest side of the image handed to vision.
-const MAX_SIDE: u32 = 1024;
 /// Reprocess passes after which a dead letter is archived instead.
 pub const MAX_REPROCESS: u32 = 3;
 /// The dead-letter kind of failed scans.
@@ -158,138 +162,6 @@ impl Failure {
             dead_letter,
         }
     }
-}
-
-/// The scan's event stream as this worker writes it.
-struct Events {
-    js: jetstream::Context,
-    subject: String,
-    run: u32,
-    next_id: u64,
-    /// Stream sequence of the subject's last message (0: none yet).
-    last_seq: u64,
-    /// Progress at or below this was reported by an earlier delivery of this run.
-    floor: u8,
-    /// True when earlier events exist, so the explanation must start with a reset.
-    has_history: bool,
-}
-
-/// The last stored event, if it ended this very run.
-#[allow(clippy::large_enum_variant)] // one per job, short-lived
-enum Opened {
-    Fresh(Events),
-    Finished(ScanEvent),
-}
-
-impl Events {
-    async fn open(js: &jetstream::Context, request: &ScanRequest) -> anyhow::Result<Opened> {
-        let subject = subject::scan_evt(&request.scan_id)?;
-        let stream = js.get_stream(bus::streams::SCAN_EVT).await?;
-        let mut events = Self {
-            js: js.clone(),
-            subject: subject.clone(),
-            run: request.reprocessed,
-            next_id: 1,
-            last_seq: 0,
-            floor: 0,
-            has_history: false,
-        };
-        let last = match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(Opened::Fresh(events));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let event: ScanEvent = serde_json::from_slice(&last.payload)
-            .with_context(|| format!("undecodable event on {subject}"))?;
-        let run = last
-            .headers
-            .get(RUN_HEADER)
-            .and_then(|v| v.as_str().parse::<u32>().ok())
-            .unwrap_or(0);
-        events.next_id = event.id + 1;
-        events.last_seq = last.sequence;
-        events.has_history = true;
-        if run == request.reprocessed {
-            if event.data.is_terminal() {
-                return Ok(Opened::Finished(event));
-            }
-            events.floor = match &event.data {
-                ScanEventData::Progress(p) => p.percent,
-                _ => 80,
-            };
-        }
-        Ok(Opened::Fresh(events))
-    }
-
-    async fn emit(&mut self, data: ScanEventData) -> Result<(), Stop> {
-        let event = ScanEvent {
-            id: self.next_id,
-            data,
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(RUN_HEADER, self.run.to_string().as_str());
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(serde_json::to_vec(&event).expect("event serialises").into())
-            .headers(headers)
-            .expected_last_subject_sequence(self.last_seq);
-        let ack = self
-            .js
-            .send_publish(self.subject.clone(), publish)
-            .await
-            .context("publishing a scan event")?
-            .await;
-        match ack {
-            Ok(ack) => {
-                self.last_seq = ack.sequence;
-                self.next_id += 1;
-                Ok(())
-            }
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                Err(Stop::Superseded)
-            }
-            Err(e) => Err(Stop::Bus(
-                anyhow::Error::new(e).context("publishing a scan event"),
-            )),
-        }
-    }
-
-    async fn progress(
-        &mut self,
-        stage: ScanStage,
-        percent: u8,
-        message: String,
-    ) -> Result<(), Stop> {
-        if percent <= self.floor {
-            return Ok(());
-        }
-        self.emit(ScanEventData::Progress(ScanProgress {
-            stage,
-            percent,
-            message,
-            reset: false,
-        }))
-        .await
-    }
-
-    /// A notice that does not move the bar (a soft timeout).
-    async fn notice(&mut self, stage: ScanStage, percent: u8, message: String) -> Result<(), Stop> {
-        self.emit(ScanEventData::Progress(ScanProgress {
-            stage,
-            percent,
-            message,
-            reset: false,
-        }))
-        .await
-    }
-}
-
-/// What the hashing stage learnt.
-struct Hashed {
-    image: DynamicImage,
-    sha256: String,
-    phash: String,
 }
 
 impl ScanWorker {
@@ -914,94 +786,6 @@ fn retry_delay(base: Duration, attempt: u32) -> Duration {
     bus::backoff::delay(base, attempt, base.saturating_mul(1 << 10))
 }
 
-/// Runs CPU-bound work off the async threads; a panic inside becomes a
-/// failed scan rather than a crashed worker.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Failure> + Send + 'static,
-) -> Result<T, Stop> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(failure)) => Err(Stop::Failed(failure)),
-        Err(e) => Err(Stop::Failed(Failure {
-            code: "internal",
-            message: format!("image processing failed: {e}"),
-            stage: ScanStage::Preprocessed,
-            dead_letter: true,
-        })),
-    }
-}
-
-/// Decodes (honouring EXIF orientation) and fingerprints the upload.
-fn hash(bytes: &[u8]) -> Result<Hashed, Failure> {
-    let corrupt = |e: image::ImageError| {
-        Failure::input(
-            "corrupt_image",
-            format!("the image cannot be decoded: {e}"),
-            ScanStage::Hashed,
-        )
-    };
-    let mut reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| corrupt(image::ImageError::IoError(e)))?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(512 * 1024 * 1024);
-    limits.max_image_width = Some(20_000);
-    limits.max_image_height = Some(20_000);
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(corrupt)?;
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-    image.apply_orientation(orientation);
-    // Everything after this (the hash, the model) works on at most
-    // MAX_SIDE pixels; shrinking once here, with the fast box filter,
-    // costs a fraction of a filtered resize of a 12-megapixel photo.
-    if image.width().max(image.height()) > MAX_SIDE {
-        image = image.thumbnail(MAX_SIDE, MAX_SIDE);
-    }
-    let sha256 = sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let phash = phash(&image);
-    Ok(Hashed {
-        image,
-        sha256,
-        phash,
-    })
-}
-
-/// Makes the model's input: RGB pixels (already at most [`MAX_SIDE`]) and,
-/// when the provider wants bytes, the JPEG it takes.
-fn prepare(image: DynamicImage, jpeg_wanted: bool) -> Result<PreparedImage, Failure> {
-    let image = if image.width().max(image.height()) > MAX_SIDE {
-        image.thumbnail(MAX_SIDE, MAX_SIDE)
-    } else {
-        image
-    };
-    let rgb = image.to_rgb8();
-    if !jpeg_wanted {
-        return Ok(PreparedImage {
-            rgb: Arc::new(rgb),
-            jpeg: bytes::Bytes::new(),
-        });
-    }
-    let mut jpeg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 85)
-        .encode_image(&rgb)
-        .map_err(|e| Failure {
-            code: "internal",
-            message: format!("cannot encode the prepared image: {e}"),
-            stage: ScanStage::Preprocessed,
-            dead_letter: true,
-        })?;
-    Ok(PreparedImage {
-        rgb: Arc::new(rgb),
-        jpeg: jpeg.into(),
-    })
-}
-
 fn answer_prompt(seen: &Classification, rule: &DisposalRule, lang: &str) -> Vec<ChatMessage> {
     let language = if lang == "ko" { "Korean" } else { "English" };
     let steps: Vec<String> = rule
@@ -1042,78 +826,6 @@ fn answer_prompt(seen: &Classification, rule: &DisposalRule, lang: &str) -> Vec<
             content: user,
         },
     ]
-}
-
-/// What one DLQ pass did.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct ReprocessReport {
-    /// Scans sent back to the pipeline.
-    pub requeued: Vec<String>,
-    /// Scans archived after [`MAX_REPROCESS`] passes.
-    pub archived: Vec<String>,
-    /// Dead letters that could not be read (kept, terminated).
-    pub unreadable: usize,
-}
-
-/// Sends at most `limit` failed scans from `dlq.scan` back to the pipeline
-/// (one more `reprocessed`), archiving those already reprocessed
-/// [`MAX_REPROCESS`] times on `dlq.scan_archive`.
-///
-/// # Errors
-/// When the DLQ consumer cannot be read or a publish fails (the letter then
-/// stays for the next pass).
-pub async fn reprocess_dead_letters(
-    js: &jetstream::Context,
-    limit: usize,
-) -> anyhow::Result<ReprocessReport> {
-    let consumer = bus::streams::STREAMER_DLQ_SCAN.ensure(js).await?;
-    let mut batch = consumer
-        .fetch()
-        .max_messages(limit.max(1))
-        .expires(Duration::from_millis(500))
-        .messages()
-        .await
-        .context("cannot read the DLQ")?;
-    let mut report = ReprocessReport::default();
-    while let Some(message) = batch.next().await {
-        let message = message.map_err(|e| anyhow::anyhow!(e))?;
-        let parsed = serde_json::from_slice::<DeadLetter>(&message.payload)
-            .ok()
-            .and_then(|l| Some((serde_json::from_str::<ScanRequest>(&l.payload).ok()?, l)));
-        let Some((mut request, letter)) = parsed else {
-            report.unreadable += 1;
-            let _ = message.ack_with(AckKind::Term).await;
-            continue;
-        };
-        if request.reprocessed >= MAX_REPROCESS {
-            let archived = DeadLetter {
-                error: format!(
-                    "archived after {MAX_REPROCESS} reprocess passes; last: {}",
-                    letter.error
-                ),
-                failed_at: Utc::now(),
-                ..letter
-            };
-            js.publish(
-                subject::dlq(DLQ_ARCHIVE_KIND).expect("static kind"),
-                serde_json::to_vec(&archived)?.into(),
-            )
-            .await?
-            .await?;
-            report.archived.push(request.scan_id);
-        } else {
-            request.reprocessed += 1;
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(serde_json::to_vec(&request)?.into())
-                .message_id(format!("{}:r{}", request.scan_id, request.reprocessed));
-            js.send_publish(subject::scan_req(&request.scan_id)?, publish)
-                .await?
-                .await?;
-            report.requeued.push(request.scan_id);
-        }
-        message.double_ack().await.map_err(|e| anyhow::anyhow!(e))?;
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

@@ -189,7 +189,9 @@ async fn the_turn_limit_counts_a_users_turns_in_flight_across_sockets_and_nodes(
     // Reconnecting, even to another node, gives no place back.
     let mut second = crate::helpers::ws_to(other, "alice").await;
     second
-        .send_json(json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r9"}))
+        .send_json(
+            json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r9"}),
+        )
         .await;
     match second.next().await {
         ServerFrame::Error { code, .. } => assert_eq!(code, "too_many_turns"),
