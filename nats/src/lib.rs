@@ -11,6 +11,7 @@
 pub mod backoff;
 pub mod connect;
 pub mod dlq;
+pub mod fence;
 pub mod history;
 pub mod lease;
 pub mod ops;

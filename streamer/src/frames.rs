@@ -19,6 +19,7 @@
 use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use bus::{
+    fence::Settled,
     streams,
     wire::{FinishReason, ServerFrame, Usage},
 };
@@ -184,7 +185,7 @@ impl FrameWriter {
         // No Nats-Msg-Id: the fence already makes a frame unrepeatable, and
         // the server's dedupe window would cost memory per message.
         let publish = jetstream::message::PublishMessage::build()
-            .payload(body.into())
+            .payload(body.clone().into())
             .expected_last_subject_sequence(self.last_stream_seq);
         let ack = self
             .js
@@ -206,43 +207,42 @@ impl FrameWriter {
             }
             Err(e) => {
                 let error = anyhow::Error::new(e).context("a frame was not stored");
-                self.settle(frame, error).await
+                self.settle(frame, &body, error).await
             }
         }
     }
 
     /// After a publish whose outcome is unknown (its ack timed out, for
-    /// instance because this process was frozen), looks at what the subject
-    /// holds: our frame (it landed), another writer's (we are fenced: a nak
-    /// now would hand the turn to a third worker), or nothing new (a real
-    /// bus failure).
+    /// instance because this process was frozen): our frame landed, another
+    /// writer's is there (we are fenced: a nak now would hand the turn to a
+    /// third worker), or nothing new (a real bus failure).
     async fn settle(
         &mut self,
         frame: &ServerFrame,
+        body: &[u8],
         error: anyhow::Error,
     ) -> Result<(), WriteError> {
-        let Ok(stream) = self.js.get_stream(streams::CHAT_TOK).await else {
-            return Err(WriteError::Bus(error));
-        };
-        let last = match stream.get_last_raw_message_by_subject(&self.subject).await {
-            Ok(last) => last,
-            Err(_) => return Err(WriteError::Bus(error)),
-        };
-        if last.sequence == self.last_stream_seq {
-            return Err(WriteError::Bus(error));
-        }
-        match serde_json::from_slice::<ServerFrame>(&last.payload) {
-            Ok(stored) if stored == *frame => {
-                self.last_stream_seq = last.sequence;
+        match bus::fence::settle(
+            &self.js,
+            streams::CHAT_TOK,
+            &self.subject,
+            self.last_stream_seq,
+            body,
+        )
+        .await
+        {
+            Settled::Landed(sequence) => {
+                self.last_stream_seq = sequence;
                 if let Some(seq) = frame.seq() {
                     self.seq = seq;
                 }
                 Ok(())
             }
-            _ => {
+            Settled::Fenced => {
                 metrics::counter!("streamer_turns_fenced_total").increment(1);
                 Err(WriteError::Fenced)
             }
+            Settled::Unknown => Err(WriteError::Bus(error)),
         }
     }
 }

@@ -80,8 +80,9 @@ impl Events {
         };
         let mut headers = HeaderMap::new();
         headers.insert(RUN_HEADER, self.run.to_string().as_str());
+        let body = serde_json::to_vec(&event).expect("event serialises");
         let publish = jetstream::message::PublishMessage::build()
-            .payload(serde_json::to_vec(&event).expect("event serialises").into())
+            .payload(body.clone().into())
             .headers(headers)
             .expected_last_subject_sequence(self.last_seq);
         let ack = self
@@ -90,19 +91,35 @@ impl Events {
             .await
             .context("publishing a scan event")?
             .await;
-        match ack {
-            Ok(ack) => {
-                self.last_seq = ack.sequence;
-                self.next_id += 1;
-                Ok(())
-            }
+        let landed = match ack {
+            Ok(ack) => ack.sequence,
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                Err(Stop::Superseded)
+                return Err(Stop::Superseded);
             }
-            Err(e) => Err(Stop::Bus(
-                anyhow::Error::new(e).context("publishing a scan event"),
-            )),
-        }
+            // The outcome is unknown (the ack was lost, perhaps because this
+            // process was frozen): a nak now could hand the scan to a third
+            // worker while another writes it.
+            Err(e) => match bus::fence::settle(
+                &self.js,
+                bus::streams::SCAN_EVT,
+                &self.subject,
+                self.last_seq,
+                &body,
+            )
+            .await
+            {
+                bus::fence::Settled::Landed(sequence) => sequence,
+                bus::fence::Settled::Fenced => return Err(Stop::Superseded),
+                bus::fence::Settled::Unknown => {
+                    return Err(Stop::Bus(
+                        anyhow::Error::new(e).context("publishing a scan event"),
+                    ));
+                }
+            },
+        };
+        self.last_seq = landed;
+        self.next_id += 1;
+        Ok(())
     }
 
     pub(super) async fn progress(
