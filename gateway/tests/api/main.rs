@@ -3,6 +3,7 @@
 mod guarantees;
 mod helpers;
 mod refused_uploads;
+mod scan_providers;
 mod scans;
 
 use std::time::Duration;
