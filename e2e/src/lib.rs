@@ -384,3 +384,87 @@ pub async fn pg_value(pg: &testkit::Postgres, database: &str, sql: &str) -> Stri
     .trim()
     .to_owned()
 }
+
+/// What most end-to-end tests stand on: the built binaries, a log and a
+/// data folder, a nats-server, a Postgres with one database, and a stand-in
+/// LLM answering `words`, one every `interval`. Services are described on it
+/// and started by the test, which decides when and how to kill them.
+pub struct Bed {
+    /// Where the binaries are.
+    pub bin: PathBuf,
+    /// Service logs.
+    pub logs: tempfile::TempDir,
+    /// The persister's SQLite folder.
+    pub data: tempfile::TempDir,
+    /// The bus.
+    pub nats: testkit::NatsServer,
+    /// The system of record.
+    pub pg: testkit::Postgres,
+    /// The database's name.
+    pub database: String,
+    /// Its URL.
+    pub database_url: String,
+    /// The provider.
+    pub llm: testkit::StandInLlm,
+}
+
+impl Bed {
+    /// Builds the binaries and starts the servers.
+    ///
+    /// # Panics
+    /// When a server does not start.
+    pub async fn start(database: &str, words: &[String], interval: Duration) -> Self {
+        testkit::init_logs();
+        let bin = build_binaries().expect("binaries build");
+        let nats = testkit::NatsServer::start().await.expect("nats-server");
+        let pg = testkit::Postgres::start().await.expect("postgres");
+        let database_url = pg.create_database(database).expect("database");
+        let llm = testkit::StandInLlm::start(testkit::Script::new(words.to_vec(), interval))
+            .await
+            .expect("stand-in LLM");
+        Self {
+            bin,
+            logs: tempfile::tempdir().expect("temp dir"),
+            data: tempfile::tempdir().expect("temp dir"),
+            nats,
+            pg,
+            database: database.to_owned(),
+            database_url,
+            llm,
+        }
+    }
+
+    /// A gateway with `extra` env.
+    pub fn gateway(&self, extra: &[(&str, String)]) -> Service {
+        Service::gateway(&self.bin, self.logs.path(), &self.nats.url(), extra)
+    }
+
+    /// A streamer with `extra` env, logging to `log_dir` under the logs.
+    pub fn streamer(&self, log_dir: &str, extra: &[(&str, String)]) -> Service {
+        let logs = self.logs.path().join(log_dir);
+        std::fs::create_dir_all(&logs).expect("log dir");
+        Service::streamer(
+            &self.bin,
+            &logs,
+            &self.nats.url(),
+            self.llm.base_url(),
+            extra,
+        )
+    }
+
+    /// A persister on the bed's database.
+    pub fn persister(&self) -> Service {
+        Service::persister(
+            &self.bin,
+            self.logs.path(),
+            &self.nats.url(),
+            &self.database_url,
+            self.data.path(),
+        )
+    }
+
+    /// The value `sql` selects in the bed's database, once it selects one.
+    pub async fn pg_value(&self, sql: &str) -> String {
+        pg_value(&self.pg, &self.database, sql).await
+    }
+}

@@ -6,13 +6,9 @@
 use std::time::Duration;
 
 use bus::wire::{FinishReason, ServerFrame};
-use e2e::{
-    Service, build_binaries, pg_value, sse_until_terminal, start_scan, ws_connect, ws_send,
-    ws_until_done,
-};
+use e2e::{Bed, Service, sse_until_terminal, start_scan, ws_connect, ws_send, ws_until_done};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
 
 const MAX_DELIVER: usize = 5;
 /// How long after the last delivery's lease lapses a healthy streamer must
@@ -45,30 +41,15 @@ async fn kill_at_every_delivery(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead_lettered() {
-    testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("exhausted").unwrap();
     let words: Vec<String> = (0..300).map(|i| format!("w{i} ")).collect();
-    let llm = StandInLlm::start(Script::new(words, Duration::from_millis(50)))
-        .await
-        .unwrap();
-    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
-    let mut streamer = Service::streamer(
-        &bin,
-        logs.path(),
-        &nats.url(),
-        llm.base_url(),
-        &[("STREAMER_ACK_WAIT_MS", "1000".into())],
-    );
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
+    let bed = Bed::start("exhausted", &words, Duration::from_millis(50)).await;
+    let mut gateway = bed.gateway(&[]);
+    let mut streamer = bed.streamer("streamer", &[("STREAMER_ACK_WAIT_MS", "1000".into())]);
+    let mut persister = bed.persister();
     persister.start().await.unwrap();
     gateway.start().await.unwrap();
     let addr = gateway.addr.clone();
-    let client = nats.client().await.unwrap();
+    let client = bed.nats.client().await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
 
     // --- a chat turn ---
@@ -125,14 +106,11 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
         })
         .collect();
     assert!(!shown.is_empty());
-    let row = pg_value(
-        &pg,
-        "exhausted",
-        &format!(
+    let row = bed
+        .pg_value(&format!(
             "select finish_reason || '|' || assistant_text from turns where turn_id = '{turn_id}'"
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(row.trim(), format!("error|{}", shown).trim());
     let dlq = js.get_stream(bus::streams::DLQ).await.unwrap();
     let letter = dlq
@@ -161,12 +139,11 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
     assert_eq!(last.data["code"], "delivery_exhausted");
     let ids: Vec<u64> = seen.iter().map(|e| e.id).collect();
     assert_eq!(ids, (1..=seen.len() as u64).collect::<Vec<_>>());
-    let row = pg_value(
-        &pg,
-        "exhausted",
-        &format!("select status from scans where scan_id = '{scan_id}'"),
-    )
-    .await;
+    let row = bed
+        .pg_value(&format!(
+            "select status from scans where scan_id = '{scan_id}'"
+        ))
+        .await;
     assert_eq!(row.trim(), "failed");
     let letter = dlq
         .get_last_raw_message_by_subject("dlq.scan")

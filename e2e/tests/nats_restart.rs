@@ -7,12 +7,8 @@
 use std::time::Duration;
 
 use bus::wire::ServerFrame;
-use e2e::{
-    Service, Ws, build_binaries, pg_value, sse_until_terminal, start_scan, ws_connect, ws_send,
-    ws_until_done,
-};
+use e2e::{Bed, Ws, sse_until_terminal, start_scan, ws_connect, ws_send, ws_until_done};
 use serde_json::json;
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
 
 fn words() -> Vec<String> {
     (0..60).map(|i| format!("w{i} ")).collect()
@@ -63,30 +59,10 @@ async fn start_turn(ws: &mut Ws, request_id: &str) -> (String, Vec<ServerFrame>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
-    testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut nats = NatsServer::start().await.unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("restart").unwrap();
-    let llm = StandInLlm::start(Script::new(words(), Duration::from_millis(80)))
-        .await
-        .unwrap();
-    let mut gateway = Service::gateway(
-        &bin,
-        logs.path(),
-        &nats.url(),
-        &[("GATEWAY_RELAY_RECHECK_MS", "1000".into())],
-    );
-    let mut streamer = Service::streamer(
-        &bin,
-        logs.path(),
-        &nats.url(),
-        llm.base_url(),
-        &[("STREAMER_ACK_WAIT_MS", "2000".into())],
-    );
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
+    let mut bed = Bed::start("restart", &words(), Duration::from_millis(80)).await;
+    let mut gateway = bed.gateway(&[("GATEWAY_RELAY_RECHECK_MS", "1000".into())]);
+    let mut streamer = bed.streamer("streamer", &[("STREAMER_ACK_WAIT_MS", "2000".into())]);
+    let mut persister = bed.persister();
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
@@ -104,9 +80,9 @@ async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
     let (leave_turn, mut leave_frames) = start_turn(&mut leaves, "r-leave").await;
     drop(leaves);
 
-    nats.stop();
+    bed.nats.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nats.start_again().await.unwrap();
+    bed.nats.start_again().await.unwrap();
 
     let stay = tokio::spawn(async move {
         stay_frames.extend(ws_until_done(&mut stays, Duration::from_secs(90)).await);
@@ -159,29 +135,29 @@ async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
 
     // Each once in Postgres, with the answer the clients ended with.
     for turn in [&stay_turn, &leave_turn] {
-        let row = pg_value(
-            &pg,
-            "restart",
-            &format!("select assistant_text from turns where turn_id = '{turn}'"),
-        )
-        .await;
+        let row = bed
+            .pg_value(&format!(
+                "select assistant_text from turns where turn_id = '{turn}'"
+            ))
+            .await;
         assert_eq!(row.trim(), full.trim());
     }
-    let scan_row = pg_value(
-        &pg,
-        "restart",
-        &format!("select status from scans where scan_id = '{scan_id}'"),
-    )
-    .await;
+    let scan_row = bed
+        .pg_value(&format!(
+            "select status from scans where scan_id = '{scan_id}'"
+        ))
+        .await;
     assert_eq!(scan_row.trim(), "done");
     assert_eq!(
-        pg.psql("restart", "select count(*) from turns")
+        bed.pg
+            .psql("restart", "select count(*) from turns")
             .unwrap()
             .trim(),
         "2"
     );
     assert_eq!(
-        pg.psql("restart", "select count(*) from scans")
+        bed.pg
+            .psql("restart", "select count(*) from scans")
             .unwrap()
             .trim(),
         "1"

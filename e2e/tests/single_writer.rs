@@ -6,32 +6,18 @@
 use std::time::Duration;
 
 use bus::wire::ServerFrame;
-use e2e::{Service, build_binaries, pg_value, ws_connect, ws_send, ws_until_done};
+use e2e::{Bed, ws_connect, ws_send, ws_until_done};
 use serde_json::json;
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_streamer_that_comes_back_is_fenced_and_the_client_ends_with_the_stored_answer() {
-    testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("fence").unwrap();
     let words: Vec<String> = (0..80).map(|i| format!("w{i} ")).collect();
-    let llm = StandInLlm::start(Script::new(words.clone(), Duration::from_millis(60)))
-        .await
-        .unwrap();
+    let bed = Bed::start("fence", &words, Duration::from_millis(60)).await;
     let lease = [("STREAMER_ACK_WAIT_MS", "1500".to_owned())];
-    let logs_a = logs.path().join("a");
-    let logs_b = logs.path().join("b");
-    std::fs::create_dir_all(&logs_a).unwrap();
-    std::fs::create_dir_all(&logs_b).unwrap();
-    let mut first = Service::streamer(&bin, &logs_a, &nats.url(), llm.base_url(), &lease);
-    let mut second = Service::streamer(&bin, &logs_b, &nats.url(), llm.base_url(), &lease);
-    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
+    let mut first = bed.streamer("a", &lease);
+    let mut second = bed.streamer("b", &lease);
+    let mut gateway = bed.gateway(&[]);
+    let mut persister = bed.persister();
     persister.start().await.unwrap();
     gateway.start().await.unwrap();
     first.start().await.unwrap();
@@ -107,14 +93,13 @@ async fn a_frozen_streamer_that_comes_back_is_fenced_and_the_client_ends_with_th
         })
         .collect();
     assert_eq!(shown, words.concat());
-    let stored = pg_value(
-        &pg,
-        "fence",
-        &format!("select assistant_text from turns where turn_id = '{turn_id}'"),
-    )
-    .await;
+    let stored = bed
+        .pg_value(&format!(
+            "select assistant_text from turns where turn_id = '{turn_id}'"
+        ))
+        .await;
     assert_eq!(stored.trim(), shown.trim());
-    let count = pg.psql("fence", "select count(*) from turns").unwrap();
+    let count = bed.pg.psql("fence", "select count(*) from turns").unwrap();
     assert_eq!(count.trim(), "1");
     // The thawed streamer noticed and stopped.
     testkit::wait_for(
