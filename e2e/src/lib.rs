@@ -387,8 +387,8 @@ pub async fn pg_value(pg: &testkit::Postgres, database: &str, sql: &str) -> Stri
 
 /// What most end-to-end tests stand on: the built binaries, a log and a
 /// data folder, a nats-server, a Postgres with one database, and a stand-in
-/// LLM answering `words`, one every `interval`. Services are described on it
-/// and started by the test, which decides when and how to kill them.
+/// LLM answering with a script. Services are described on it and started by
+/// the test, which decides when and how to kill them.
 pub struct Bed {
     /// Where the binaries are.
     pub bin: PathBuf,
@@ -413,13 +413,13 @@ impl Bed {
     ///
     /// # Panics
     /// When a server does not start.
-    pub async fn start(database: &str, words: &[String], interval: Duration) -> Self {
+    pub async fn start(database: &str, script: testkit::Script) -> Self {
         testkit::init_logs();
         let bin = build_binaries().expect("binaries build");
         let nats = testkit::NatsServer::start().await.expect("nats-server");
         let pg = testkit::Postgres::start().await.expect("postgres");
         let database_url = pg.create_database(database).expect("database");
-        let llm = testkit::StandInLlm::start(testkit::Script::new(words.to_vec(), interval))
+        let llm = testkit::StandInLlm::start(script)
             .await
             .expect("stand-in LLM");
         Self {

@@ -9,6 +9,7 @@ use bus::wire::{FinishReason, ServerFrame};
 use e2e::{Bed, Service, sse_until_terminal, start_scan, ws_connect, ws_send, ws_until_done};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use testkit::Script;
 
 const MAX_DELIVER: usize = 5;
 /// How long after the last delivery's lease lapses a healthy streamer must
@@ -42,7 +43,11 @@ async fn kill_at_every_delivery(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead_lettered() {
     let words: Vec<String> = (0..300).map(|i| format!("w{i} ")).collect();
-    let bed = Bed::start("exhausted", &words, Duration::from_millis(50)).await;
+    let bed = Bed::start(
+        "exhausted",
+        Script::new(words.clone(), Duration::from_millis(50)),
+    )
+    .await;
     let mut gateway = bed.gateway(&[]);
     let mut streamer = bed.streamer("streamer", &[("STREAMER_ACK_WAIT_MS", "1000".into())]);
     let mut persister = bed.persister();

@@ -7,10 +7,10 @@
 use std::{collections::HashSet, time::Duration};
 
 use bus::wire::ServerFrame;
-use e2e::{Service, build_binaries, token_for};
+use e2e::{Bed, token_for};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
+use testkit::Script;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
 
 /// `streamer::chat::HISTORY_BUDGET_BYTES`: earlier text a prompt may carry.
@@ -113,18 +113,10 @@ fn questions(pages: &[Value]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_past_the_bus_message_size_keeps_its_context_and_pages() {
     testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
-    let mut pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("history").unwrap();
-    let llm = StandInLlm::start(Script::new([ANSWER], Duration::ZERO))
-        .await
-        .unwrap();
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
-    let mut streamer = Service::streamer(&bin, logs.path(), &nats.url(), llm.base_url(), &[]);
-    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
+    let mut bed = Bed::start("history", Script::new([ANSWER], Duration::ZERO)).await;
+    let mut persister = bed.persister();
+    let mut streamer = bed.streamer("streamer", &[]);
+    let mut gateway = bed.gateway(&[]);
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
@@ -163,7 +155,7 @@ async fn a_conversation_past_the_bus_message_size_keeps_its_context_and_pages() 
 
     // The next turn's prompt: the newest earlier turns, whole, within budget.
     turn(&mut ws, Some(&conversation), "And the first one?", TURNS).await;
-    let sent = llm.requests().last().cloned().unwrap();
+    let sent = bed.llm.requests().last().cloned().unwrap();
     let messages = sent["messages"].as_array().unwrap();
     let texts: Vec<(&str, &str)> = messages
         .iter()
@@ -206,7 +198,7 @@ async fn a_conversation_past_the_bus_message_size_keeps_its_context_and_pages() 
     assert_eq!(questions(&small), want);
 
     // Postgres stopped: the persister's SQLite file answers the same pages.
-    pg.stop().unwrap();
+    bed.pg.stop().unwrap();
     assert_eq!(questions(&pages(&http, &url, Some(7)).await), want);
     assert_eq!(questions(&pages(&http, &url, None).await), want);
 

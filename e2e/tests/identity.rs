@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use bus::wire::ServerFrame;
-use e2e::{Service, build_binaries, token_for};
+use e2e::{Bed, token_for};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
+use testkit::{Postgres, Script};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
 
 const ALICE: &str = "auth0|alice@example.com";
@@ -73,19 +73,11 @@ async fn row(pg: &Postgres, sql: String) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sub_with_pipe_at_and_dots_chats_and_scans_and_is_stored_verbatim() {
     testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("identity").unwrap();
     let words = ["Glass ", "goes ", "to ", "glass."];
-    let llm = StandInLlm::start(Script::new(words, Duration::from_millis(5)))
-        .await
-        .unwrap();
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
-    let mut streamer = Service::streamer(&bin, logs.path(), &nats.url(), llm.base_url(), &[]);
-    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
+    let bed = Bed::start("identity", Script::new(words, Duration::from_millis(5))).await;
+    let mut persister = bed.persister();
+    let mut streamer = bed.streamer("streamer", &[]);
+    let mut gateway = bed.gateway(&[]);
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
@@ -132,7 +124,7 @@ async fn a_sub_with_pipe_at_and_dots_chats_and_scans_and_is_stored_verbatim() {
     // Stored verbatim: the sub, not a mapped form of it.
     let stored = |table: &str, key: &str, id: &str| {
         row(
-            &pg,
+            &bed.pg,
             format!("select user_id from {table} where {key} = '{id}'"),
         )
     };

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use e2e::{Service, build_binaries};
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
+use e2e::Bed;
+use testkit::Script;
 
 /// The value of every sample line whose series starts with `name` (the
 /// name itself, `name{...}`, or a summary's `name_count`).
@@ -47,18 +47,10 @@ fn assert_zero(text: &str, service: &str, names: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_services_expose_their_series_at_zero() {
     testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("metrics").unwrap();
-    let llm = StandInLlm::start(Script::new(["hi"], Duration::ZERO))
-        .await
-        .unwrap();
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
-    let mut streamer = Service::streamer(&bin, logs.path(), &nats.url(), llm.base_url(), &[]);
-    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
+    let bed = Bed::start("metrics", Script::new(["hi"], Duration::ZERO)).await;
+    let mut persister = bed.persister();
+    let mut streamer = bed.streamer("streamer", &[]);
+    let mut gateway = bed.gateway(&[]);
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bus::wire::ServerFrame;
 use e2e::{Bed, Ws, sse_until_terminal, start_scan, ws_connect, ws_send, ws_until_done};
 use serde_json::json;
+use testkit::Script;
 
 fn words() -> Vec<String> {
     (0..60).map(|i| format!("w{i} ")).collect()
@@ -59,7 +60,7 @@ async fn start_turn(ws: &mut Ws, request_id: &str) -> (String, Vec<ServerFrame>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
-    let mut bed = Bed::start("restart", &words(), Duration::from_millis(80)).await;
+    let mut bed = Bed::start("restart", Script::new(words(), Duration::from_millis(80))).await;
     let mut gateway = bed.gateway(&[("GATEWAY_RELAY_RECHECK_MS", "1000".into())]);
     let mut streamer = bed.streamer("streamer", &[("STREAMER_ACK_WAIT_MS", "2000".into())]);
     let mut persister = bed.persister();

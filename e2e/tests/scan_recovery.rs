@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use e2e::{Service, build_binaries, token_for};
+use e2e::{Bed, token_for};
 use futures::StreamExt as _;
 use serde_json::Value;
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
+use testkit::Script;
 
 fn words() -> Vec<String> {
     (0..40).map(|i| format!("w{i} ")).collect()
@@ -18,24 +18,10 @@ fn words() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_survives_its_streamer_being_killed_mid_answer() {
     testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start().await.unwrap();
-    let pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("scans").unwrap();
-    let llm = StandInLlm::start(Script::new(words(), Duration::from_millis(100)))
-        .await
-        .unwrap();
-    let mut gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[]);
-    let mut streamer = Service::streamer(
-        &bin,
-        logs.path(),
-        &nats.url(),
-        llm.base_url(),
-        &[("STREAMER_ACK_WAIT_MS", "2000".into())],
-    );
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
+    let bed = Bed::start("scans", Script::new(words(), Duration::from_millis(100))).await;
+    let mut gateway = bed.gateway(&[]);
+    let mut streamer = bed.streamer("streamer", &[("STREAMER_ACK_WAIT_MS", "2000".into())]);
+    let mut persister = bed.persister();
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
@@ -165,20 +151,13 @@ async fn a_scan_survives_its_streamer_being_killed_mid_answer() {
     .unwrap();
     assert_eq!(listed["scan_id"], scan_id.as_str());
     assert_eq!(listed["answer"], full.as_str());
-    let row = testkit::wait_for("the scan in Postgres", Duration::from_secs(30), || {
-        let row = pg
-            .psql(
-                "scans",
-                &format!("select status || '|' || answer || '|' || cached from scans where scan_id = '{scan_id}'"),
-            )
-            .ok()
-            .filter(|r| !r.trim().is_empty());
-        async move { row }
-    })
-    .await
-    .unwrap();
+    let row = bed
+        .pg_value(&format!(
+            "select status || '|' || answer || '|' || cached from scans where scan_id = '{scan_id}'"
+        ))
+        .await;
     assert_eq!(row.trim(), format!("done|{full}|false"));
-    let count = pg.psql("scans", "select count(*) from scans").unwrap();
+    let count = bed.pg.psql("scans", "select count(*) from scans").unwrap();
     assert_eq!(count.trim(), "1");
     drop(persister);
     drop(gateway);

@@ -8,11 +8,16 @@ use std::time::Duration;
 use bus::wire::ServerFrame;
 use e2e::{Bed, ws_connect, ws_send, ws_until_done};
 use serde_json::json;
+use testkit::Script;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_streamer_that_comes_back_is_fenced_and_the_client_ends_with_the_stored_answer() {
     let words: Vec<String> = (0..80).map(|i| format!("w{i} ")).collect();
-    let bed = Bed::start("fence", &words, Duration::from_millis(60)).await;
+    let bed = Bed::start(
+        "fence",
+        Script::new(words.clone(), Duration::from_millis(60)),
+    )
+    .await;
     let lease = [("STREAMER_ACK_WAIT_MS", "1500".to_owned())];
     let mut first = bed.streamer("a", &lease);
     let mut second = bed.streamer("b", &lease);

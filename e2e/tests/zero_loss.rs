@@ -11,9 +11,9 @@ use std::{
 };
 
 use bus::wire::ServerFrame;
-use e2e::{Service, build_binaries, token_for};
+use e2e::{Bed, token_for};
 use futures::{SinkExt as _, StreamExt as _};
-use testkit::{NatsServer, Postgres, Script, StandInLlm};
+use testkit::Script;
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest as _};
 
 const TURNS: usize = 2000;
@@ -100,32 +100,15 @@ async fn client(gateway: String, user: String, turns: usize, accepted: Arc<Mutex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_outage() {
     testkit::init_logs();
-    let bin = build_binaries().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let mut nats = NatsServer::start().await.unwrap();
-    let mut pg = Postgres::start().await.unwrap();
-    let db = pg.create_database("zero_loss").unwrap();
-    let llm = StandInLlm::start(Script::new(words(), Duration::from_millis(15)))
-        .await
-        .unwrap();
+    let mut bed = Bed::start("zero_loss", Script::new(words(), Duration::from_millis(15))).await;
 
-    let mut gateway = Service::gateway(
-        &bin,
-        logs.path(),
-        &nats.url(),
-        &[("GATEWAY_MAX_TURNS_PER_USER", "4".into())],
-    );
+    let mut gateway = bed.gateway(&[("GATEWAY_MAX_TURNS_PER_USER", "4".into())]);
     let gateway_addr = gateway.addr.clone();
-    let mut streamer = Service::streamer(
-        &bin,
-        logs.path(),
-        &nats.url(),
-        llm.base_url(),
-        // A killed worker's turns come back after 2 s, not 30.
+    let mut streamer = bed.streamer(
+        "streamer", // A killed worker's turns come back after 2 s, not 30.
         &[("STREAMER_ACK_WAIT_MS", "2000".into())],
     );
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
+    let mut persister = bed.persister();
     persister.start().await.unwrap();
     streamer.start().await.unwrap();
     gateway.start().await.unwrap();
@@ -162,7 +145,7 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
     persister.start().await.unwrap();
 
     wait_until(TURNS / 5).await;
-    pg.stop().unwrap();
+    bed.pg.stop().unwrap();
     eprintln!(
         "chaos: Postgres stopped at {} accepted",
         progress(&accepted)
@@ -188,18 +171,18 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
     persister.start().await.unwrap();
 
     wait_until(TURNS / 2).await;
-    nats.stop();
+    bed.nats.stop();
     eprintln!(
         "chaos: nats-server stopped at {} accepted",
         progress(&accepted)
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nats.start_again().await.unwrap();
+    bed.nats.start_again().await.unwrap();
     eprintln!("chaos: nats-server started again");
 
     let remaining = Duration::from_secs(20).saturating_sub(outage.elapsed());
     tokio::time::sleep(remaining).await;
-    pg.start_again().await.unwrap();
+    bed.pg.start_again().await.unwrap();
     eprintln!(
         "chaos: Postgres started again at {} accepted",
         progress(&accepted)
@@ -217,7 +200,8 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
     let expected: String = words().concat();
     let count_sql = "select count(*) from turns";
     let synced = testkit::wait_for("every turn in Postgres", Duration::from_secs(120), || {
-        let got = pg
+        let got = bed
+            .pg
             .psql("zero_loss", count_sql)
             .ok()
             .and_then(|c| c.parse::<usize>().ok());
@@ -231,7 +215,8 @@ async fn every_accepted_turn_reaches_postgres_exactly_once_through_kills_and_an_
             streamer.log_tail()
         );
     }
-    let rows = pg
+    let rows = bed
+        .pg
         .psql(
             "zero_loss",
             "select turn_id, finish_reason, assistant_text from turns",
