@@ -99,17 +99,7 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
             ..
         }
     ));
-    let reset = frames
-        .iter()
-        .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
-        .unwrap();
-    let shown: String = frames[reset..]
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect();
+    let (shown, _) = bus::wire::shown_text(&frames);
     assert!(!shown.is_empty());
     let row = bed
         .pg_value(&format!(

@@ -15,21 +15,6 @@ fn words() -> Vec<String> {
     (0..60).map(|i| format!("w{i} ")).collect()
 }
 
-/// The answer a client ends with: the text after the last reset.
-fn answer(frames: &[ServerFrame]) -> String {
-    let start = frames
-        .iter()
-        .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
-        .map_or(0, |i| i + 1);
-    frames[start..]
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn assert_contiguous(frames: &[ServerFrame]) {
     let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
     assert_eq!(
@@ -124,7 +109,7 @@ async fn turns_and_a_scan_in_flight_survive_a_nats_restart() {
             streamer.log_tail()
         );
         assert_contiguous(frames);
-        assert_eq!(answer(frames), full);
+        assert_eq!(bus::wire::shown_text(frames).0, full);
     }
 
     let seen = scan_follower.await.unwrap();

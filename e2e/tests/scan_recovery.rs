@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use e2e::{Bed, token_for};
+use e2e::{Bed, start_scan, token_for};
 use futures::StreamExt as _;
 use serde_json::Value;
 use testkit::Script;
@@ -29,33 +29,7 @@ async fn a_scan_survives_its_streamer_being_killed_mid_answer() {
 
     let http = reqwest::Client::new();
     let token = token_for("alice");
-    let photo = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../streamer/tests/fixtures/images/coffee.jpg"
-    ))
-    .unwrap();
-    let accepted: Value = http
-        .post(format!("http://{gateway_addr}/v1/scans"))
-        .bearer_auth(&token)
-        .header("content-type", "image/jpeg")
-        .body(photo)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let scan_id = accepted["scan_id"].as_str().unwrap().to_owned();
-    let events = http
-        .get(format!(
-            "http://{gateway_addr}{}",
-            accepted["events_url"].as_str().unwrap()
-        ))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(events.status(), 200);
+    let (scan_id, events) = start_scan(&gateway_addr, "alice").await;
 
     let mut body = events.bytes_stream();
     let mut buffer = String::new();

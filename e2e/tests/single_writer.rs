@@ -86,17 +86,7 @@ async fn a_frozen_streamer_that_comes_back_is_fenced_and_the_client_ends_with_th
         first.log_tail(),
         second.log_tail()
     );
-    let reset = frames
-        .iter()
-        .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
-        .unwrap();
-    let shown: String = frames[reset..]
-        .iter()
-        .filter_map(|f| match f {
-            ServerFrame::Token { delta, .. } => Some(delta.as_str()),
-            _ => None,
-        })
-        .collect();
+    let (shown, _) = bus::wire::shown_text(&frames);
     assert_eq!(shown, words.concat());
     let stored = bed
         .pg_value(&format!(

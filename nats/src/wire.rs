@@ -158,6 +158,25 @@ impl ServerFrame {
     }
 }
 
+/// What a client following a turn holds after `frames` (in order): the
+/// token deltas since the last `reset`, and how many token frames carried
+/// them.
+pub fn shown_text(frames: &[ServerFrame]) -> (String, u32) {
+    let start = frames
+        .iter()
+        .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
+        .map_or(0, |i| i + 1);
+    let mut text = String::new();
+    let mut tokens = 0;
+    for frame in &frames[start..] {
+        if let ServerFrame::Token { delta, .. } = frame {
+            text.push_str(delta);
+            tokens += 1;
+        }
+    }
+    (text, tokens)
+}
+
 /// One message of a conversation, as sent to an OpenAI-compatible API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {

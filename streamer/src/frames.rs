@@ -96,20 +96,7 @@ impl TurnLog {
     /// The text a client following the turn holds: the token deltas since
     /// the last `reset`, and how many token frames carried them.
     pub fn shown(&self) -> (String, u32) {
-        let start = self
-            .frames
-            .iter()
-            .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
-            .map_or(0, |i| i + 1);
-        let mut text = String::new();
-        let mut frames = 0;
-        for frame in &self.frames[start..] {
-            if let ServerFrame::Token { delta, .. } = frame {
-                text.push_str(delta);
-                frames += 1;
-            }
-        }
-        (text, frames)
+        bus::wire::shown_text(&self.frames)
     }
 }
 

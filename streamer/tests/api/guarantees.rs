@@ -13,15 +13,6 @@ use crate::helpers::{self, Killable, TestStreamer};
 /// The consumer's `max_deliver` (nats/consumers/CHAT_REQ.streamer-chat.json).
 const MAX_DELIVER: usize = 5;
 
-/// The text since the turn's last reset: what a client following it holds.
-fn shown_text(frames: &[ServerFrame]) -> String {
-    let start = frames
-        .iter()
-        .rposition(|f| matches!(f, ServerFrame::Reset { .. }))
-        .map_or(0, |i| i + 1);
-    crate::text_of(&frames[start..])
-}
-
 #[tokio::test]
 async fn a_turn_whose_worker_is_killed_at_every_delivery_ends_failed_with_a_record_and_a_dead_letter()
  {
@@ -79,7 +70,7 @@ async fn a_turn_whose_worker_is_killed_at_every_delivery_ends_failed_with_a_reco
     assert_eq!(record.finish_reason, FinishReason::Error);
     assert_eq!(
         record.assistant_text,
-        shown_text(&frames),
+        bus::wire::shown_text(&frames).0,
         "the record keeps what the client was shown"
     );
     assert!(!record.assistant_text.is_empty());
