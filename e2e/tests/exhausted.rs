@@ -75,7 +75,11 @@ async fn a_turn_and_a_scan_killed_at_every_delivery_end_failed_recorded_and_dead
         &mut streamer,
         &client,
         format!("chat.tok.*.{turn_id}"),
-        |p| matches!(serde_json::from_slice(p), Ok(ServerFrame::Token { .. })),
+        |p| {
+            bus::batch::decode(p)
+                .iter()
+                .any(|f| matches!(f, ServerFrame::Token { .. }))
+        },
     )
     .await;
     let healthy_at = tokio::time::Instant::now();

@@ -170,10 +170,7 @@ impl InFlight {
                 continue;
             };
             let done = match stream.get_last_raw_message_by_subject(&tok).await {
-                Ok(last) => matches!(
-                    serde_json::from_slice(&last.payload),
-                    Ok(ServerFrame::Done { .. })
-                ),
+                Ok(last) => bus::batch::last(&last.payload).is_some_and(|f| f.is_done()),
                 Err(e)
                     if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
                 {

@@ -4,8 +4,16 @@
 //! A relay that hears nothing re-reads the stream, so a frame the live path
 //! lost (a NATS restart or reconnect) still arrives, and it ends with an
 //! error frame rather than silence when the turn stalls or cannot be read.
+//!
+//! Frames travel as the bytes the streamer published ([`RawFrame`]): a
+//! batch is split into its frames and each is forwarded untouched; only
+//! `type` and `seq` are read to order them.
 
-use bus::{streams, wire::ServerFrame};
+use bus::{
+    batch::{self, Kind, RawFrame},
+    streams,
+    wire::ServerFrame,
+};
 use futures::StreamExt as _;
 
 use crate::turns::error;
@@ -20,13 +28,17 @@ pub const SLOW_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// ends the relay (never the turn).
 pub trait FrameSink: Send + Sync + 'static {
     /// Delivers one frame.
-    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send;
+    fn deliver(&self, frame: RawFrame) -> impl std::future::Future<Output = bool> + Send;
 }
 
+/// For readers that look inside every frame (the OpenAI endpoint, which
+/// turns them into its own chunks).
 impl FrameSink for tokio::sync::mpsc::Sender<ServerFrame> {
-    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
-        let frame = frame.clone();
-        async move { self.send_timeout(frame, SLOW_AFTER).await.is_ok() }
+    async fn deliver(&self, frame: RawFrame) -> bool {
+        match frame.decode() {
+            Some(frame) => self.send_timeout(frame, SLOW_AFTER).await.is_ok(),
+            None => true,
+        }
     }
 }
 
@@ -86,11 +98,9 @@ impl Follow {
         };
         stored
             .iter()
-            .filter_map(|p| serde_json::from_slice::<ServerFrame>(p).ok())
-            .filter_map(|f| match f {
-                ServerFrame::Reset { seq, .. } => Some(seq),
-                _ => None,
-            })
+            .flat_map(batch::split)
+            .filter(|f| f.kind == Kind::Reset)
+            .filter_map(|f| f.seq)
             .last()
             .unwrap_or(0)
     }
@@ -128,34 +138,34 @@ impl Follow {
                             "turn_stalled",
                             "no progress on this turn for a while; resume it later or load it from history",
                         );
-                        sink.deliver(&frame).await;
+                        sink.deliver(RawFrame::from(&frame)).await;
                         return;
                     }
                     continue;
                 }
             };
             heard = tokio::time::Instant::now();
-            let Ok(frame) = serde_json::from_slice::<ServerFrame>(&message.payload) else {
-                continue;
-            };
-            match frame.seq() {
-                // Advisory frames (error) have no seq.
-                None => {
-                    self.error_at = Some(last_seq);
-                    if !sink.deliver(&frame).await {
-                        return;
+            for frame in batch::split(&message.payload) {
+                match frame.seq {
+                    // Advisory frames (error) have no seq.
+                    None => {
+                        self.error_at = Some(last_seq);
+                        if !sink.deliver(frame).await {
+                            return;
+                        }
                     }
-                }
-                Some(seq) if seq <= last_seq => continue,
-                Some(seq) if seq > last_seq + 1 => {
-                    // A gap on the live path: the stream has what we missed.
-                    if self.replay_or_report(&mut last_seq, &sink).await.is_none() {
-                        return;
+                    Some(seq) if seq <= last_seq => {}
+                    Some(seq) if seq > last_seq + 1 => {
+                        // A gap on the live path: the stream has what we
+                        // missed, this frame and the rest of its batch too.
+                        if self.replay_or_report(&mut last_seq, &sink).await.is_none() {
+                            return;
+                        }
                     }
-                }
-                Some(_) => {
-                    if forward(&mut last_seq, frame, &sink).await {
-                        return;
+                    Some(_) => {
+                        if forward(&mut last_seq, frame, &sink).await {
+                            return;
+                        }
                     }
                 }
             }
@@ -169,9 +179,9 @@ impl Follow {
         metrics::counter!("gateway_relay_rechecks_total").increment(1);
         let stream = self.js.get_stream(streams::CHAT_TOK).await.ok()?;
         let newer = match stream.get_last_raw_message_by_subject(&self.subject).await {
-            Ok(last) => serde_json::from_slice::<ServerFrame>(&last.payload)
-                .ok()
-                .is_some_and(|f| f.seq().is_none_or(|seq| seq > *last_seq)),
+            Ok(last) => {
+                batch::last(&last.payload).is_some_and(|f| f.seq.is_none_or(|seq| seq > *last_seq))
+            }
             // Nothing stored yet, or the bus is away: the stall bound decides.
             Err(_) => false,
         };
@@ -210,7 +220,7 @@ impl Follow {
             "replay_failed",
             "the turn's stored frames could not be read; resume it later",
         );
-        sink.deliver(&frame).await;
+        sink.deliver(RawFrame::from(&frame)).await;
         None
     }
 
@@ -226,20 +236,17 @@ impl Follow {
         // An `error` frame has no seq: it is the client's when it comes
         // right after the frame the client has last (and was not sent yet).
         let mut at_cursor = *last_seq == 0;
-        for payload in stored {
-            let Ok(frame) = serde_json::from_slice::<ServerFrame>(&payload) else {
-                continue;
-            };
-            match frame.seq() {
+        for frame in stored.iter().flat_map(batch::split) {
+            match frame.seq {
                 None if at_cursor && self.error_at != Some(*last_seq) => {
                     self.error_at = Some(*last_seq);
-                    if !sink.deliver(&frame).await {
+                    if !sink.deliver(frame).await {
                         return Replayed::Ended;
                     }
                 }
                 None => {}
                 // The client has the turn's end already (a resume after `done`).
-                Some(seq) if seq <= *last_seq && matches!(frame, ServerFrame::Done { .. }) => {
+                Some(seq) if seq <= *last_seq && frame.is_done() => {
                     return Replayed::Ended;
                 }
                 Some(seq) if seq == *last_seq + 1 => {
@@ -265,9 +272,8 @@ struct TimedSink<S> {
 }
 
 impl<S: FrameSink> FrameSink for TimedSink<S> {
-    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
-        if matches!(frame, ServerFrame::Token { .. })
-            && self.first.swap(false, std::sync::atomic::Ordering::Relaxed)
+    fn deliver(&self, frame: RawFrame) -> impl std::future::Future<Output = bool> + Send {
+        if frame.kind == Kind::Token && self.first.swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             metrics::histogram!("gateway_ttft_seconds")
                 .record(self.started.elapsed().as_secs_f64());
@@ -277,8 +283,8 @@ impl<S: FrameSink> FrameSink for TimedSink<S> {
 }
 
 /// Sends one in-order frame; true when it ended the turn or the sink.
-async fn forward<S: FrameSink>(last_seq: &mut u64, frame: ServerFrame, sink: &S) -> bool {
-    *last_seq = frame.seq().unwrap_or(*last_seq);
-    let done = matches!(frame, ServerFrame::Done { .. });
-    !sink.deliver(&frame).await || done
+async fn forward<S: FrameSink>(last_seq: &mut u64, frame: RawFrame, sink: &S) -> bool {
+    *last_seq = frame.seq.unwrap_or(*last_seq);
+    let done = frame.is_done();
+    !sink.deliver(frame).await || done
 }

@@ -20,7 +20,10 @@ use axum::{
     },
     response::Response,
 };
-use bus::wire::{ClientFrame, ServerFrame};
+use bus::{
+    batch::RawFrame,
+    wire::{ClientFrame, ServerFrame},
+};
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -86,24 +89,23 @@ impl Outbox {
 }
 
 impl FrameSink for Outbox {
-    fn deliver(&self, frame: &ServerFrame) -> impl std::future::Future<Output = bool> + Send {
-        let text = serde_json::to_string(frame).expect("frames serialize");
-        async move {
-            match self
-                .tx
-                .send_timeout(Message::Text(Utf8Bytes::from(text)), SLOW_AFTER)
-                .await
-            {
-                Ok(()) => {
-                    metrics::counter!("gateway_ws_frames_sent_total").increment(1);
-                    true
-                }
-                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                    self.slow.cancel();
-                    false
-                }
-                Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+    /// Forwards the frame's bytes as they came off the bus.
+    async fn deliver(&self, frame: RawFrame) -> bool {
+        // The bus carries JSON, which is UTF-8; a frame that is not is
+        // dropped rather than sent as a broken text message.
+        let Ok(text) = Utf8Bytes::try_from(frame.bytes) else {
+            return true;
+        };
+        match self.tx.send_timeout(Message::Text(text), SLOW_AFTER).await {
+            Ok(()) => {
+                metrics::counter!("gateway_ws_frames_sent_total").increment(1);
+                true
             }
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.slow.cancel();
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
         }
     }
 }

@@ -2,13 +2,14 @@
 //!
 //! This crate owns the names of the NATS subjects ([`subject`]), the wire
 //! types that travel on them and over the WebSocket and SSE endpoints
-//! ([`wire`]), the JetStream stream and consumer definitions kept as JSON under
+//! ([`wire`], and [`batch`] for several token frames in one message), the JetStream stream and consumer definitions kept as JSON under
 //! `nats/` ([`streams`]), and the small plumbing each binary needs the same way:
 //! connecting to NATS ([`connect`]), logging ([`telemetry`]), signals
 //! ([`shutdown`]), and the health/readiness/metrics listener ([`ops`]).
 //! It owns no business logic: the gateway, streamer and persister do.
 
 pub mod backoff;
+pub mod batch;
 pub mod connect;
 pub mod dlq;
 pub mod fence;

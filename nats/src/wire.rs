@@ -1,7 +1,8 @@
 //! Wire types: WebSocket frames, SSE scan events and bus payloads.
 //!
 //! The token frames on `chat.tok.<conv>.<turn>` are byte-for-byte the frames
-//! the WebSocket carries, so the gateway relays them without re-encoding.
+//! the WebSocket carries, several to a message ([`crate::batch`]), so the
+//! gateway relays them without re-encoding.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -10,15 +10,17 @@
 //! last stored frame.
 //!
 //! Because each publish waits for the previous one's ack, deltas that arrive
-//! while a publish is in flight are joined into the next token frame: at
-//! low load every upstream delta is its own frame, at high load the number
-//! of bus messages per token falls instead of queueing behind acks.
+//! while a publish is in flight go out together in the next message, each
+//! its own token frame with its own `seq` ([`bus::batch`]): at low load every
+//! frame is a message and nothing waits, at high load the number of bus
+//! messages per token falls instead of queueing behind acks.
 //!
 //! [`Fenced`]: WriteError::Fenced
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use bus::{
+    batch,
     fence::Settled,
     streams,
     wire::{FinishReason, ServerFrame, Usage},
@@ -64,7 +66,7 @@ impl TurnLog {
             last_stored_at: stored.last().map(|m| m.stored_at),
             frames: stored
                 .iter()
-                .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+                .flat_map(|m| batch::decode(&m.payload))
                 .collect(),
         })
     }
@@ -126,14 +128,17 @@ impl FrameWriter {
         self.seq
     }
 
-    /// A token frame.
-    pub async fn token(&mut self, delta: String) -> Result<(), WriteError> {
-        let frame = ServerFrame::Token {
-            turn_id: self.turn_id.clone(),
-            seq: self.seq + 1,
-            delta,
-        };
-        self.write(&frame).await
+    /// Token frames, one per delta, in as few messages as fit.
+    pub async fn tokens(&mut self, deltas: Vec<String>) -> Result<(), WriteError> {
+        let frames: Vec<ServerFrame> = (self.seq + 1..)
+            .zip(deltas)
+            .map(|(seq, delta)| ServerFrame::Token {
+                turn_id: self.turn_id.clone(),
+                seq,
+                delta,
+            })
+            .collect();
+        self.write(&frames).await
     }
 
     /// A reset: the client drops what it has of the turn.
@@ -143,13 +148,13 @@ impl FrameWriter {
             seq: self.seq + 1,
             reason: reason.to_owned(),
         };
-        self.write(&frame).await
+        self.write(std::slice::from_ref(&frame)).await
     }
 
     /// An error frame for the turn (it carries no `seq`).
     pub async fn error(&mut self, code: &str, message: &str) -> Result<(), WriteError> {
         let frame = ServerFrame::error(Some(self.turn_id.clone()), code, message);
-        self.write(&frame).await
+        self.write(std::slice::from_ref(&frame)).await
     }
 
     /// The final frame.
@@ -164,11 +169,34 @@ impl FrameWriter {
             finish_reason,
             usage,
         };
-        self.write(&frame).await
+        self.write(std::slice::from_ref(&frame)).await
     }
 
-    async fn write(&mut self, frame: &ServerFrame) -> Result<(), WriteError> {
-        let body = serde_json::to_vec(frame).context("encoding a frame")?;
+    /// Publishes `frames` in order, batched up to [`batch::MAX_BATCH_BYTES`]
+    /// a message.
+    async fn write(&mut self, frames: &[ServerFrame]) -> Result<(), WriteError> {
+        let mut body = Vec::new();
+        let mut last_seq = None;
+        for frame in frames {
+            let mut one = Vec::new();
+            batch::push(&mut one, frame);
+            if !body.is_empty() && body.len() + 1 + one.len() > batch::MAX_BATCH_BYTES {
+                self.publish(std::mem::take(&mut body), last_seq).await?;
+            }
+            if !body.is_empty() {
+                body.push(b'\n');
+            }
+            body.extend_from_slice(&one);
+            last_seq = frame.seq().or(last_seq);
+        }
+        if !body.is_empty() {
+            self.publish(body, last_seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one message, fenced; `last_seq` is the last `seq` it carries.
+    async fn publish(&mut self, body: Vec<u8>, last_seq: Option<u64>) -> Result<(), WriteError> {
         // No Nats-Msg-Id: the fence already makes a frame unrepeatable, and
         // the server's dedupe window would cost memory per message.
         let publish = jetstream::message::PublishMessage::build()
@@ -183,9 +211,7 @@ impl FrameWriter {
         match ack {
             Ok(ack) => {
                 self.last_stream_seq = ack.sequence;
-                if let Some(seq) = frame.seq() {
-                    self.seq = seq;
-                }
+                self.seq = last_seq.unwrap_or(self.seq);
                 Ok(())
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
@@ -194,7 +220,7 @@ impl FrameWriter {
             }
             Err(e) => {
                 let error = anyhow::Error::new(e).context("a frame was not stored");
-                self.settle(frame, &body, error).await
+                self.settle(last_seq, &body, error).await
             }
         }
     }
@@ -205,7 +231,7 @@ impl FrameWriter {
     /// third worker), or nothing new (a real bus failure).
     async fn settle(
         &mut self,
-        frame: &ServerFrame,
+        last_seq: Option<u64>,
         body: &[u8],
         error: anyhow::Error,
     ) -> Result<(), WriteError> {
@@ -220,9 +246,7 @@ impl FrameWriter {
         {
             Settled::Landed(sequence) => {
                 self.last_stream_seq = sequence;
-                if let Some(seq) = frame.seq() {
-                    self.seq = seq;
-                }
+                self.seq = last_seq.unwrap_or(self.seq);
                 Ok(())
             }
             Settled::Fenced => {
@@ -236,7 +260,7 @@ impl FrameWriter {
 
 /// A [`FrameWriter`] on its own task, fed token deltas without waiting: the
 /// generation reads the upstream at its own pace while frames are written
-/// one ack at a time, joined when they queue up.
+/// one ack at a time, batched when they queue up.
 pub struct TokenPipe {
     tx: mpsc::UnboundedSender<String>,
     stopped: CancellationToken,
@@ -279,15 +303,18 @@ async fn pump(
     mut rx: mpsc::UnboundedReceiver<String>,
     stopped: CancellationToken,
 ) -> (FrameWriter, Result<(), WriteError>) {
-    while let Some(mut delta) = rx.recv().await {
+    while let Some(delta) = rx.recv().await {
+        let mut deltas = vec![delta];
         while let Ok(more) = rx.try_recv() {
-            delta.push_str(&more);
+            deltas.push(more);
         }
-        if let Err(error) = writer.token(delta).await {
+        let frames = deltas.len() as u64;
+        if let Err(error) = writer.tokens(deltas).await {
             stopped.cancel();
             return (writer, Err(error));
         }
-        metrics::counter!("streamer_token_frames_total").increment(1);
+        metrics::counter!("streamer_token_frames_total").increment(frames);
+        metrics::counter!("streamer_token_messages_total").increment(1);
     }
     (writer, Ok(()))
 }

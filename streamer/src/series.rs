@@ -27,7 +27,13 @@ pub const SERIES: &[Series] = &[
     Series {
         name: "streamer_token_frames_total",
         kind: Kind::Counter,
-        help: "Token frames written to chat.tok (a frame may join several deltas).",
+        help: "Token frames written to chat.tok, one per upstream delta.",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_token_messages_total",
+        kind: Kind::Counter,
+        help: "Bus messages that carried token frames (several frames to a message under load).",
         labels: &[],
     },
     Series {

@@ -168,16 +168,31 @@ impl GatewayOnly {
 
     /// Publishes a frame of `turn` on `chat.tok.<conv>.<turn>` as a streamer would.
     pub async fn publish(&self, conversation: &str, frame: &ServerFrame) {
-        let turn = match frame {
+        self.publish_batch(conversation, std::slice::from_ref(frame))
+            .await;
+    }
+
+    /// Publishes frames of one turn in one message, as a streamer under load does.
+    pub async fn publish_batch(&self, conversation: &str, frames: &[ServerFrame]) {
+        let turn = match &frames[0] {
             ServerFrame::Token { turn_id, .. }
             | ServerFrame::Done { turn_id, .. }
             | ServerFrame::Reset { turn_id, .. } => turn_id.clone(),
             _ => panic!("a turn frame"),
         };
+        let mut message = Vec::new();
+        for frame in frames {
+            bus::batch::push(&mut message, frame);
+        }
+        self.publish_raw(conversation, &turn, message).await;
+    }
+
+    /// Publishes `payload` as it is on the turn's subject.
+    pub async fn publish_raw(&self, conversation: &str, turn: &str, payload: Vec<u8>) {
         self.js
             .publish(
-                bus::subject::chat_tok(conversation, &turn).unwrap(),
-                serde_json::to_vec(frame).unwrap().into(),
+                bus::subject::chat_tok(conversation, turn).unwrap(),
+                payload.into(),
             )
             .await
             .unwrap()
@@ -223,6 +238,11 @@ impl Ws {
 
     /// The next JSON frame (skipping pings), within 10 s.
     pub async fn next(&mut self) -> ServerFrame {
+        serde_json::from_str(&self.next_text().await).expect("a server frame")
+    }
+
+    /// The next text message as it came (skipping pings), within 10 s.
+    pub async fn next_text(&mut self) -> String {
         loop {
             let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
                 .await
@@ -230,7 +250,7 @@ impl Ws {
                 .expect("socket open")
                 .expect("no socket error");
             match message {
-                Message::Text(text) => return serde_json::from_str(&text).expect("a server frame"),
+                Message::Text(text) => return text.as_str().to_owned(),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("unexpected message {other:?}"),
             }

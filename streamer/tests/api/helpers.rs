@@ -163,8 +163,8 @@ impl TestStreamer {
         }
         tokio::time::timeout(Duration::from_secs(120), async {
             while let Some(message) = sub.next().await {
-                let frame: ServerFrame = serde_json::from_slice(&message.payload).unwrap();
-                if matches!(frame, ServerFrame::Done { .. }) {
+                let frames = bus::batch::decode(&message.payload);
+                if frames.iter().any(|f| matches!(f, ServerFrame::Done { .. })) {
                     break;
                 }
             }
@@ -175,27 +175,13 @@ impl TestStreamer {
     }
 
     async fn stored_frames(&self, turn_id: &str) -> Vec<ServerFrame> {
-        let stream = self.js.get_stream(bus::streams::CHAT_TOK).await.unwrap();
         let subject = format!("chat.tok.*.{turn_id}");
-        let Ok(last) = stream.get_last_raw_message_by_subject(&subject).await else {
-            return vec![];
-        };
-        let mut frames = Vec::new();
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subject,
-                ..Default::default()
-            })
+        bus::replay::messages(&self.js, bus::streams::CHAT_TOK, &subject)
             .await
-            .unwrap();
-        let mut messages = consumer.messages().await.unwrap();
-        while let Some(Ok(message)) = messages.next().await {
-            frames.push(serde_json::from_slice(&message.payload).unwrap());
-            if message.info().unwrap().stream_sequence >= last.sequence {
-                break;
-            }
-        }
-        frames
+            .unwrap()
+            .iter()
+            .flat_map(|m| bus::batch::decode(&m.payload))
+            .collect()
     }
 
     /// The completed turn record the streamer stored on `chat.done.<conv>`.

@@ -450,6 +450,73 @@ async fn an_answer_too_big_for_one_bus_message_is_recorded_truncated_not_redeliv
     assert_eq!(llm.requests().len(), 1);
 }
 
+/// The bus messages that carried a turn's frames, each as its frames' seqs.
+async fn messages_of(app: &TestStreamer, conversation: &str, turn: &str) -> Vec<Vec<u64>> {
+    let subject = bus::subject::chat_tok(conversation, turn).unwrap();
+    bus::replay::messages(&app.js, bus::streams::CHAT_TOK, &subject)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| {
+            bus::batch::decode(&m.payload)
+                .iter()
+                .filter_map(ServerFrame::seq)
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn deltas_that_queue_behind_a_publish_travel_batched_each_its_own_frame() {
+    // Many fast turns at once, so deltas queue behind their turn's publish.
+    let words: Vec<String> = (0..300).map(|i| format!("w{i} ")).collect();
+    let fast = StandInLlm::start(Script::new(words.clone(), Duration::ZERO))
+        .await
+        .unwrap();
+    let app = TestStreamer::start_with(fast.base_url(), &["--concurrency", "40"]).await;
+    let mut turns = Vec::new();
+    for i in 0..40 {
+        let conversation = format!("conv-fast{i}");
+        turns.push((conversation.clone(), app.send(&conversation, "count").await));
+    }
+    let (mut frames_total, mut messages_total) = (0, 0);
+    for (conversation, turn) in &turns {
+        let frames = app.frames_until_done(turn).await;
+        // One token frame per upstream delta, seq 1..=300, then done.
+        let deltas: Vec<&str> = frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deltas, words.iter().map(String::as_str).collect::<Vec<_>>());
+        let seqs: Vec<u64> = frames.iter().filter_map(ServerFrame::seq).collect();
+        assert_eq!(seqs, (1..=301).collect::<Vec<_>>());
+        // Each message holds a contiguous run of them.
+        let messages = messages_of(&app, conversation, turn).await;
+        assert_eq!(messages.concat(), seqs);
+        frames_total += seqs.len();
+        messages_total += messages.len();
+    }
+    assert!(
+        messages_total < frames_total,
+        "{messages_total} messages for {frames_total} frames: nothing was batched"
+    );
+
+    // At a human pace nothing waits: every frame is its own message.
+    let paced = StandInLlm::start(Script::new(["a ", "b ", "c"], Duration::from_millis(30)))
+        .await
+        .unwrap();
+    let app = TestStreamer::start(paced.base_url()).await;
+    let turn = app.send("conv-paced", "count").await;
+    app.frames_until_done(&turn).await;
+    assert_eq!(
+        messages_of(&app, "conv-paced", &turn).await,
+        vec![vec![1], vec![2], vec![3], vec![4]]
+    );
+}
+
 #[tokio::test]
 async fn many_long_turns_at_once_do_not_exhaust_the_publish_ack_window() {
     // 200 turns x 200 tokens in flight at once: far more publishes than the
