@@ -132,8 +132,8 @@ pub async fn get(
             "conversation_id is not a valid id",
         );
     }
-    match state.conversations.get(&conversation_id).await {
-        Ok(Some(owner)) if owner == user.as_bytes() => {}
+    match state.owners.owner(&conversation_id).await {
+        Ok(Some(owner)) if owner == user => {}
         Ok(Some(_)) => {
             return error(
                 StatusCode::FORBIDDEN,
@@ -143,7 +143,10 @@ pub async fn get(
         }
         Ok(None) => return error(StatusCode::NOT_FOUND, "not_found", "no such conversation"),
         Err(e) => {
-            tracing::warn!(error = %e, "Conversation owner lookup failed.");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "Conversation owner lookup failed."
+            );
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

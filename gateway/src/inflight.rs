@@ -8,6 +8,12 @@
 //! place. A turn leaves the list lazily, when the list is full: once its
 //! `done` is stored, once its request was given up (its index is gone), or
 //! after `lifetime`, however it ended.
+//!
+//! Each node remembers the entries it last wrote with their revision: while
+//! no other node touched a user's entry, a claim is one compare-and-set with
+//! no read before it (a stale memory only costs a failed write and a read).
+
+use std::{collections::HashMap, sync::Mutex};
 
 use async_nats::jetstream::{self, kv};
 use bus::{streams, subject, wire::ServerFrame};
@@ -19,22 +25,27 @@ use crate::turns::unavailable;
 /// Compare-and-set attempts before the bus counts as too contended.
 const CAS_ATTEMPTS: usize = 8;
 
+/// Most users' entries remembered; past it the memory starts over.
+const REMEMBERED: usize = 100_000;
+
 /// The per-user count and its limit.
-#[derive(Clone)]
 pub struct InFlight {
     kv: kv::Store,
     turns: kv::Store,
     js: jetstream::Context,
     max: usize,
     lifetime: std::time::Duration,
+    /// User key -> the entry as this node last wrote or read it, and its
+    /// revision (`None`: no entry existed).
+    known: Mutex<HashMap<String, (Entry, Option<u64>)>>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Entry {
     turns: Vec<Running>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Running {
     turn_id: String,
     conversation_id: String,
@@ -56,6 +67,7 @@ impl InFlight {
             js: js.clone(),
             max: max.max(1),
             lifetime,
+            known: Mutex::default(),
         }
     }
 
@@ -70,12 +82,21 @@ impl InFlight {
         conversation_id: &str,
     ) -> Result<(), ServerFrame> {
         let key = subject::user_key(user);
+        // Unknown to this node: a user nobody has counted yet is the common
+        // case, and a failed create is followed by a read.
+        let (mut entry, mut revision) = self.remembered(&key).unwrap_or_default();
+        let mut fresh = false;
         for _ in 0..CAS_ATTEMPTS {
-            let (mut entry, revision) = self.read(&key).await?;
             let now = Utc::now();
             entry
                 .turns
                 .retain(|r| (now - r.at).to_std().unwrap_or_default() < self.lifetime);
+            if entry.turns.len() >= self.max && !fresh {
+                // Refuse only on what the bus holds now, not on a memory.
+                (entry, revision) = self.read(&key).await?;
+                fresh = true;
+                continue;
+            }
             if entry.turns.len() >= self.max {
                 self.drop_finished(&mut entry).await?;
             }
@@ -95,9 +116,12 @@ impl InFlight {
                 conversation_id: conversation_id.to_owned(),
                 at: now,
             });
-            if self.write(&key, &entry, revision).await? {
+            if let Some(written) = self.write(&key, &entry, revision).await? {
+                self.remember(key, entry, written);
                 return Ok(());
             }
+            (entry, revision) = self.read(&key).await?;
+            fresh = true;
         }
         Err(unavailable(&"the per-user turn count is too contended"))
     }
@@ -112,10 +136,26 @@ impl InFlight {
             };
             entry.turns.retain(|r| r.turn_id != turn_id);
             match self.write(&key, &entry, revision).await {
-                Ok(true) | Err(_) => return,
-                Ok(false) => {}
+                Ok(Some(written)) => {
+                    self.remember(key, entry, written);
+                    return;
+                }
+                Err(_) => return,
+                Ok(None) => {}
             }
         }
+    }
+
+    fn remembered(&self, key: &str) -> Option<(Entry, Option<u64>)> {
+        self.known.lock().expect("in-flight lock").get(key).cloned()
+    }
+
+    fn remember(&self, key: String, entry: Entry, revision: u64) {
+        let mut known = self.known.lock().expect("in-flight lock");
+        if known.len() >= REMEMBERED {
+            known.clear();
+        }
+        known.insert(key, (entry, Some(revision)));
     }
 
     async fn read(&self, key: &str) -> Result<(Entry, Option<u64>), ServerFrame> {
@@ -132,24 +172,24 @@ impl InFlight {
         }
     }
 
-    /// Stores `entry` if nobody changed it since `revision`; false when
-    /// somebody did (read again).
+    /// Stores `entry` if nobody changed it since `revision`, returning its
+    /// new revision; `None` when somebody did (read again).
     async fn write(
         &self,
         key: &str,
         entry: &Entry,
         revision: Option<u64>,
-    ) -> Result<bool, ServerFrame> {
+    ) -> Result<Option<u64>, ServerFrame> {
         let value = serde_json::to_vec(entry).expect("serializes");
         match revision {
             Some(revision) => match self.kv.update(key, value.into(), revision).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Ok(written) => Ok(Some(written)),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
                 Err(e) => Err(unavailable(&e)),
             },
             None => match self.kv.create(key, value.into()).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Ok(written) => Ok(Some(written)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(unavailable(&e)),
             },
         }

@@ -16,6 +16,7 @@ mod history;
 mod inflight;
 pub mod models;
 mod openai;
+mod owners;
 mod relay;
 mod scan_events;
 pub mod scans;
@@ -46,7 +47,8 @@ pub struct AppState {
     auth: Arc<auth::Authenticator>,
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
-    conversations: async_nats::jetstream::kv::Store,
+    /// Conversation id -> owner, remembered.
+    owners: Arc<owners::Owners>,
     turns: async_nats::jetstream::kv::Store,
     /// Scan id -> owner.
     scans: async_nats::jetstream::kv::Store,
@@ -55,7 +57,7 @@ pub struct AppState {
     /// Interval of SSE keep-alive comments.
     sse_keepalive: std::time::Duration,
     /// Each user's turns in flight, across nodes.
-    in_flight: inflight::InFlight,
+    in_flight: Arc<inflight::InFlight>,
     /// The models and token cap clients may ask for.
     models: Arc<models::Models>,
     /// Asks every live persister for history.
@@ -148,12 +150,12 @@ impl Gateway {
             auth,
             client,
             js,
-            conversations,
+            owners: Arc::new(owners::Owners::new(conversations)),
             turns,
             scans,
             scan_images,
             sse_keepalive: std::time::Duration::from_millis(config.sse_keepalive_ms.max(100)),
-            in_flight,
+            in_flight: Arc::new(in_flight),
             models: Arc::new(models::Models::from_config(&config)),
             history,
             ws_outbox: config.ws_outbox_frames.max(1),

@@ -2,10 +2,15 @@
 //! and the OpenAI-compatible endpoint share.
 //!
 //! Accepting a turn derives its ids from the user and `request_id` (so a
-//! repeat maps to the same turn), claims or checks the conversation's owner
-//! in KV, records the turn's owner, counts it against the user's turns in
-//! flight on every node ([`crate::inflight`]), subscribes to its frames
-//! *before* publishing the request, and publishes with `Nats-Msg-Id` = turn id.
+//! repeat maps to the same turn), then in one round trip to the bus, its
+//! writes sent together: claims or checks the conversation's owner
+//! ([`crate::owners`], no write at all for a conversation this node knows),
+//! records the turn's owner, and counts it against the user's turns in
+//! flight on every node ([`crate::inflight`]). Whichever of them refuses,
+//! the others are undone. It then subscribes to the turn's frames *before*
+//! publishing the request (the second round trip), with `Nats-Msg-Id` =
+//! turn id. The writes must land before the request: a request cannot be
+//! taken back once a streamer may have it.
 //! Following a turn is [`crate::relay`].
 
 use async_nats::jetstream::kv;
@@ -16,7 +21,7 @@ use bus::{
 use chrono::Utc;
 use uuid::Uuid;
 
-use crate::{AppState, relay::Follow};
+use crate::{AppState, owners::Claim, relay::Follow};
 
 /// Namespace for turn and conversation ids derived from request ids, so a
 /// repeated `request_id` maps to the same ids.
@@ -131,15 +136,14 @@ impl AppState {
     pub async fn accept_turn(&self, user: &str, turn: NewTurn) -> Result<Accepted, ServerFrame> {
         check(&turn)?;
         let (turn_id, conversation_id) = ids(user, &turn)?;
-        let new_conversation = self.claim_conversation(user, &conversation_id).await?;
-        let request = ChatRequest {
+        let mut request = ChatRequest {
             turn_id: turn_id.clone(),
             conversation_id: conversation_id.clone(),
             user_id: user.to_owned(),
             request_id: turn.request_id,
             content: turn.content,
             history: turn.history,
-            new_conversation,
+            new_conversation: false,
             model: turn.model,
             max_tokens: turn.max_tokens,
             temperature: turn.temperature,
@@ -152,23 +156,49 @@ impl AppState {
             created_at: request.created_at,
         };
         let index_bytes = serde_json::to_vec(&index).expect("serializes");
-        // Creating the index is also the repeat check: one round trip for a
-        // new request id, and a repeat finds the turn it made (whatever the
-        // user's count: it is no new turn).
-        match self.turns.create(&turn_id, index_bytes.into()).await {
+        let (owner, created, claimed) = tokio::join!(
+            self.owners.claim(user, &conversation_id),
+            self.turns.create(&turn_id, index_bytes.into()),
+            self.in_flight.claim(user, &turn_id, &conversation_id),
+        );
+        // Creating the index is also the repeat check; a repeat finds the
+        // turn it made, whatever the user's count (it is no new turn).
+        match created {
             Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Err(e) => {
+                if claimed.is_ok() {
+                    self.in_flight.release(user, &turn_id).await;
+                }
+                if e.kind() != kv::CreateErrorKind::AlreadyExists {
+                    return Err(unavailable(&e));
+                }
                 return self
                     .repeated(user, &turn_id, Some(request))
                     .await?
                     .ok_or_else(|| error(None, "unavailable", "the turn is being created; retry"));
             }
-            Err(e) => return Err(unavailable(&e)),
         }
-        if let Err(frame) = self.in_flight.claim(user, &turn_id, &conversation_id).await {
+        let refused = match (&owner, claimed) {
+            (Err(e), claimed) => Some((unavailable(&format!("{e:#}")), claimed.is_ok())),
+            (Ok(Claim::Others), claimed) => Some((
+                error(
+                    None,
+                    "forbidden",
+                    "this conversation belongs to another user",
+                ),
+                claimed.is_ok(),
+            )),
+            (Ok(_), Err(frame)) => Some((frame, false)),
+            (Ok(_), Ok(())) => None,
+        };
+        if let Some((frame, counted)) = refused {
             let _ = self.turns.delete(&turn_id).await;
+            if counted {
+                self.in_flight.release(user, &turn_id).await;
+            }
             return Err(frame);
         }
+        request.new_conversation = matches!(owner, Ok(Claim::New));
         // Subscribe before publishing so no live frame can slip past.
         let mut follow = match self.follow(&conversation_id, &turn_id).await {
             Ok(follow) => follow,
@@ -319,31 +349,6 @@ impl AppState {
         match self.turns.get(turn_id).await {
             Ok(Some(bytes)) => Ok(serde_json::from_slice(&bytes).ok()),
             Ok(None) => Ok(None),
-            Err(e) => Err(unavailable(&e)),
-        }
-    }
-
-    /// Records the user as the conversation's owner (true: it is new), or
-    /// checks that they are (false).
-    async fn claim_conversation(
-        &self,
-        user: &str,
-        conversation_id: &str,
-    ) -> Result<bool, ServerFrame> {
-        let kv = &self.conversations;
-        match kv.create(conversation_id, user.to_owned().into()).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                match kv.get(conversation_id).await {
-                    Ok(Some(owner)) if owner == user.as_bytes() => Ok(false),
-                    Ok(_) => Err(error(
-                        None,
-                        "forbidden",
-                        "this conversation belongs to another user",
-                    )),
-                    Err(e) => Err(unavailable(&e)),
-                }
-            }
             Err(e) => Err(unavailable(&e)),
         }
     }

@@ -67,6 +67,11 @@ impl NatsServer {
         .await
     }
 
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The client URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)

@@ -131,6 +131,7 @@ impl TestApp {
 pub struct GatewayOnly {
     pub addr: std::net::SocketAddr,
     _nats: NatsServer,
+    _proxy: Option<testkit::DelayProxy>,
     pub js: async_nats::jetstream::Context,
     shutdown: CancellationToken,
 }
@@ -143,12 +144,28 @@ impl Drop for GatewayOnly {
 
 impl GatewayOnly {
     pub async fn start(extra: &[&str]) -> Self {
+        Self::start_delayed(extra, None).await
+    }
+
+    /// With `one_way` set, the gateway reaches NATS through a proxy that
+    /// delays each direction by it (the test's own connection is direct).
+    pub async fn start_delayed(extra: &[&str], one_way: Option<Duration>) -> Self {
         testkit::init_logs();
         let nats = NatsServer::start()
             .await
             .expect("nats-server (run scripts/setup.sh)");
         let shutdown = CancellationToken::new();
-        let gateway = gateway::Gateway::build(gateway_config(&nats.url(), extra), shutdown.clone())
+        let proxy = match one_way {
+            Some(delay) => {
+                let upstream = format!("127.0.0.1:{}", nats.port()).parse().unwrap();
+                Some(testkit::DelayProxy::start(upstream, delay).await.unwrap())
+            }
+            None => None,
+        };
+        let url = proxy
+            .as_ref()
+            .map_or_else(|| nats.url(), |p| format!("nats://{}", p.addr()));
+        let gateway = gateway::Gateway::build(gateway_config(&url, extra), shutdown.clone())
             .await
             .unwrap();
         let addr = gateway.local_addr().unwrap();
@@ -157,6 +174,7 @@ impl GatewayOnly {
         Self {
             addr,
             _nats: nats,
+            _proxy: proxy,
             js,
             shutdown,
         }

@@ -1,5 +1,6 @@
 //! Gateway integration tests: real nats-server, real streamer, stand-in LLM.
 
+mod accept;
 mod batches;
 mod guarantees;
 mod helpers;
