@@ -41,9 +41,22 @@ use tower_http::{services::ServeDir, trace::TraceLayer};
 pub use config::Config;
 use error::ApiError;
 
-/// Shared by every request; cheap to clone.
+/// Shared by every request and socket: one pointer to clone. Holding the
+/// state by value cost every idle WebSocket a deep copy of each KV and
+/// object-store handle (each carries its stream's info).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] points to.
+pub struct Shared {
     auth: Arc<auth::Authenticator>,
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
@@ -146,7 +159,7 @@ impl Gateway {
             config.max_turns_per_user,
             std::time::Duration::from_millis(config.turn_stall_ms.max(1_000)),
         );
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             auth,
             client,
             js,
@@ -178,7 +191,7 @@ impl Gateway {
             ),
             ws_max_streams: config.ws_max_streams.max(1),
             shutdown,
-        };
+        }));
         Ok(Self {
             listener,
             router: router(state, &config),
