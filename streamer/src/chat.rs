@@ -14,6 +14,11 @@
 //! generation); if it got part-way, a `reset` frame continues the `seq` space
 //! and the answer starts over, so the client never sees silent duplication.
 //! A request whose deliveries run out is closed by [`Worker::close_exhausted`].
+//!
+//! A prompt's earlier turns are one read of the conversation's context entry
+//! ([`crate::context`]); the persisters' history is asked only when that
+//! cannot answer. Every way a turn is concluded adds it to that entry, after
+//! its `done` and before its record.
 
 use std::time::Duration;
 
