@@ -95,6 +95,19 @@ pub const KV_USER_TURNS: &str = "user_turns";
 /// many persisters to wait for.
 pub const KV_PERSISTERS: &str = "persisters";
 
+/// KV bucket: conversation id -> `ConversationContext`, the newest turns a
+/// prompt carries; kept [`CONTEXT_RETENTION`] after a conversation's last turn.
+pub const KV_CONTEXT: &str = "chat_context";
+/// How long a conversation's context stays after its last turn: as long as
+/// its requests and records stay in `CHAT_REQ` and `CHAT_DONE`. A
+/// conversation idle for longer is read from the persisters once, then kept
+/// here again.
+pub const CONTEXT_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// Largest `chat_context` value. The streamer keeps 32 KiB of text in one
+/// (JSON escapes at most sextuple that, plus 50 turns' ids and times), well
+/// under the server's max payload.
+pub const CONTEXT_MAX_VALUE: i32 = 256 * 1024;
+
 /// KV bucket: scan id -> owner (`ScanOwner`), 30 days, for ownership checks.
 pub const KV_SCANS: &str = "scans";
 /// KV bucket: perceptual hash -> cached `ScanRecord`, 7 days.
@@ -142,6 +155,17 @@ pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
             history: 1,
             max_age: std::time::Duration::from_secs(3600),
             max_value_size: 64 * 1024,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_CONTEXT.into(),
+            description: "Conversation id -> its newest turns' text, cut to the prompt budget (the streamer's context, a week after the last turn).".into(),
+            history: 1,
+            max_age: CONTEXT_RETENTION,
+            max_value_size: CONTEXT_MAX_VALUE,
+            // File: a cache, but losing it on a restart would send every
+            // conversation's next turn to the persisters at once.
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         },

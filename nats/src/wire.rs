@@ -266,6 +266,33 @@ pub struct TurnIndex {
     pub created_at: DateTime<Utc>,
 }
 
+/// The `chat_context` KV entry of a conversation: the text of its newest
+/// turns, oldest first, already cut to the streamer's prompt budget, so the
+/// next prompt is one read and the entry's size does not grow with the
+/// conversation. The persisters keep every turn; this keeps what a prompt uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationContext {
+    /// The owner (JWT `sub`); a reader asking for someone else's gets nothing.
+    pub user_id: String,
+    /// The newest turns, in turn order (`created_at`, then `turn_id`).
+    pub turns: Vec<ContextTurn>,
+}
+
+/// One turn of a [`ConversationContext`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextTurn {
+    /// The turn.
+    pub turn_id: String,
+    /// When the gateway accepted it (the turn's place in the conversation).
+    pub created_at: DateTime<Utc>,
+    /// The user's message (shortened, ending in "…", only when it alone
+    /// exceeded the budget).
+    pub user_text: String,
+    /// The answer as the client was shown it, also of a cancelled or failed
+    /// turn (shortened like `user_text`).
+    pub assistant_text: String,
+}
+
 /// `dlq.<kind>`: work that failed all its retries or could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

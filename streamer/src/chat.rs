@@ -14,6 +14,11 @@
 //! generation); if it got part-way, a `reset` frame continues the `seq` space
 //! and the answer starts over, so the client never sees silent duplication.
 //! A request whose deliveries run out is closed by [`Worker::close_exhausted`].
+//!
+//! A prompt's earlier turns are one read of the conversation's context entry
+//! ([`crate::context`]); the persisters' history is asked only when that
+//! cannot answer. Every way a turn is concluded adds it to that entry, after
+//! its `done` and before its record.
 
 use std::time::Duration;
 
@@ -22,14 +27,16 @@ use async_nats::jetstream::{self, AckKind};
 use bus::{
     streams, subject,
     wire::{
-        ChatMessage, ChatRequest, ConversationDetail, DeadLetter, FinishReason, HistoryGetRequest,
-        HistoryReply, TurnRecord, Usage,
+        ChatMessage, ChatRequest, ContextTurn, ConversationDetail, DeadLetter, FinishReason,
+        HistoryGetRequest, HistoryReply, TurnRecord, Usage,
     },
 };
 use chrono::Utc;
 use futures::StreamExt as _;
 
+pub use crate::context::HISTORY_BUDGET_BYTES;
 use crate::{
+    context::{self, Contexts, HISTORY_TURNS},
     frames::{FrameWriter, TokenPipe, TurnLog, WriteError},
     turn::Turn,
     upstream::{self, Event, Upstream},
@@ -41,14 +48,6 @@ use crate::{
 /// process may run at once.
 pub const ACK_BUDGET: usize = 4_000;
 
-/// Most earlier turns put into a prompt: one `history.get` page.
-const HISTORY_TURNS: u32 = 50;
-/// Most bytes of earlier user and assistant text a prompt carries: the
-/// newest whole turns that fit, about 8k tokens of English (4 bytes a
-/// token) or 11k characters of Korean (3 bytes a character). A newest turn
-/// larger than this alone comes shortened, so context is never dropped
-/// just because the last message was long.
-pub const HISTORY_BUDGET_BYTES: usize = 32 * 1024;
 /// How long the persister may take to answer a history request.
 const HISTORY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -73,8 +72,21 @@ pub struct Worker {
     /// The consumer's ack wait: a worker renews its lease on a request every
     /// third of it.
     pub lease: Duration,
-    /// Asks the persisters for a conversation's earlier turns.
+    /// Asks the persisters for a conversation's earlier turns when its
+    /// context entry cannot answer.
     pub history: bus::history::HistoryClient,
+    /// Each conversation's newest turns: the prompt's context in one read.
+    pub context: Contexts,
+}
+
+/// The earlier turns a prompt carried, and what is known of the
+/// conversation's newest turns to start its context entry with.
+struct Earlier {
+    turns: Vec<ContextTurn>,
+    /// `None` when the conversation's newest turns are not known (the
+    /// persisters did not answer): an entry started without them would hide
+    /// them from every later prompt.
+    seed: Option<Vec<ContextTurn>>,
 }
 
 impl Worker {
@@ -149,27 +161,42 @@ impl Worker {
             writer.reset("worker_restarted").await?;
             metrics::counter!("streamer_turn_resets_total").increment(1);
         }
-        let prompt = self.prompt(request).await;
+        let (prompt, seed) = self.prompt(request).await;
         let (turn, writer) = self.generate(request, &prompt, writer).await?;
-        self.conclude(request, turn, writer, deliveries).await
+        self.conclude(request, turn, writer, deliveries, seed.as_deref())
+            .await
     }
 
-    /// The upstream request: system prompt, earlier turns, the new message.
-    async fn prompt(&self, request: &ChatRequest) -> upstream::Request {
+    /// The upstream request (system prompt, earlier turns, the new message)
+    /// and the seed of the conversation's context entry ([`Earlier::seed`]).
+    async fn prompt(&self, request: &ChatRequest) -> (upstream::Request, Option<Vec<ContextTurn>>) {
         let mut messages = vec![ChatMessage {
             role: "system".into(),
             content: self.system_prompt.clone(),
         }];
-        if request.history.is_empty() && !request.new_conversation {
-            messages.extend(self.earlier_turns(request).await);
+        let seed = if request.history.is_empty() && !request.new_conversation {
+            let earlier = self.earlier_turns(request).await;
+            messages.extend(earlier.turns.into_iter().flat_map(|t| {
+                let answer = (!t.assistant_text.is_empty()).then(|| ChatMessage {
+                    role: "assistant".into(),
+                    content: t.assistant_text,
+                });
+                std::iter::once(ChatMessage {
+                    role: "user".into(),
+                    content: t.user_text,
+                })
+                .chain(answer)
+            }));
+            earlier.seed
         } else {
             messages.extend(request.history.iter().cloned());
-        }
+            new_conversation_seed(request)
+        };
         messages.push(ChatMessage {
             role: "user".into(),
             content: request.content.clone(),
         });
-        upstream::Request {
+        let prompt = upstream::Request {
             messages,
             model: request.model.clone(),
             max_tokens: request
@@ -177,7 +204,8 @@ impl Worker {
                 .unwrap_or(self.max_tokens)
                 .min(self.max_tokens),
             temperature: request.temperature,
-        }
+        };
+        (prompt, seed)
     }
 
     /// Streams the answer into token frames until the provider finishes,
@@ -235,14 +263,15 @@ impl Worker {
         Ok((turn, writer))
     }
 
-    /// Ends the turn: its error frame, `done`, the dead letter of a failed
-    /// turn, the record.
+    /// Ends the turn: its error frame, `done`, the turn in the
+    /// conversation's context, the dead letter of a failed turn, the record.
     async fn conclude(
         &self,
         request: &ChatRequest,
         turn: Turn,
         mut writer: FrameWriter,
         deliveries: u64,
+        seed: Option<&[ContextTurn]>,
     ) -> Result<(), WriteError> {
         if let Some(error) = &turn.error {
             writer.error(turn.error_code, error).await?;
@@ -251,6 +280,7 @@ impl Worker {
         metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str())
             .increment(1);
         let record = turn.record(request);
+        self.remember(&record, seed).await;
         if let Some(error) = &record.error {
             self.dead_letter(request, error, deliveries).await?;
         }
@@ -268,6 +298,8 @@ impl Worker {
         let mut turn = Turn::new(request, self.upstream.model());
         turn.rebuild(&log.frames);
         let record = turn.record(request);
+        self.remember(&record, new_conversation_seed(request).as_deref())
+            .await;
         if let Some(error) = &record.error {
             self.dead_letter(request, error, deliveries).await?;
         }
@@ -329,6 +361,8 @@ impl Worker {
                 "{EXHAUSTED_CODE}: delivered {deliveries} times without finishing"
             ));
             let record = turn.record(&request);
+            self.remember(&record, new_conversation_seed(&request).as_deref())
+                .await;
             self.dead_letter(
                 &request,
                 record.error.as_deref().unwrap_or_default(),
@@ -340,77 +374,78 @@ impl Worker {
         anyhow::bail!("another worker kept writing the turn")
     }
 
-    /// The conversation's earlier turns from the persister's history, as
-    /// prompt messages: the newest that fit [`HISTORY_BUDGET_BYTES`], at most
-    /// [`HISTORY_TURNS`]. Without an answer in time the turn goes on with the
-    /// new message alone: an answer without context beats no answer.
-    async fn earlier_turns(&self, request: &ChatRequest) -> Vec<ChatMessage> {
+    /// The conversation's turns older than this one, the newest that fit
+    /// [`HISTORY_BUDGET_BYTES`], at most [`HISTORY_TURNS`]: one read of its
+    /// context entry, or, when that cannot answer, one page of the
+    /// persisters' history. Without either in time the turn goes on with
+    /// the new message alone: an answer without context beats no answer.
+    async fn earlier_turns(&self, request: &ChatRequest) -> Earlier {
+        // Older than this turn: a redelivered request must not see itself,
+        // nor turns sent after it.
+        let before = bus::history::TurnCursor::at(request.created_at, &request.turn_id);
+        let read = self
+            .context
+            .read(&request.conversation_id, &request.user_id, &before);
+        match tokio::time::timeout(context::KV_TIMEOUT, read).await {
+            Ok(Ok(Some(turns))) => {
+                metrics::counter!("streamer_context_reads_total", "source" => "kv").increment(1);
+                return Earlier {
+                    seed: Some(turns.clone()),
+                    turns,
+                };
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(error)) => tracing::warn!(
+                error = format!("{error:#}"),
+                "Conversation context unreadable; asking the persisters."
+            ),
+            Err(_) => tracing::warn!("Conversation context timed out; asking the persisters."),
+        }
         let query = HistoryGetRequest {
             user_id: request.user_id.clone(),
             conversation_id: request.conversation_id.clone(),
-            limit: Some(HISTORY_TURNS),
-            // Older than this turn: a redelivered request must not see
-            // itself, nor turns sent after it.
-            before: Some(
-                bus::history::TurnCursor::at(request.created_at, &request.turn_id).to_string(),
-            ),
+            limit: Some(HISTORY_TURNS as u32),
+            before: Some(before.to_string()),
             // The budget counts text, the persister counts JSON (field names,
             // escapes): twice the budget still holds every turn that fits.
             max_bytes: Some(2 * HISTORY_BUDGET_BYTES as u32),
         };
-        let turns = match self.history.get(&query, HISTORY_TIMEOUT).await {
-            Ok(Some(HistoryReply::Ok(ConversationDetail { turns, .. }))) => turns,
-            Ok(Some(HistoryReply::Err(_))) => return Vec::new(),
+        let (turns, seed, source) = match self.history.get(&query, HISTORY_TIMEOUT).await {
+            Ok(Some(HistoryReply::Ok(ConversationDetail { turns, .. }))) => {
+                let turns = context::fit(context::from_records(turns));
+                (turns.clone(), Some(turns), "persisters")
+            }
+            // No persister holds a turn of it: the turns still in flight
+            // add themselves when they conclude, so an entry may start empty.
+            Ok(Some(HistoryReply::Err(body))) if body.error.code == "not_found" => {
+                (Vec::new(), Some(Vec::new()), "none")
+            }
+            Ok(Some(HistoryReply::Err(_))) => (Vec::new(), None, "none"),
             _ => {
                 metrics::counter!("streamer_history_unavailable_total").increment(1);
                 tracing::warn!("History unavailable; answering without context.");
-                return Vec::new();
+                (Vec::new(), None, "none")
             }
         };
-        // Keeps the start of a text (the question as asked, the answer's
-        // opening), marking the cut.
-        let clip = |text: &mut String, max: usize| {
-            if text.len() > max {
-                let keep = max.saturating_sub('…'.len_utf8());
-                let cut = (0..=keep)
-                    .rev()
-                    .find(|&i| text.is_char_boundary(i))
-                    .unwrap_or(0);
-                text.truncate(cut);
-                text.push('…');
-            }
+        metrics::counter!("streamer_context_reads_total", "source" => source).increment(1);
+        Earlier { turns, seed }
+    }
+
+    /// Adds a concluded turn to its conversation's context entry. A failure
+    /// costs the next turn a read of the persisters, not this turn.
+    async fn remember(&self, record: &TurnRecord, seed: Option<&[ContextTurn]>) {
+        // Each compare-and-set attempt is a read and a write.
+        let limit = context::KV_TIMEOUT * 4;
+        let outcome = match tokio::time::timeout(limit, self.context.add(record, seed)).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => format!("{error:#}"),
+            Err(_) => format!("timed out after {limit:?}"),
         };
-        let mut left = HISTORY_BUDGET_BYTES;
-        let mut picked = Vec::new();
-        for mut turn in turns.into_iter().rev() {
-            let size = turn.user_text.len() + turn.assistant_text.len();
-            if size > left {
-                if picked.is_empty() {
-                    // The question gets up to half, the answer the rest.
-                    clip(&mut turn.user_text, left / 2);
-                    clip(&mut turn.assistant_text, left - turn.user_text.len());
-                    picked.push(turn);
-                }
-                break;
-            }
-            left -= size;
-            picked.push(turn);
-        }
-        picked
-            .into_iter()
-            .rev()
-            .flat_map(|t| {
-                let answer = (!t.assistant_text.is_empty()).then(|| ChatMessage {
-                    role: "assistant".into(),
-                    content: t.assistant_text,
-                });
-                std::iter::once(ChatMessage {
-                    role: "user".into(),
-                    content: t.user_text,
-                })
-                .chain(answer)
-            })
-            .collect()
+        metrics::counter!("streamer_context_write_failures_total").increment(1);
+        tracing::warn!(
+            error = outcome,
+            "Turn not added to its conversation's context; the next turn reads the persisters."
+        );
     }
 
     /// Stores the dead letter of a failed turn on `dlq.chat`, once per turn
@@ -510,4 +545,10 @@ pub async fn original<T: serde::de::DeserializeOwned>(
         Err(e) => return Err(e.into()),
     };
     Ok(serde_json::from_slice(&message.payload).ok())
+}
+
+/// The seed of a new conversation's context entry: it has no earlier turns.
+/// `None` for any other conversation, whose newest turns only a read knows.
+fn new_conversation_seed(request: &ChatRequest) -> Option<Vec<ContextTurn>> {
+    request.new_conversation.then(Vec::new)
 }

@@ -3,7 +3,8 @@
 //! It owns the durable pull consumer on chat requests (`chat.req.>`), the
 //! calls to OpenAI-compatible streaming APIs ([`upstream`]), and the
 //! publishing of each turn's frames, one writer at a time ([`frames`]), and
-//! its completed record ([`chat`]). It closes turns and scans whose
+//! its completed record ([`chat`]), and each conversation's newest turns,
+//! the next prompt's context ([`context`]). It closes turns and scans whose
 //! deliveries ran out from JetStream's advisories ([`exhausted`]).
 //! It also owns the scan pipeline ([`scan`]): the durable consumer on scan
 //! jobs (`scan.req.>`), the image model behind [`vision::Vision`], the
@@ -14,6 +15,7 @@
 
 pub mod chat;
 mod config;
+pub mod context;
 mod exhausted;
 pub mod frames;
 pub mod phash;
@@ -87,6 +89,7 @@ impl Streamer {
             max_tokens: config.max_tokens,
             lease: consumer.ack_wait,
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
+            context: context::Contexts::open(&js).await?,
         };
         let scan = scan::ScanWorker {
             client: client.clone(),

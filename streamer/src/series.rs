@@ -61,6 +61,22 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_context_reads_total",
+        kind: Kind::Counter,
+        help: "Prompts' earlier turns, by where they came from: the conversation's context entry (kv), the persisters' history when it had none (persisters), or nowhere (none).",
+        labels: &[
+            &[("source", "kv")],
+            &[("source", "persisters")],
+            &[("source", "none")],
+        ],
+    },
+    Series {
+        name: "streamer_context_write_failures_total",
+        kind: Kind::Counter,
+        help: "Concluded turns not added to their conversation's context entry (its next turn reads the persisters).",
+        labels: &[],
+    },
+    Series {
         name: "streamer_records_truncated_total",
         kind: Kind::Counter,
         help: "Turn records cut to fit the bus's message limit.",

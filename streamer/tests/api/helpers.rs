@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use bus::wire::{ChatRequest, DeadLetter, ServerFrame, TurnRecord};
+use bus::wire::{ChatRequest, ConversationContext, DeadLetter, ServerFrame, TurnRecord};
 use clap::Parser as _;
 use futures::StreamExt as _;
 use testkit::NatsServer;
@@ -86,6 +86,24 @@ impl Drop for Killable {
     }
 }
 
+/// A chat request as the gateway makes it, by `user-1`, accepted now.
+pub fn request(conversation_id: &str, content: &str) -> ChatRequest {
+    let turn_id = uuid::Uuid::now_v7().to_string();
+    ChatRequest {
+        request_id: format!("req-{turn_id}"),
+        turn_id,
+        conversation_id: conversation_id.into(),
+        user_id: "user-1".into(),
+        content: content.into(),
+        history: vec![],
+        new_conversation: false,
+        model: None,
+        max_tokens: None,
+        temperature: None,
+        created_at: chrono::Utc::now(),
+    }
+}
+
 impl TestStreamer {
     pub async fn start(llm_base_url: &str) -> Self {
         Self::start_with(llm_base_url, &[]).await
@@ -123,33 +141,56 @@ impl TestStreamer {
 
     /// Publishes a chat request the way the gateway does and returns its turn id.
     pub async fn send(&self, conversation_id: &str, content: &str) -> String {
-        let turn_id = uuid::Uuid::now_v7().to_string();
-        let request = ChatRequest {
-            turn_id: turn_id.clone(),
-            conversation_id: conversation_id.into(),
-            user_id: "user-1".into(),
-            request_id: format!("req-{turn_id}"),
-            content: content.into(),
-            history: vec![],
-            new_conversation: false,
-            model: None,
-            max_tokens: None,
-            temperature: None,
-            created_at: chrono::Utc::now(),
-        };
+        let request = request(conversation_id, content);
+        self.publish(&request).await;
+        request.turn_id
+    }
+
+    /// Publishes `request` the way the gateway does.
+    pub async fn publish(&self, request: &ChatRequest) {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, turn_id.as_str());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            request.turn_id.as_str(),
+        );
         self.js
             .publish_with_headers(
-                bus::subject::chat_req(conversation_id).unwrap(),
+                bus::subject::chat_req(&request.conversation_id).unwrap(),
                 headers,
-                serde_json::to_vec(&request).unwrap().into(),
+                serde_json::to_vec(request).unwrap().into(),
             )
             .await
             .unwrap()
             .await
             .unwrap();
-        turn_id
+    }
+
+    /// The conversation's `chat_context` entry and its size in bytes, once
+    /// it holds `turn_id`.
+    pub async fn context_with(
+        &self,
+        conversation_id: &str,
+        turn_id: &str,
+    ) -> (ConversationContext, usize) {
+        let kv = self
+            .js
+            .get_key_value(bus::streams::KV_CONTEXT)
+            .await
+            .unwrap();
+        testkit::wait_for("the turn in its context", Duration::from_secs(10), || {
+            let kv = &kv;
+            async move {
+                let value = kv.get(conversation_id).await.ok()??;
+                let context: ConversationContext = serde_json::from_slice(&value).ok()?;
+                context
+                    .turns
+                    .iter()
+                    .any(|t| t.turn_id == turn_id)
+                    .then_some((context, value.len()))
+            }
+        })
+        .await
+        .unwrap()
     }
 
     /// Every frame of the turn, read back from the CHAT_TOK stream, once `done` is there.

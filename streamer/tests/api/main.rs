@@ -1,5 +1,6 @@
 //! Streamer integration tests against a real nats-server and an LLM server.
 
+mod context;
 mod guarantees;
 mod helpers;
 
