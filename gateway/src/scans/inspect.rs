@@ -241,6 +241,12 @@ impl Inspector {
         Ok(())
     }
 
+    /// True once the upload is refused whatever follows: nothing more of it
+    /// needs storing.
+    pub(crate) fn refused(&self) -> bool {
+        self.refusal.is_some()
+    }
+
     /// The verdict on the whole upload.
     ///
     /// # Errors

@@ -2,10 +2,12 @@
 //! (status) and `GET /v1/scans` (the caller's past scans, from the
 //! persisters); the SSE stream of a scan's events is [`crate::scan_events`].
 //!
-//! What an upload must be is [`inspect`]'s; reading it out of the request
-//! and the order of the writes is [`upload`]'s; how an image is laid out in
-//! the object store is `store`'s. This module keeps what they and the
-//! readers share: who may see a scan and how a refusal is answered.
+//! What an upload must be is `inspect`'s, checked as its bytes stream past;
+//! taking the image out of the request into the object store, and the order
+//! of the writes, is `upload`'s; the object-store writer, which keeps an
+//! image invisible until it is committed and takes back a refused one, is
+//! `store`'s; `status` and `list` read. This module keeps what they share:
+//! who may see a scan and how a refusal is answered.
 
 mod inspect;
 mod list;
