@@ -152,9 +152,15 @@ impl Uploads {
 
     /// Sends `image` as `how` and returns the status and JSON body.
     async fn upload(&self, image: &[u8], how: Sent) -> (u16, Value) {
-        let body = Bytes::from(how.body(image));
-        let request = self.request(&how.content_type());
-        let request = if how.chunked() {
+        self.send(how.body(image), &how.content_type(), how.chunked())
+            .await
+    }
+
+    /// Sends `body` as it is, chunked or with its length.
+    async fn send(&self, body: Vec<u8>, content_type: &str, chunked: bool) -> (u16, Value) {
+        let body = Bytes::from(body);
+        let request = self.request(content_type);
+        let request = if chunked {
             let pieces: Vec<Result<Bytes, std::io::Error>> = (0..body.len())
                 .step_by(64 * 1024)
                 .map(|at| Ok(body.slice(at..(at + 64 * 1024).min(body.len()))))
@@ -389,6 +395,51 @@ async fn an_unannounced_body_over_20_mb_gets_413_and_leaves_no_chunk_behind() {
     }
     app.assert_nothing_stored("after every oversized upload")
         .await;
+}
+
+#[tokio::test]
+async fn a_body_past_its_limit_after_a_valid_image_gets_413_and_leaves_nothing() {
+    let app = Uploads::start().await;
+    // The image is fine and stored; a field after it takes the body past the
+    // limit, which decides as when the body was read whole.
+    let image = noise_png(1000, 1000, 11);
+    let mut body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"\r\nContent-Type: image/png\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&image);
+    body.extend_from_slice(
+        format!("\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"padding\"\r\n\r\n")
+            .as_bytes(),
+    );
+    body.resize(bus::wire::MAX_UPLOAD_BYTES + 1024 * 1024, b'p');
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    let (status, json) = app.send(body, &Sent::Multipart.content_type(), true).await;
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(json["error"]["code"], "too_large", "{json}");
+    app.assert_nothing_stored("an image followed by 21 MB")
+        .await;
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_upload_leaves_no_chunk_behind() {
+    let app = Uploads::start().await;
+    let image = noise_png(1000, 2000, 13);
+    let (mut feed, answer) = app.upload_fed("image/png");
+    assert!(feed.send(&image[..4 * 1024 * 1024]).await);
+    app.until_stored(2 * 1024 * 1024).await;
+    // The client goes away: its connection closes with the body unfinished.
+    answer.abort();
+    drop(feed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.stored_bytes().await.0 > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the chunks of an abandoned upload stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.assert_nothing_stored("an abandoned upload").await;
 }
 
 #[tokio::test]
