@@ -7,6 +7,7 @@ mod helpers;
 mod refused_uploads;
 mod scan_providers;
 mod scans;
+mod uploads;
 
 use std::time::Duration;
 
