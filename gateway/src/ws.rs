@@ -1,6 +1,8 @@
 //! `GET /v1/chat/ws`: one WebSocket chat session.
 //!
-//! The socket has one writer task fed by a bounded outbox. Each turn the
+//! The socket has one task, which reads the client's frames and writes what
+//! the bounded outbox holds (a second task per socket would cost every idle
+//! connection its memory). Each turn the
 //! client follows gets a relay task ([`crate::turns::Follow::relay`]): replay
 //! from the stream, then live frames, each `seq` exactly once. No JetStream
 //! consumer is created per socket on the live path. A client that cannot
@@ -153,22 +155,29 @@ impl Session {
         ))
     }
 
-    async fn run(self, socket: WebSocket) {
+    async fn run(self, mut socket: WebSocket) {
         metrics::gauge!("gateway_ws_open").increment(1.0);
-        let (sink, mut stream) = socket.split();
-        let (tx, rx) = mpsc::channel::<Message>(self.state.ws_outbox);
+        let (tx, mut rx) = mpsc::channel::<Message>(self.state.ws_outbox);
         let outbox = Outbox {
             tx,
             slow: CancellationToken::new(),
         };
-        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-        let mut writer = tokio::spawn(write(sink, rx, close_rx));
-
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = tokio::time::Instant::now();
+        // The client frame being handled (an accept waits on the bus): polled
+        // beside the writes so other turns' frames keep flowing, and the next
+        // frame is read only after it, so the client's frames keep their order.
+        // Boxed: the accept path's futures are large, and an idle socket
+        // should not carry their space.
+        let mut handling: Option<futures::future::BoxFuture<'_, ()>> = None;
+        // Each branch's future is dropped before its handler runs, so the
+        // handlers may write to the socket the read branch borrows.
         let close = loop {
             tokio::select! {
+                () = async { handling.as_mut().expect("guarded").await }, if handling.is_some() => {
+                    handling = None;
+                }
                 _ = self.state.shutdown.cancelled() => break Some((close_code::AWAY, "server shutting down; reconnect and resume")),
                 _ = outbox.slow.cancelled() => {
                     metrics::counter!("gateway_ws_slow_closes_total").increment(1);
@@ -180,13 +189,19 @@ impl Session {
                     }
                     let _ = outbox.tx.try_send(Message::Ping(Default::default()));
                 }
-                message = stream.next() => {
+                Some(message) = rx.recv() => {
+                    if !write_queued(&mut socket, message, &mut rx).await {
+                        break None;
+                    }
+                }
+                message = socket.next(), if handling.is_none() => {
                     last_heard = tokio::time::Instant::now();
                     match message {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break None,
-                        // Boxed: the accept path's futures are large, and an
-                        // idle socket should not carry their space.
-                        Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&text, &outbox)).await,
+                        Some(Ok(Message::Text(text))) => {
+                            let (session, outbox) = (&self, &outbox);
+                            handling = Some(Box::pin(async move { session.on_text(&text, outbox).await }));
+                        }
                         Some(Ok(Message::Binary(_))) => {
                             outbox.send(&ServerFrame::error(None, "binary_not_supported", "send JSON text frames"));
                         }
@@ -195,20 +210,25 @@ impl Session {
                 }
             }
         };
+        // An accept under way finishes: cut short, it could leave a turn
+        // counted and indexed whose request was never published.
+        if let Some(handling) = handling {
+            handling.await;
+        }
         // Relays stop; the turns themselves go on (a disconnect never cancels).
         self.relays.cancel();
-        if let Some(close) = close {
-            let _ = close_tx.send(close);
+        // A close goes out right after the frame being written and what is
+        // still queued is dropped, since the client resumes from its last
+        // `seq`. A client that reads nothing cannot hold the session: after
+        // the write timeout its socket is dropped.
+        if let Some((code, reason)) = close {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            }));
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, socket.send(frame)).await;
         }
-        drop(outbox);
-        // A client that reads nothing at all cannot hold the session: after
-        // the write timeout its queue and socket are dropped.
-        if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), socket.close()).await;
         metrics::gauge!("gateway_ws_open").decrement(1.0);
     }
 
@@ -324,43 +344,22 @@ impl Session {
     }
 }
 
-/// The socket's only writer. A close (slow client, shutdown, idle) jumps the
-/// queue: it goes out right after the frame being written, and whatever is
-/// still queued is dropped, since the client resumes from its last `seq`.
-async fn write(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Message>,
-    mut close: tokio::sync::oneshot::Receiver<(u16, &'static str)>,
-) {
-    loop {
-        tokio::select! {
-            biased;
-            code = &mut close => {
-                if let Ok((code, reason)) = code {
-                    let frame = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }));
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(frame)).await;
-                }
-                break;
-            }
-            message = rx.recv() => {
-                let Some(message) = message else { break };
-                // Queue what is waiting and flush once: a burst of frames
-                // costs one write, not one per frame.
-                let write = async {
-                    sink.feed(message).await?;
-                    while let Ok(more) = rx.try_recv() {
-                        sink.feed(more).await?;
-                    }
-                    sink.flush().await
-                };
-                match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                    Ok(Ok(())) => {}
-                    _ => break,
-                }
-            }
+/// Writes `first` and whatever else is queued, flushed once: a burst of
+/// frames (a batch from the bus) costs one write, not one per frame. False
+/// when the socket failed or the client took longer than the write timeout.
+async fn write_queued(
+    socket: &mut WebSocket,
+    first: Message,
+    rx: &mut mpsc::Receiver<Message>,
+) -> bool {
+    let write = async {
+        socket.feed(first).await?;
+        while let Ok(more) = rx.try_recv() {
+            socket.feed(more).await?;
         }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        socket.flush().await
+    };
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, write).await, Ok(Ok(())))
 }
 
 fn parse_frame(text: &str) -> Result<ClientFrame, (&'static str, String)> {
