@@ -33,6 +33,7 @@ use bus::{
 };
 use chrono::Utc;
 use futures::StreamExt as _;
+use tracing::Instrument as _;
 
 pub use crate::context::HISTORY_BUDGET_BYTES;
 use crate::{
@@ -108,9 +109,16 @@ impl Worker {
                 return;
             }
         };
+        if deliveries == 1 {
+            let waited = (Utc::now() - request.created_at)
+                .to_std()
+                .unwrap_or_default();
+            metrics::histogram!("streamer_request_wait_seconds").record(waited.as_secs_f64());
+        }
         let span = tracing::info_span!("turn", turn = %request.turn_id, conversation = %request.conversation_id);
-        let _enter = span.enter();
-        match self.answer(&request, deliveries).await {
+        // Instrumented, not entered: a guard held across awaits would lend
+        // the span to whatever else runs on the thread meanwhile.
+        match self.answer(&request, deliveries).instrument(span).await {
             Ok(()) => {
                 if let Err(error) = message.double_ack().await {
                     tracing::warn!(%error, "Ack of a finished turn failed; it will be redelivered and rebuilt.");

@@ -89,6 +89,12 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_request_wait_seconds",
+        kind: Kind::Histogram,
+        help: "From the gateway accepting a turn to a worker taking its first delivery (bus and queueing).",
+        labels: &[],
+    },
+    Series {
         name: "streamer_accept_to_first_token_seconds",
         kind: Kind::Histogram,
         help: "From the gateway accepting a turn to its first token (queueing plus the provider).",

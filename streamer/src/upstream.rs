@@ -15,6 +15,7 @@ use eventsource_stream::Eventsource as _;
 use futures::{Stream, StreamExt as _};
 use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 
 /// One thing the provider told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,19 +346,48 @@ fn backoff(attempt: u32, error: &UpstreamError) -> Duration {
     bus::backoff::delay(Duration::from_millis(200), attempt, Duration::from_secs(5))
 }
 
+/// One streamed chunk, read into borrowed fields: this runs for every token,
+/// and a `Value` tree costs an allocation per key.
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default, borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<Choice<'a>>>,
+    /// Kept loose: providers add nested details, and a missing figure is 0.
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
 /// Parses one `data:` payload into the events it carries (possibly none).
 ///
 /// # Errors
 /// [`UpstreamError::Provider`] for an error object, [`UpstreamError::Protocol`]
-/// for a payload that is not JSON.
+/// for a payload that is not a chunk.
 pub fn parse_chunk(data: &str) -> Result<Vec<Event>, UpstreamError> {
-    let value: Value = serde_json::from_str(data).map_err(|e| {
+    let chunk: Chunk<'_> = serde_json::from_str(data).map_err(|e| {
         UpstreamError::Protocol(format!(
             "{e}: {}",
             data.chars().take(120).collect::<String>()
         ))
     })?;
-    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
+    if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
         let message = error
             .get("message")
             .and_then(Value::as_str)
@@ -366,27 +396,23 @@ pub fn parse_chunk(data: &str) -> Result<Vec<Event>, UpstreamError> {
         return Err(UpstreamError::Provider(message));
     }
     let mut events = Vec::new();
-    if let Some(model) = value.get("model").and_then(Value::as_str) {
-        events.push(Event::Model(model.to_owned()));
+    if let Some(model) = chunk.model {
+        events.push(Event::Model(model.into_owned()));
     }
-    if let Some(choice) = value
-        .get("choices")
-        .and_then(Value::as_array)
-        .and_then(|c| c.first())
-    {
-        if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str)
+    if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
+        if let Some(text) = choice.delta.and_then(|d| d.content)
             && !text.is_empty()
         {
-            events.push(Event::Delta(text.to_owned()));
+            events.push(Event::Delta(text.into_owned()));
         }
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            events.push(Event::Finish(match reason {
+        if let Some(reason) = choice.finish_reason {
+            events.push(Event::Finish(match reason.as_ref() {
                 "length" => FinishReason::Length,
                 _ => FinishReason::Stop,
             }));
         }
     }
-    if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
+    if let Some(usage) = chunk.usage.filter(|u| !u.is_null()) {
         let get = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
         events.push(Event::Usage(Usage {
             prompt_tokens: get("prompt_tokens"),
