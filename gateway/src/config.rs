@@ -15,9 +15,10 @@ pub struct Config {
     /// Address the HTTP API (and /healthz, /readyz, /metrics) listens on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// How to reach the bus (NATS_URL, NATS_USER, NATS_PASSWORD, NATS_CREDS,
+    /// BUS_REPLICAS).
+    #[command(flatten)]
+    pub bus: bus::connect::BusConfig,
     /// HS256 key for JWTs: its bytes as given. Set this or AUTH_JWT_PUBLIC_KEY.
     #[arg(long, env = "AUTH_JWT_SECRET", value_parser = bus::parse_secret, hide_env_values = true)]
     pub auth_jwt_secret: Option<SecretString>,

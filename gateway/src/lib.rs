@@ -125,9 +125,9 @@ impl Gateway {
         let auth = Arc::new(auth::Authenticator::build(&config)?);
         series::register();
         let listener = bus::ops::bind(&config.listen, "GATEWAY_LISTEN").await?;
-        let client = bus::connect::connect(&config.nats_url, "gateway").await?;
+        let client = config.bus.connect("gateway").await?;
         let js = async_nats::jetstream::new(client.clone());
-        bus::streams::ensure_all(&js).await?;
+        bus::streams::ensure_all(&js, config.bus.bus_replicas).await?;
         let conversations = js
             .get_key_value(bus::streams::KV_CONVERSATIONS)
             .await

@@ -258,46 +258,84 @@ impl ConsumerDef {
     }
 }
 
-/// Creates every stream of the contract, or updates it to its definition.
-/// Safe to call from every service at every start.
+/// Creates every stream, KV bucket and object store of the contract, or
+/// updates it to its definition, each with `replicas` replicas (raised or
+/// lowered on an existing deployment). Safe to call from every service at
+/// every start.
 ///
 /// # Errors
-/// When the server refuses a definition (for example JetStream is disabled).
-pub async fn ensure_all(js: &jetstream::Context) -> anyhow::Result<()> {
-    for config in definitions()? {
+/// When the server refuses a definition (for example JetStream is disabled,
+/// or the cluster has fewer nodes than `replicas`).
+pub async fn ensure_all(js: &jetstream::Context, replicas: u8) -> anyhow::Result<()> {
+    let replicas = usize::from(replicas.max(1));
+    for mut config in definitions()? {
+        config.num_replicas = replicas;
         let name = config.name.clone();
         js.create_or_update_stream(config).await.with_context(|| {
-            format!("cannot create or update stream {name} (is JetStream enabled on the server?)")
+            format!(
+                "cannot create or update stream {name} with {replicas} replica(s) (is JetStream enabled on the server, on enough nodes?)"
+            )
         })?;
     }
     for config in key_value_buckets() {
-        ensure_bucket(js, config).await?;
+        ensure_bucket(js, config, replicas as u8).await?;
     }
-    let objects = object_store();
+    let mut objects = object_store();
+    objects.num_replicas = replicas;
     if js.get_object_store(&objects.bucket).await.is_err() {
         let bucket = objects.bucket.clone();
         js.create_object_store(objects)
             .await
             .with_context(|| format!("cannot create object store {bucket}"))?;
+    } else {
+        set_replicas(js, &format!("OBJ_{}", objects.bucket), replicas).await?;
     }
     Ok(())
 }
 
-/// Creates the KV bucket `config` describes unless it exists.
+/// Creates the KV bucket `config` describes with `replicas` replicas unless
+/// it exists, and gives an existing one that many.
 ///
 /// # Errors
-/// When the server refuses to create it.
+/// When the server refuses to create or update it.
 pub async fn ensure_bucket(
     js: &jetstream::Context,
-    config: jetstream::kv::Config,
+    mut config: jetstream::kv::Config,
+    replicas: u8,
 ) -> anyhow::Result<jetstream::kv::Store> {
+    let replicas = usize::from(replicas.max(1));
     if let Ok(store) = js.get_key_value(&config.bucket).await {
+        set_replicas(js, &format!("KV_{}", config.bucket), replicas).await?;
         return Ok(store);
     }
+    config.num_replicas = replicas;
     let bucket = config.bucket.clone();
     js.create_key_value(config)
         .await
         .with_context(|| format!("cannot create KV bucket {bucket}"))
+}
+
+/// Gives the stream under a KV bucket or object store `replicas` replicas
+/// (the bucket APIs only set them at creation).
+async fn set_replicas(
+    js: &jetstream::Context,
+    stream: &str,
+    replicas: usize,
+) -> anyhow::Result<()> {
+    let found = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("stream {stream} is missing"))?;
+    let config = &found.cached_info().config;
+    if config.num_replicas == replicas {
+        return Ok(());
+    }
+    let mut config = config.clone();
+    config.num_replicas = replicas;
+    js.update_stream(config)
+        .await
+        .with_context(|| format!("cannot give stream {stream} {replicas} replica(s)"))?;
+    Ok(())
 }
 
 /// The definition of the contract's KV bucket `name`.

@@ -12,9 +12,10 @@ use secrecy::SecretString;
     about = "Drains completed turns and scans from NATS JetStream into SQLite (WAL), then Postgres."
 )]
 pub struct Config {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// How to reach the bus (NATS_URL, NATS_USER, NATS_PASSWORD, NATS_CREDS,
+    /// BUS_REPLICAS).
+    #[command(flatten)]
+    pub bus: bus::connect::BusConfig,
     /// Postgres URL of the system of record; migrations run against it at startup.
     #[arg(
         long,

@@ -53,12 +53,14 @@ const TURN_COLUMNS: &str = "turn_id, conversation_id, user_id, request_id, model
     created_at, first_token_at, completed_at";
 
 /// Announces this persister in the `persisters` KV bucket until `shutdown`,
-/// then withdraws, so history askers know how many answers to wait for.
+/// then withdraws, so history askers know how many answers to wait for. A
+/// bucket made again gets `replicas` replicas.
 ///
 /// # Errors
 /// When the bucket is missing.
 pub async fn heartbeat(
     js: async_nats::jetstream::Context,
+    replicas: u8,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let config =
@@ -74,7 +76,7 @@ pub async fn heartbeat(
                     tracing::warn!(%error, "Persister heartbeat failed.");
                     // The bucket may be gone (a deployment whose bucket was
                     // in memory, across a nats-server restart): make it again.
-                    if let Ok(store) = bus::streams::ensure_bucket(&js, config.clone()).await {
+                    if let Ok(store) = bus::streams::ensure_bucket(&js, config.clone(), replicas).await {
                         kv = store;
                     }
                 }

@@ -73,9 +73,9 @@ impl Persister {
         let listener = bus::ops::bind(&config.listen, "PERSISTER_LISTEN").await?;
         let wal = Wal::open(&config.sqlite_path).await?;
         let postgres = sync::Postgres::connect(&config.database_url).await?;
-        let client = bus::connect::connect(&config.nats_url, "persister").await?;
+        let client = config.bus.connect("persister").await?;
         let js = async_nats::jetstream::new(client.clone());
-        bus::streams::ensure_all(&js).await?;
+        bus::streams::ensure_all(&js, config.bus.bus_replicas).await?;
         let consumer = bus::streams::PERSISTER_TURNS.ensure(&js).await?;
         let max_deliver = bus::streams::PERSISTER_TURNS.config()?.max_deliver;
         let scan_consumer = bus::streams::PERSISTER_SCANS.ensure(&js).await?;
@@ -158,7 +158,11 @@ impl Persister {
         // Sync starts at once: rows a previous run left unsynced go first.
         let mut sync_task = tokio::spawn(syncer.run(stop.clone()));
         let mut history_task = tokio::spawn(history.run(stop.clone()));
-        let heartbeat_task = tokio::spawn(history::heartbeat(self.js.clone(), stop.clone()));
+        let heartbeat_task = tokio::spawn(history::heartbeat(
+            self.js.clone(),
+            self.config.bus.bus_replicas,
+            stop.clone(),
+        ));
         let mut ingest_task = tokio::spawn(ingest.run(self.consumer, stop.clone()));
         let mut scan_ingest_task = tokio::spawn(scan_ingest.run(self.scan_consumer, stop.clone()));
         tracing::info!("Persister consuming completed turns and scans.");

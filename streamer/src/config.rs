@@ -17,9 +17,10 @@ following Korean separation rules when the user asks about a bin. If unsure, say
     about = "Answers chat turns and runs scan jobs from NATS JetStream."
 )]
 pub struct Config {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// How to reach the bus (NATS_URL, NATS_USER, NATS_PASSWORD, NATS_CREDS,
+    /// BUS_REPLICAS).
+    #[command(flatten)]
+    pub bus: bus::connect::BusConfig,
     /// Address of the health, readiness and metrics listener.
     #[arg(long, env = "STREAMER_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: String,

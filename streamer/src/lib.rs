@@ -68,9 +68,9 @@ impl Streamer {
         );
         series::register();
         let listener = bus::ops::bind(&config.listen, "STREAMER_LISTEN").await?;
-        let client = bus::connect::connect(&config.nats_url, "streamer").await?;
+        let client = config.bus.connect("streamer").await?;
         let js = async_nats::jetstream::new(client.clone());
-        bus::streams::ensure_all(&js).await?;
+        bus::streams::ensure_all(&js, config.bus.bus_replicas).await?;
         anyhow::ensure!(
             (1..=256).contains(&config.scan_concurrency),
             "SCAN_CONCURRENCY must be between 1 and 256"

@@ -16,9 +16,9 @@ async fn main() {
             bus::telemetry::init("streamer=warn", config.log_json);
             bus::exit_on_error(
                 async {
-                    let client = bus::connect::connect(&config.nats_url, "streamer-dlq").await?;
+                    let client = config.bus.connect("streamer-dlq").await?;
                     let js = async_nats::jetstream::new(client);
-                    bus::streams::ensure_all(&js).await?;
+                    bus::streams::ensure_all(&js, config.bus.bus_replicas).await?;
                     let report = streamer::scan::reprocess_dead_letters(&js, limit).await?;
                     println!("{}", serde_json::to_string_pretty(&report)?);
                     Ok(())

@@ -8,11 +8,13 @@
 //! Every server gets a random loopback port and a temp dir. Binaries come from
 //! the project's data dir, which `scripts/setup.sh` fills.
 
+mod cluster;
 mod delay;
 mod llm;
 mod nats;
 mod postgres;
 
+pub use cluster::NatsCluster;
 pub use delay::DelayProxy;
 pub use llm::{LocalLlm, Quirks, Script, StandInLlm};
 pub use nats::NatsServer;

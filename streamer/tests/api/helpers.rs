@@ -126,7 +126,7 @@ impl TestStreamer {
             .expect("nats-server (run scripts/setup.sh)");
         let client = nats.client().await.unwrap();
         let js = jetstream::new(client.clone());
-        bus::streams::ensure_all(&js).await.unwrap();
+        bus::streams::ensure_all(&js, 1).await.unwrap();
         Self {
             _nats: nats,
             client,

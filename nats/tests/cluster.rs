@@ -1,0 +1,116 @@
+//! The bus on a real 3-node cluster: replicas as configured, raised on an
+//! existing deployment, and clients that outlive the node they use.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bus::{connect::BusConfig, streams};
+
+async fn replicas_of(js: &jetstream::Context, stream: &str) -> usize {
+    js.get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("{stream}: {e}"))
+        .info()
+        .await
+        .unwrap()
+        .config
+        .num_replicas
+}
+
+/// Every stream under the contract: its streams, KV buckets, object store.
+fn every_stream() -> Vec<String> {
+    let mut names: Vec<String> = streams::definitions()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    names.extend(
+        streams::key_value_buckets()
+            .into_iter()
+            .map(|b| format!("KV_{}", b.bucket)),
+    );
+    names.push(format!("OBJ_{}", streams::object_store().bucket));
+    names
+}
+
+#[tokio::test]
+async fn everything_gets_the_replicas_asked_for_and_an_r1_deployment_is_raised() {
+    let cluster = testkit::NatsCluster::start().await.unwrap();
+    let client = BusConfig::url(cluster.url()).connect("test").await.unwrap();
+    let js = jetstream::new(client);
+
+    streams::ensure_all(&js, 1).await.unwrap();
+    for name in every_stream() {
+        assert_eq!(replicas_of(&js, &name).await, 1, "{name}");
+    }
+    // The same deployment, restarted with BUS_REPLICAS=3; twice, as every
+    // service does at its start.
+    streams::ensure_all(&js, 3).await.unwrap();
+    streams::ensure_all(&js, 3).await.unwrap();
+    for name in every_stream() {
+        assert_eq!(replicas_of(&js, &name).await, 3, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_given_every_node_outlives_the_stream_leader_and_its_own_node() {
+    let mut cluster = testkit::NatsCluster::start().await.unwrap();
+    let client = BusConfig::url(cluster.url()).connect("test").await.unwrap();
+    let js = jetstream::new(client.clone());
+    streams::ensure_all(&js, 3).await.unwrap();
+    let publish = |n: u32| {
+        let js = js.clone();
+        async move {
+            // Retried as the services' writers are: the cluster elects a new
+            // leader within seconds.
+            for _ in 0..60 {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("m{n}").as_str(),
+                );
+                if let Ok(ack) = js
+                    .publish_with_headers("chat.req.c1", headers, "{}".into())
+                    .await
+                    && ack.await.is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            panic!("publish {n} never succeeded");
+        }
+    };
+    publish(1).await;
+
+    // Kill the leader of CHAT_REQ.
+    let info = js
+        .get_stream(streams::CHAT_REQ)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    let leader = info.cluster.and_then(|c| c.leader).expect("a leader");
+    let leader = cluster.index_of(&leader).expect("a node of ours");
+    cluster.kill(leader);
+    publish(2).await;
+
+    // Kill the node the client is connected to (after a restart of the
+    // first, so two of three stay up).
+    cluster.restart(leader).unwrap();
+    cluster.wait_ready().await.unwrap();
+    let mine = cluster
+        .index_of(&client.server_info().server_name)
+        .expect("connected to one of ours");
+    cluster.kill(mine);
+    publish(3).await;
+
+    let mut stream = js.get_stream(streams::CHAT_REQ).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        3,
+        "nothing lost"
+    );
+}
