@@ -54,7 +54,9 @@ wait_http() { # url name seconds
   die "$2 did not become ready at $1 (see $LOGS)"
 }
 
-say "starting nats-server on 127.0.0.1:$NATS_PORT"
+# shellcheck source=nats-users.sh
+source scripts/nats-users.sh
+say "starting nats-server on 127.0.0.1:$NATS_PORT (users and passwords in $nats_users_file)"
 "$NATS_SERVER_BIN" -c nats/nats-server.conf -a 127.0.0.1 -p "$NATS_PORT" -sd "$DATA_DIR/nats" >"$LOGS/nats.log" 2>&1 &
 pids+=($!)
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
@@ -100,7 +102,7 @@ export GATEWAY_WEB_DIR="${GATEWAY_WEB_DIR:-$ROOT/web}"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 
 for service in persister streamer gateway; do
-  "$BIN_DIR/$service" >"$LOGS/$service.log" 2>&1 &
+  start_as "$service" "$BIN_DIR/$service" >"$LOGS/$service.log" 2>&1 &
   pids+=($!)
 done
 wait_http "http://$PERSISTER_LISTEN/readyz" persister 60
@@ -112,6 +114,7 @@ cat >&2 <<MSG
   Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)
   Readiness:  http://$GATEWAY_LISTEN/readyz  http://$STREAMER_LISTEN/readyz  http://$PERSISTER_LISTEN/readyz
   NATS:       $NATS_URL      Postgres: $DATABASE_URL
+  NATS users: $nats_users_file (one per service; inspect as user admin)
   Logs:       $LOGS/{gateway,streamer,persister,nats,llm}.log
 MSG
 if [ "${GATEWAY_DEV_LOGIN:-}" = true ]; then

@@ -116,15 +116,16 @@ impl Service {
     }
 
     /// A persister on a free port with its SQLite file in `data_dir`,
-    /// syncing to `database_url` every 200 ms when idle.
+    /// syncing to `database_url` every 200 ms when idle, plus `extra` env.
     pub fn persister(
         bin_dir: &Path,
         logs: &Path,
         nats_url: &str,
         database_url: &str,
         data_dir: &Path,
+        extra: &[(&str, String)],
     ) -> Self {
-        let env = [
+        let mut env = vec![
             ("DATABASE_URL", database_url.to_owned()),
             (
                 "PERSISTER_SQLITE_PATH",
@@ -132,6 +133,7 @@ impl Service {
             ),
             ("PERSISTER_SYNC_INTERVAL_MS", "200".to_owned()),
         ];
+        env.extend_from_slice(extra);
         Self::on_free_port(
             bin_dir,
             "persister",
@@ -416,7 +418,11 @@ impl Bed {
     pub async fn start(database: &str, script: testkit::Script) -> Self {
         testkit::init_logs();
         let bin = build_binaries().expect("binaries build");
-        let nats = testkit::NatsServer::start().await.expect("nats-server");
+        // The shipped configuration: every test on the bed also proves the
+        // services' NATS permissions suffice for their work.
+        let nats = testkit::NatsServer::start_secured()
+            .await
+            .expect("nats-server");
         let pg = testkit::Postgres::start().await.expect("postgres");
         let database_url = pg.create_database(database).expect("database");
         let llm = testkit::StandInLlm::start(script)
@@ -436,19 +442,28 @@ impl Bed {
 
     /// A gateway with `extra` env.
     pub fn gateway(&self, extra: &[(&str, String)]) -> Service {
-        Service::gateway(&self.bin, self.logs.path(), &self.nats.url(), extra)
+        let env = self.as_user("gateway", extra);
+        Service::gateway(&self.bin, self.logs.path(), &self.nats.url(), &env)
+    }
+
+    /// `extra` and the NATS identity of `user`.
+    fn as_user<'a>(&self, user: &str, extra: &[(&'a str, String)]) -> Vec<(&'a str, String)> {
+        let mut env = self.nats.passwords().service_env(user);
+        env.extend_from_slice(extra);
+        env
     }
 
     /// A streamer with `extra` env, logging to `log_dir` under the logs.
     pub fn streamer(&self, log_dir: &str, extra: &[(&str, String)]) -> Service {
         let logs = self.logs.path().join(log_dir);
         std::fs::create_dir_all(&logs).expect("log dir");
+        let env = self.as_user("streamer", extra);
         Service::streamer(
             &self.bin,
             &logs,
             &self.nats.url(),
             self.llm.base_url(),
-            extra,
+            &env,
         )
     }
 
@@ -460,6 +475,7 @@ impl Bed {
             &self.nats.url(),
             &self.database_url,
             self.data.path(),
+            &self.nats.passwords().service_env("persister"),
         )
     }
 

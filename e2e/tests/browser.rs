@@ -94,7 +94,7 @@ async fn the_web_pages_work_in_headless_chromium() {
     );
     let gateway_addr = gateway.addr.clone();
     let mut streamer = Service::streamer(&bin, logs.path(), &nats.url(), llm.base_url(), &[]);
-    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path());
+    let mut persister = Service::persister(&bin, logs.path(), &nats.url(), &db, data.path(), &[]);
     // A second gateway without dev login: only the pasted-token sign-in.
     let mut plain_gateway = Service::gateway(&bin, logs.path(), &nats.url(), &[web_dir]);
     let plain_addr = plain_gateway.addr.clone();

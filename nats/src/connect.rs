@@ -80,8 +80,11 @@ impl BusConfig {
         };
         match (&self.nats_user, &self.nats_password) {
             (Some(user), Some(password)) => {
-                options =
-                    options.user_and_password(user.clone(), password.expose_secret().to_owned());
+                // Replies (JetStream acks, history answers) come to an inbox
+                // only this user may read: the bus's permissions name it.
+                options = options
+                    .user_and_password(user.clone(), password.expose_secret().to_owned())
+                    .custom_inbox_prefix(format!("_INBOX_{user}"));
             }
             (None, None) => {}
             _ => anyhow::bail!("set both NATS_USER and NATS_PASSWORD, or neither"),
@@ -96,6 +99,11 @@ impl BusConfig {
                         Event::Connected => tracing::info!(%url, "Connected to NATS."),
                         Event::Disconnected => {
                             tracing::warn!(%url, "Disconnected from NATS; reconnecting.");
+                        }
+                        // A permissions violation or an authorization
+                        // problem: the operator must see it.
+                        Event::ServerError(error) => {
+                            tracing::warn!(%error, "NATS server reported an error.");
                         }
                         other => tracing::debug!(event = %other, "NATS client event."),
                     }

@@ -17,7 +17,7 @@ mod postgres;
 pub use cluster::NatsCluster;
 pub use delay::DelayProxy;
 pub use llm::{LocalLlm, Quirks, Script, StandInLlm};
-pub use nats::NatsServer;
+pub use nats::{NatsServer, Passwords};
 pub use postgres::Postgres;
 
 use std::{net::TcpListener, path::PathBuf, time::Duration};

