@@ -5,11 +5,19 @@
 #   LLM (SmolLM2 on llama.cpp, 1 thread), gateway, streamer, persister.
 # With LLM_BASE_URL (and LLM_API_KEY, LLM_MODEL) set, it uses that provider
 # and does not start the local model. Data in $DATA_DIR survives restarts.
+#
+# With --cluster (what scripts/cluster.sh runs), the production topology on
+# this one machine: 3 nats-server nodes (nats/cluster.conf, R3 streams), 2
+# gateways, 2 streamers and 2 persisters (each its own SQLite file), one
+# Postgres.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=setup.sh
 SKIP_BROWSER_SETUP=1 source scripts/setup.sh
+
+CLUSTER=false
+if [ "${1:-}" = --cluster ]; then CLUSTER=true; fi
 
 NATS_PORT="${NATS_PORT:-4222}"
 PG_PORT="${PG_PORT:-5433}"
@@ -19,11 +27,30 @@ export STREAMER_LISTEN="${STREAMER_LISTEN:-127.0.0.1:8081}"
 export PERSISTER_LISTEN="${PERSISTER_LISTEN:-127.0.0.1:8082}"
 LOGS="$DATA_DIR/logs"
 mkdir -p "$LOGS" "$DATA_DIR/nats"
+# Each service instance: "name listen-port" (a second instance of a kind
+# takes the first's port + 3).
+instances=(persister streamer gateway)
+nats_ports=("$NATS_PORT")
+if $CLUSTER; then
+  instances=(persister persister-2 streamer streamer-2 gateway gateway-2)
+  nats_ports=("$NATS_PORT" $((NATS_PORT + 1)) $((NATS_PORT + 2)))
+  export BUS_REPLICAS=3
+fi
+listen_of() { # instance -> host:port
+  local base="${1%-2}" listen
+  case "$base" in
+    gateway) listen="$GATEWAY_LISTEN" ;; streamer) listen="$STREAMER_LISTEN" ;; persister) listen="$PERSISTER_LISTEN" ;;
+  esac
+  if [ "$base" != "$1" ]; then listen="${listen%:*}:$(( ${listen##*:} + 3 ))"; fi
+  printf '%s' "$listen"
+}
 
 say() { printf '\033[1m[run]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-for port in "$NATS_PORT" "$PG_PORT" "${GATEWAY_LISTEN##*:}" "${STREAMER_LISTEN##*:}" "${PERSISTER_LISTEN##*:}"; do
+ports=("${nats_ports[@]}" "$PG_PORT")
+for instance in "${instances[@]}"; do listen="$(listen_of "$instance")"; ports+=("${listen##*:}"); done
+for port in "${ports[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
   fi
@@ -56,10 +83,25 @@ wait_http() { # url name seconds
 
 # shellcheck source=nats-users.sh
 source scripts/nats-users.sh
-say "starting nats-server on 127.0.0.1:$NATS_PORT (users and passwords in $nats_users_file)"
-"$NATS_SERVER_BIN" -c nats/nats-server.conf -a 127.0.0.1 -p "$NATS_PORT" -sd "$DATA_DIR/nats" >"$LOGS/nats.log" 2>&1 &
-pids+=($!)
-export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+if $CLUSTER; then
+  say "starting a 3-node nats-server cluster on 127.0.0.1:${nats_ports[*]} (users and passwords in $nats_users_file)"
+  NATS_URL=""
+  for i in 1 2 3; do
+    mkdir -p "$DATA_DIR/nats-cluster/n$i"
+    NODE_NAME="n$i" CLIENT_PORT="${nats_ports[$((i - 1))]}" CLUSTER_PORT=$((6221 + i)) MONITOR_PORT=$((8221 + i)) \
+      STORE_DIR="$DATA_DIR/nats-cluster/n$i" ROUTE_1=nats-route://127.0.0.1:6222 ROUTE_2=nats-route://127.0.0.1:6223 \
+      ROUTE_3=nats-route://127.0.0.1:6224 "$NATS_SERVER_BIN" -c nats/cluster.conf >"$LOGS/nats-n$i.log" 2>&1 &
+    pids+=($!)
+    NATS_URL="${NATS_URL:+$NATS_URL,}nats://127.0.0.1:${nats_ports[$((i - 1))]}"
+  done
+  export NATS_URL
+  for i in 1 2 3; do wait_http "http://127.0.0.1:$((8221 + i))/healthz" "nats-server node n$i" 60; done
+else
+  say "starting nats-server on 127.0.0.1:$NATS_PORT (users and passwords in $nats_users_file)"
+  "$NATS_SERVER_BIN" -c nats/nats-server.conf -a 127.0.0.1 -p "$NATS_PORT" -sd "$DATA_DIR/nats" >"$LOGS/nats.log" 2>&1 &
+  pids+=($!)
+  export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+fi
 
 say "starting Postgres on 127.0.0.1:$PG_PORT (cluster in $PG_DIR)"
 if [ ! -f "$PG_DIR/PG_VERSION" ]; then
@@ -101,21 +143,26 @@ export GATEWAY_WEB_DIR="${GATEWAY_WEB_DIR:-$ROOT/web}"
 # threading makes the classification tail much longer (docs/vision.md).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 
-for service in persister streamer gateway; do
-  start_as "$service" "$BIN_DIR/$service" >"$LOGS/$service.log" 2>&1 &
+for instance in "${instances[@]}"; do
+  service="${instance%-2}"
+  listen="$(listen_of "$instance")"
+  sqlite="$PERSISTER_SQLITE_PATH"
+  if [ "$instance" = persister-2 ]; then sqlite="${PERSISTER_SQLITE_PATH%.db}-2.db"; fi
+  GATEWAY_LISTEN="$listen" STREAMER_LISTEN="$listen" PERSISTER_LISTEN="$listen" PERSISTER_SQLITE_PATH="$sqlite" \
+    start_as "$service" "$BIN_DIR/$service" >"$LOGS/$instance.log" 2>&1 &
   pids+=($!)
 done
-wait_http "http://$PERSISTER_LISTEN/readyz" persister 60
-wait_http "http://$STREAMER_LISTEN/readyz" streamer 60
-wait_http "http://$GATEWAY_LISTEN/readyz" gateway 60
+for instance in "${instances[@]}"; do
+  wait_http "http://$(listen_of "$instance")/readyz" "$instance" 60
+done
 
 cat >&2 <<MSG
 
-  Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)
-  Readiness:  http://$GATEWAY_LISTEN/readyz  http://$STREAMER_LISTEN/readyz  http://$PERSISTER_LISTEN/readyz
+  Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)$($CLUSTER && printf '\n  Gateway 2:  http://%s   (any client may resume on either gateway)' "$(listen_of gateway-2)")
+  Readiness:  $(for i in "${instances[@]}"; do printf 'http://%s/readyz  ' "$(listen_of "$i")"; done)
   NATS:       $NATS_URL      Postgres: $DATABASE_URL
   NATS users: $nats_users_file (one per service; inspect as user admin)
-  Logs:       $LOGS/{gateway,streamer,persister,nats,llm}.log
+  Logs:       $LOGS/ (one file per process)
 MSG
 if [ "${GATEWAY_DEV_LOGIN:-}" = true ]; then
   cat >&2 <<MSG

@@ -6,6 +6,14 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bus::{connect::BusConfig, streams};
 
+/// An operator's connection to every node of `cluster`.
+fn admin(cluster: &testkit::NatsCluster) -> BusConfig {
+    let mut config = BusConfig::url(cluster.url());
+    config.nats_user = Some("admin".into());
+    config.nats_password = Some(cluster.passwords().of("admin").to_owned().into());
+    config
+}
+
 async fn replicas_of(js: &jetstream::Context, stream: &str) -> usize {
     js.get_stream(stream)
         .await
@@ -36,7 +44,7 @@ fn every_stream() -> Vec<String> {
 #[tokio::test]
 async fn everything_gets_the_replicas_asked_for_and_an_r1_deployment_is_raised() {
     let cluster = testkit::NatsCluster::start().await.unwrap();
-    let client = BusConfig::url(cluster.url()).connect("test").await.unwrap();
+    let client = admin(&cluster).connect("test").await.unwrap();
     let js = jetstream::new(client);
 
     streams::ensure_all(&js, 1).await.unwrap();
@@ -55,7 +63,7 @@ async fn everything_gets_the_replicas_asked_for_and_an_r1_deployment_is_raised()
 #[tokio::test]
 async fn a_client_given_every_node_outlives_the_stream_leader_and_its_own_node() {
     let mut cluster = testkit::NatsCluster::start().await.unwrap();
-    let client = BusConfig::url(cluster.url()).connect("test").await.unwrap();
+    let client = admin(&cluster).connect("test").await.unwrap();
     let js = jetstream::new(client.clone());
     streams::ensure_all(&js, 3).await.unwrap();
     let publish = |n: u32| {

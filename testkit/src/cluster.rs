@@ -1,5 +1,6 @@
 //! A real 3-node nats-server cluster with JetStream, each node on random
-//! ports with its own store, run from the shipped `nats/cluster.conf`.
+//! ports with its own store, run from the shipped `nats/cluster.conf` (and
+//! so with its users and permissions).
 
 use std::{
     path::PathBuf,
@@ -24,6 +25,7 @@ pub struct NatsCluster {
     nodes: Vec<Node>,
     binary: PathBuf,
     config: PathBuf,
+    passwords: crate::Passwords,
 }
 
 impl NatsCluster {
@@ -52,6 +54,7 @@ impl NatsCluster {
             nodes,
             binary,
             config: crate::project_root().join("nats/cluster.conf"),
+            passwords: crate::Passwords::generate(),
         };
         for i in 0..3 {
             cluster.spawn(i)?;
@@ -78,6 +81,7 @@ impl NatsCluster {
             .env("ROUTE_1", &routes[0])
             .env("ROUTE_2", &routes[1])
             .env("ROUTE_3", &routes[2])
+            .envs(self.passwords.server_env())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -128,6 +132,11 @@ impl NatsCluster {
             .map(|n| format!("nats://127.0.0.1:{}", n.client_port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The users' passwords.
+    pub fn passwords(&self) -> &crate::Passwords {
+        &self.passwords
     }
 
     /// Node `i`'s client URL alone.
