@@ -11,6 +11,8 @@ use anyhow::Context as _;
 /// A running nats-server; killed on drop. Its store dir survives restarts.
 pub struct NatsServer {
     port: u16,
+    /// The HTTP monitoring port (`/jsz`, `/varz`).
+    monitor_port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
     binary: PathBuf,
@@ -27,6 +29,7 @@ impl NatsServer {
             .unwrap_or_else(|| crate::venv_bin("nats-server"));
         let mut server = Self {
             port: crate::free_port(),
+            monitor_port: crate::free_port(),
             store: tempfile::Builder::new().prefix("nats-js-").tempdir()?,
             child: None,
             binary,
@@ -47,6 +50,8 @@ impl NatsServer {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-m",
+                &self.monitor_port.to_string(),
                 "-sd",
             ])
             .arg(self.store.path())
@@ -75,6 +80,20 @@ impl NatsServer {
     /// The client URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// JetStream API requests the server has handled since it started
+    /// (`/jsz`'s `api.total`): what a test counts to see whether something
+    /// calls JetStream.
+    ///
+    /// # Errors
+    /// When the monitoring endpoint does not answer or its shape changed.
+    pub async fn jetstream_api_calls(&self) -> anyhow::Result<u64> {
+        let url = format!("http://127.0.0.1:{}/jsz", self.monitor_port);
+        let jsz: serde_json::Value = reqwest::get(&url).await?.error_for_status()?.json().await?;
+        jsz["api"]["total"]
+            .as_u64()
+            .with_context(|| format!("no api.total in {url}: {jsz}"))
     }
 
     /// A connected client.
