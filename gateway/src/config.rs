@@ -15,6 +15,10 @@ pub struct Config {
     /// Address the HTTP API (and /healthz, /readyz, /metrics) listens on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// How often (ms) readiness is re-checked in the background; /readyz
+    /// answers from the last check and never calls NATS itself.
+    #[arg(long, env = "GATEWAY_READY_REFRESH_MS", default_value_t = 1_000)]
+    pub ready_refresh_ms: u64,
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,

@@ -192,9 +192,15 @@ impl Gateway {
             ws_max_streams: config.ws_max_streams.max(1),
             shutdown,
         }));
+        let ready = bus::ops::ReadyState::start(
+            bus::ops::nats_ready(state.client.clone(), state.js.clone()),
+            std::time::Duration::from_millis(config.ready_refresh_ms.max(100)),
+            state.shutdown.clone(),
+        )
+        .await;
         Ok(Self {
             listener,
-            router: router(state, &config),
+            router: router(state, &config, ready),
         })
     }
 
@@ -231,8 +237,7 @@ impl Gateway {
     }
 }
 
-fn router(state: AppState, config: &Config) -> Router {
-    let ready = bus::ops::nats_ready(state.client.clone(), state.js.clone());
+fn router(state: AppState, config: &Config, ready: bus::ops::ReadyState) -> Router {
     let web = ServeDir::new(&config.web_dir).fallback(bus::ops::not_found.into_service());
     let api = Router::new()
         .route("/v1/dev/token", post(dev_token))

@@ -1,0 +1,112 @@
+//! The hardened edge: `/readyz` answers without calling the bus.
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures::StreamExt as _;
+use serde_json::Value;
+use testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::gateway_config;
+
+/// A gateway built from `extra` flags on `nats`, served until the token
+/// is dropped, and its address.
+struct Edge {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+impl Edge {
+    async fn start(nats: &NatsServer, extra: &[&str]) -> Self {
+        Self::start_on(nats, "127.0.0.1:0", extra).await
+    }
+
+    /// With the API on `listen`.
+    async fn start_on(nats: &NatsServer, listen: &str, extra: &[&str]) -> Self {
+        testkit::init_logs();
+        let shutdown = CancellationToken::new();
+        let gateway = gateway::Gateway::build(on(listen, nats, extra), shutdown.clone())
+            .await
+            .unwrap();
+        let addr = gateway.local_addr().unwrap();
+        tokio::spawn(gateway.run(shutdown.clone()));
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            _shutdown: shutdown.drop_guard(),
+        }
+    }
+
+    async fn get(&self, addr: SocketAddr, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// Polls `/readyz` until it answers `status`; returns the body.
+    async fn wait_readyz(&self, status: u16, within: Duration) -> Value {
+        testkit::wait_for(&format!("/readyz {status}"), within, || async {
+            let (got, body) = self.get(self.addr, "/readyz").await;
+            (got == status).then_some(body)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn on(listen: &str, nats: &NatsServer, extra: &[&str]) -> gateway::Config {
+    gateway::Config {
+        listen: listen.to_owned(),
+        ..gateway_config(&nats.url(), extra)
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_readyz_requests_makes_no_jetstream_calls() {
+    let nats = NatsServer::start().await.unwrap();
+    // No background refresh during the burst: whatever JetStream sees comes
+    // from the requests themselves.
+    let edge = Edge::start(&nats, &["--ready-refresh-ms", "600000"]).await;
+    let before = nats.jetstream_api_calls().await.unwrap();
+    let statuses: Vec<u16> = futures::stream::iter(0..500)
+        .map(|_| async { edge.get(edge.addr, "/readyz").await.0 })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let after = nats.jetstream_api_calls().await.unwrap();
+    assert_eq!(after, before, "JetStream API calls during 500 /readyz");
+
+    // The count is live: one call of our own shows.
+    let js = async_nats::jetstream::new(nats.client().await.unwrap());
+    js.get_stream(bus::streams::CHAT_TOK).await.unwrap();
+    testkit::wait_for("our own call counted", Duration::from_secs(5), || async {
+        (nats.jetstream_api_calls().await.unwrap() > after).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn readiness_turns_unready_when_nats_goes_away_and_ready_when_it_returns() {
+    let mut nats = NatsServer::start().await.unwrap();
+    let edge = Edge::start(&nats, &["--ready-refresh-ms", "200"]).await;
+    let body = edge.wait_readyz(200, Duration::from_secs(1)).await;
+    assert_eq!(body["checks"]["nats"], "connected");
+
+    nats.stop();
+    let body = edge.wait_readyz(503, Duration::from_secs(5)).await;
+    assert_eq!(body["status"], "unavailable", "{body}");
+
+    nats.start_again().await.unwrap();
+    // The client's reconnect backoff, then one refresh.
+    let body = edge.wait_readyz(200, Duration::from_secs(20)).await;
+    assert_eq!(body["checks"]["streams"], "present", "{body}");
+}
