@@ -23,9 +23,11 @@ mkdir -p "$LOGS" "$DATA_DIR/nats"
 say() { printf '\033[1m[run]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-for port in "$NATS_PORT" "$PG_PORT" "${GATEWAY_LISTEN##*:}" "${STREAMER_LISTEN##*:}" "${PERSISTER_LISTEN##*:}"; do
+ports=("$NATS_PORT" "$PG_PORT" "${GATEWAY_LISTEN##*:}" "${STREAMER_LISTEN##*:}" "${PERSISTER_LISTEN##*:}")
+if [ -n "${GATEWAY_ADMIN_LISTEN:-}" ]; then ports+=("${GATEWAY_ADMIN_LISTEN##*:}"); fi
+for port in "${ports[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
+    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, GATEWAY_ADMIN_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
   fi
 done
 
@@ -105,12 +107,14 @@ for service in persister streamer gateway; do
 done
 wait_http "http://$PERSISTER_LISTEN/readyz" persister 60
 wait_http "http://$STREAMER_LISTEN/readyz" streamer 60
-wait_http "http://$GATEWAY_LISTEN/readyz" gateway 60
+# With GATEWAY_ADMIN_LISTEN, /readyz and /metrics move there (404 on the API).
+GATEWAY_OPS="${GATEWAY_ADMIN_LISTEN:-$GATEWAY_LISTEN}"
+wait_http "http://$GATEWAY_OPS/readyz" gateway 60
 
 cat >&2 <<MSG
 
   Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)
-  Readiness:  http://$GATEWAY_LISTEN/readyz  http://$STREAMER_LISTEN/readyz  http://$PERSISTER_LISTEN/readyz
+  Readiness:  http://$GATEWAY_OPS/readyz  http://$STREAMER_LISTEN/readyz  http://$PERSISTER_LISTEN/readyz
   NATS:       $NATS_URL      Postgres: $DATABASE_URL
   Logs:       $LOGS/{gateway,streamer,persister,nats,llm}.log
 MSG

@@ -12,9 +12,15 @@ use secrecy::SecretString;
     about = "HTTP, WebSocket and SSE edge of the streaming LLM gateway."
 )]
 pub struct Config {
-    /// Address the HTTP API (and /healthz, /readyz, /metrics) listens on.
+    /// Address the HTTP API (and /healthz, /readyz, /metrics, unless
+    /// GATEWAY_ADMIN_LISTEN is set) listens on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Address that serves /metrics, /readyz and /healthz apart from the API,
+    /// which then answers 404 for /metrics and /readyz (it keeps /healthz,
+    /// for load balancers). Unset: all three stay on GATEWAY_LISTEN.
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// How often (ms) readiness is re-checked in the background; /readyz
     /// answers from the last check and never calls NATS itself.
     #[arg(long, env = "GATEWAY_READY_REFRESH_MS", default_value_t = 1_000)]

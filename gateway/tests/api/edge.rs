@@ -1,4 +1,5 @@
-//! The hardened edge: `/readyz` answers without calling the bus.
+//! The hardened edge: `/readyz` answers without calling the bus, and ops
+//! endpoints can move to `GATEWAY_ADMIN_LISTEN`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -10,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::gateway_config;
 
 /// A gateway built from `extra` flags on `nats`, served until the token
-/// is dropped, and its address.
+/// is dropped; its API and admin addresses.
 struct Edge {
     addr: SocketAddr,
+    admin: Option<SocketAddr>,
     http: reqwest::Client,
     _shutdown: tokio_util::sync::DropGuard,
 }
@@ -30,9 +32,11 @@ impl Edge {
             .await
             .unwrap();
         let addr = gateway.local_addr().unwrap();
+        let admin = gateway.admin_addr().unwrap();
         tokio::spawn(gateway.run(shutdown.clone()));
         Self {
             addr,
+            admin,
             http: reqwest::Client::new(),
             _shutdown: shutdown.drop_guard(),
         }
@@ -109,4 +113,59 @@ async fn readiness_turns_unready_when_nats_goes_away_and_ready_when_it_returns()
     // The client's reconnect backoff, then one refresh.
     let body = edge.wait_readyz(200, Duration::from_secs(20)).await;
     assert_eq!(body["checks"]["streams"], "present", "{body}");
+}
+
+#[tokio::test]
+async fn admin_listen_serves_metrics_and_readiness_apart_from_the_api() {
+    let nats = NatsServer::start().await.unwrap();
+    let edge = Edge::start(&nats, &["--admin-listen", "127.0.0.1:0"]).await;
+    let admin = edge.admin.expect("an admin address");
+    assert_ne!(admin, edge.addr);
+
+    let (status, body) = edge.get(admin, "/readyz").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["checks"]["nats"], "connected");
+    let metrics = edge
+        .http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("gateway_"));
+    assert_eq!(edge.get(admin, "/healthz").await.0, 200);
+    // The admin port serves nothing of the API.
+    let (status, body) = edge.get(admin, "/v1/models").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // The API port keeps /healthz for load balancers, and nothing else of ops.
+    for path in ["/readyz", "/metrics"] {
+        let (status, body) = edge.get(edge.addr, path).await;
+        assert_eq!(status, 404, "{path} on the API port");
+        assert_eq!(body["error"]["code"], "not_found", "{path}");
+    }
+    assert_eq!(edge.get(edge.addr, "/healthz").await.0, 200);
+
+    // Without it, everything stays on the API port.
+    let plain = Edge::start(&nats, &[]).await;
+    assert!(plain.admin.is_none());
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(plain.get(plain.addr, path).await.0, 200, "{path}");
+    }
+
+    // A taken admin address fails fast, naming the setting.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = gateway_config(
+        &nats.url(),
+        &["--admin-listen", &taken.local_addr().unwrap().to_string()],
+    );
+    let error = gateway::Gateway::build(config, CancellationToken::new())
+        .await
+        .err()
+        .expect("a taken admin address is refused");
+    assert!(
+        format!("{error:#}").contains("GATEWAY_ADMIN_LISTEN"),
+        "{error:#}"
+    );
 }
