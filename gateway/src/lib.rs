@@ -129,6 +129,7 @@ impl Gateway {
         let auth = Arc::new(auth::Authenticator::build(&config)?);
         series::register();
         let listener = bus::ops::bind(&config.listen, "GATEWAY_LISTEN").await?;
+        config.check_dev_login_exposure(listener.local_addr()?)?;
         let admin = match &config.admin_listen {
             Some(addr) => Some(bus::ops::bind(addr, "GATEWAY_ADMIN_LISTEN").await?),
             None => None,

@@ -1,5 +1,6 @@
-//! The hardened edge: `/readyz` answers without calling the bus, and ops
-//! endpoints can move to `GATEWAY_ADMIN_LISTEN`.
+//! The hardened edge: dev login stays on loopback unless overridden,
+//! `/readyz` answers without calling the bus, and ops endpoints can move to
+//! `GATEWAY_ADMIN_LISTEN`.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -70,6 +71,50 @@ fn on(listen: &str, nats: &NatsServer, extra: &[&str]) -> gateway::Config {
         listen: listen.to_owned(),
         ..gateway_config(&nats.url(), extra)
     }
+}
+
+#[tokio::test]
+async fn dev_login_refuses_a_public_listen_address_unless_overridden() {
+    let nats = NatsServer::start().await.unwrap();
+    let shutdown = CancellationToken::new();
+    let public = on("0.0.0.0:0", &nats, &["--dev-login"]);
+    let error = gateway::Gateway::build(public, shutdown.clone())
+        .await
+        .err()
+        .expect("dev login on 0.0.0.0 is refused");
+    let message = format!("{error:#}");
+    assert!(message.contains("GATEWAY_LISTEN=0.0.0.0:0"), "{message}");
+    assert!(
+        message.contains("GATEWAY_DEV_LOGIN_ALLOW_PUBLIC=true"),
+        "{message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+
+    // The override lets it start, and dev login works.
+    let overridden = Edge::start_on(
+        &nats,
+        "0.0.0.0:0",
+        &["--dev-login", "--dev-login-allow-public"],
+    )
+    .await;
+    let local: SocketAddr = format!("127.0.0.1:{}", overridden.addr.port())
+        .parse()
+        .unwrap();
+    let token = overridden
+        .http
+        .post(format!("http://{local}/v1/dev/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token.status(), 200);
+
+    // Loopback needs no override, as an address or as `localhost`.
+    for listen in ["127.0.0.1:0", "localhost:0"] {
+        let loopback = Edge::start_on(&nats, listen, &["--dev-login"]).await;
+        assert!(loopback.addr.ip().is_loopback(), "{listen}");
+    }
+    // Without dev login, a public address is the operator's business.
+    Edge::start_on(&nats, "0.0.0.0:0", &[]).await;
 }
 
 #[tokio::test]
