@@ -17,9 +17,11 @@ set -a
 source "$nats_users_file"
 set +a
 
+# Meant for a background job (`start_as gateway bin &`): it execs, so the
+# job's pid is the service's and a TERM to it reaches the service.
 start_as() { # user command...
   local user="$1"; shift
   local var
   var="$(printf '%s' "$user" | tr '[:lower:]' '[:upper:]')_NATS_PASSWORD"
-  NATS_USER="$user" NATS_PASSWORD="${!var}" "$@"
+  NATS_USER="$user" NATS_PASSWORD="${!var}" exec "$@"
 }

@@ -44,15 +44,24 @@ listen_of() { # instance -> host:port
   if [ "$base" != "$1" ]; then listen="${listen%:*}:$(( ${listen##*:} + 3 ))"; fi
   printf '%s' "$listen"
 }
+ops_of() { # instance -> where its /readyz answers (GATEWAY_ADMIN_LISTEN moves the gateway's)
+  if [ "${1%-2}" != gateway ] || [ -z "${GATEWAY_ADMIN_LISTEN:-}" ]; then listen_of "$1"; return; fi
+  local admin="$GATEWAY_ADMIN_LISTEN"
+  if [ "$1" = gateway-2 ]; then admin="${admin%:*}:$(( ${admin##*:} + 3 ))"; fi
+  printf '%s' "$admin"
+}
 
 say() { printf '\033[1m[run]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 ports=("${nats_ports[@]}" "$PG_PORT")
-for instance in "${instances[@]}"; do listen="$(listen_of "$instance")"; ports+=("${listen##*:}"); done
+for instance in "${instances[@]}"; do
+  listen="$(listen_of "$instance")"; ports+=("${listen##*:}")
+  ops="$(ops_of "$instance")"; if [ "$ops" != "$listen" ]; then ports+=("${ops##*:}"); fi
+done
 for port in "${ports[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
+    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, GATEWAY_ADMIN_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
   fi
 done
 
@@ -148,18 +157,19 @@ for instance in "${instances[@]}"; do
   listen="$(listen_of "$instance")"
   sqlite="$PERSISTER_SQLITE_PATH"
   if [ "$instance" = persister-2 ]; then sqlite="${PERSISTER_SQLITE_PATH%.db}-2.db"; fi
+  admin=(); if [ "$service" = gateway ] && [ -n "${GATEWAY_ADMIN_LISTEN:-}" ]; then admin=(GATEWAY_ADMIN_LISTEN="$(ops_of "$instance")"); fi
   GATEWAY_LISTEN="$listen" STREAMER_LISTEN="$listen" PERSISTER_LISTEN="$listen" PERSISTER_SQLITE_PATH="$sqlite" \
-    start_as "$service" "$BIN_DIR/$service" >"$LOGS/$instance.log" 2>&1 &
+    start_as "$service" env "${admin[@]}" "$BIN_DIR/$service" >"$LOGS/$instance.log" 2>&1 &
   pids+=($!)
 done
 for instance in "${instances[@]}"; do
-  wait_http "http://$(listen_of "$instance")/readyz" "$instance" 60
+  wait_http "http://$(ops_of "$instance")/readyz" "$instance" 60
 done
 
 cat >&2 <<MSG
 
   Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)$($CLUSTER && printf '\n  Gateway 2:  http://%s   (any client may resume on either gateway)' "$(listen_of gateway-2)")
-  Readiness:  $(for i in "${instances[@]}"; do printf 'http://%s/readyz  ' "$(listen_of "$i")"; done)
+  Readiness:  $(for i in "${instances[@]}"; do printf 'http://%s/readyz  ' "$(ops_of "$i")"; done)
   NATS:       $NATS_URL      Postgres: $DATABASE_URL
   NATS users: $nats_users_file (one per service; inspect as user admin)
   Logs:       $LOGS/ (one file per process)

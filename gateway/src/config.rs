@@ -1,6 +1,9 @@
 //! The gateway's configuration: flags, each also read from its env var.
 
-use std::path::PathBuf;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use secrecy::SecretString;
 
@@ -12,9 +15,19 @@ use secrecy::SecretString;
     about = "HTTP, WebSocket and SSE edge of the streaming LLM gateway."
 )]
 pub struct Config {
-    /// Address the HTTP API (and /healthz, /readyz, /metrics) listens on.
+    /// Address the HTTP API (and /healthz, /readyz, /metrics, unless
+    /// GATEWAY_ADMIN_LISTEN is set) listens on.
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Address that serves /metrics, /readyz and /healthz apart from the API,
+    /// which then answers 404 for /metrics and /readyz (it keeps /healthz,
+    /// for load balancers). Unset: all three stay on GATEWAY_LISTEN.
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// How often (ms) readiness is re-checked in the background; /readyz
+    /// answers from the last check and never calls NATS itself.
+    #[arg(long, env = "GATEWAY_READY_REFRESH_MS", default_value_t = 1_000)]
+    pub ready_refresh_ms: u64,
     /// How to reach the bus (NATS_URL, NATS_USER, NATS_PASSWORD, NATS_CREDS,
     /// BUS_REPLICAS).
     #[command(flatten)]
@@ -37,8 +50,15 @@ pub struct Config {
     pub auth_jwt_issuer: Option<String>,
     /// Enables `POST /v1/dev/token`, which mints a token for any user id.
     /// For local development only; needs AUTH_JWT_SECRET.
+    /// Refused on a GATEWAY_LISTEN that is not loopback, unless
+    /// GATEWAY_DEV_LOGIN_ALLOW_PUBLIC is set.
     #[arg(long, env = "GATEWAY_DEV_LOGIN")]
     pub dev_login: bool,
+    /// Lets dev login run on a non-loopback GATEWAY_LISTEN (anyone who
+    /// reaches the port can then mint tokens): a shared test box, never
+    /// production.
+    #[arg(long, env = "GATEWAY_DEV_LOGIN_ALLOW_PUBLIC")]
+    pub dev_login_allow_public: bool,
     /// Turns one user may have in progress at once, counted across every
     /// gateway node (a disconnect does not give a place back; a finished
     /// turn does).
@@ -86,4 +106,87 @@ pub struct Config {
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,
+}
+
+impl Config {
+    /// Refuses dev login on an address other machines can reach, unless
+    /// overridden: it mints a token for any user id, so whoever reaches the
+    /// port is anyone. `bound` is where the API listener really is, so a
+    /// host name counts by what it resolved to.
+    ///
+    /// # Errors
+    /// One line naming both settings.
+    pub(crate) fn check_dev_login_exposure(&self, bound: SocketAddr) -> anyhow::Result<()> {
+        if !self.dev_login || is_loopback(bound.ip()) {
+            return Ok(());
+        }
+        if self.dev_login_allow_public {
+            tracing::warn!(
+                addr = %bound,
+                "Dev login is reachable beyond this machine (GATEWAY_DEV_LOGIN_ALLOW_PUBLIC): anyone who reaches the port can mint tokens."
+            );
+            return Ok(());
+        }
+        anyhow::bail!(
+            "GATEWAY_DEV_LOGIN is on but GATEWAY_LISTEN={} is not a loopback address, so anyone who reaches it could mint tokens: listen on 127.0.0.1, localhost or [::1], turn GATEWAY_DEV_LOGIN off, or set GATEWAY_DEV_LOGIN_ALLOW_PUBLIC=true to accept that",
+            self.listen
+        )
+    }
+}
+
+/// 127.0.0.0/8 and ::1 (also as an IPv4-mapped address). The unspecified
+/// 0.0.0.0 and :: are not: they listen on every interface.
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn loopback_means_127_slash_8_and_colon_colon_1_only() {
+        for loopback in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(loopback.parse().unwrap()), "{loopback}");
+        }
+        for public in [
+            "0.0.0.0",
+            "::",
+            "10.0.0.1",
+            "192.168.1.2",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_loopback(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn dev_login_on_a_public_address_needs_the_override() {
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["gateway", "--listen", "0.0.0.0:8080"];
+            args.extend_from_slice(extra);
+            Config::parse_from(args)
+        };
+        let error = parse(&["--dev-login"])
+            .check_dev_login_exposure(public)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("GATEWAY_LISTEN=0.0.0.0:8080"), "{error}");
+        assert!(
+            error.contains("GATEWAY_DEV_LOGIN_ALLOW_PUBLIC=true"),
+            "{error}"
+        );
+        assert!(!error.contains('\n'), "one line: {error}");
+        parse(&["--dev-login", "--dev-login-allow-public"])
+            .check_dev_login_exposure(public)
+            .unwrap();
+        parse(&["--dev-login"])
+            .check_dev_login_exposure(local)
+            .unwrap();
+        parse(&[]).check_dev_login_exposure(public).unwrap();
+    }
 }

@@ -112,6 +112,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 /// A gateway that has bound its port and connected, ready to [`Gateway::run`].
 pub struct Gateway {
     listener: tokio::net::TcpListener,
+    /// `GATEWAY_ADMIN_LISTEN`'s listener, when set; `run` serves ops on it.
+    admin: Option<tokio::net::TcpListener>,
+    /// Readiness refreshed in the background; the admin listener serves it.
+    ready: bus::ops::ReadyState,
     router: Router,
 }
 
@@ -125,6 +129,11 @@ impl Gateway {
         let auth = Arc::new(auth::Authenticator::build(&config)?);
         series::register();
         let listener = bus::ops::bind(&config.listen, "GATEWAY_LISTEN").await?;
+        config.check_dev_login_exposure(listener.local_addr()?)?;
+        let admin = match &config.admin_listen {
+            Some(addr) => Some(bus::ops::bind(addr, "GATEWAY_ADMIN_LISTEN").await?),
+            None => None,
+        };
         let client = config.bus.connect("gateway").await?;
         let js = async_nats::jetstream::new(client.clone());
         bus::streams::ensure_all(&js, config.bus.bus_replicas).await?;
@@ -192,9 +201,17 @@ impl Gateway {
             ws_max_streams: config.ws_max_streams.max(1),
             shutdown,
         }));
+        let ready = bus::ops::ReadyState::start(
+            bus::ops::nats_ready(state.client.clone(), state.js.clone()),
+            std::time::Duration::from_millis(config.ready_refresh_ms.max(100)),
+            state.shutdown.clone(),
+        )
+        .await;
         Ok(Self {
+            router: router(state, &config, ops_routes(ready.clone(), admin.is_some())),
             listener,
-            router: router(state, &config),
+            admin,
+            ready,
         })
     }
 
@@ -206,12 +223,31 @@ impl Gateway {
         self.listener.local_addr()
     }
 
+    /// The bound `GATEWAY_ADMIN_LISTEN` address, when one is set.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn admin_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.admin.as_ref().map(|l| l.local_addr()).transpose()
+    }
+
     /// Serves until `shutdown` fires, then drains (bounded by [`bus::shutdown::DRAIN`]).
     ///
     /// # Errors
     /// When the server fails.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(addr = %self.listener.local_addr()?, "Gateway listening.");
+        let admin = match self.admin {
+            Some(listener) => {
+                tracing::info!(addr = %listener.local_addr()?, "Admin (metrics, readiness) listening.");
+                Some(tokio::spawn(bus::ops::serve(
+                    listener,
+                    self.ready,
+                    shutdown.clone(),
+                )))
+            }
+            None => None,
+        };
         use axum::serve::ListenerExt as _;
         // Without TCP_NODELAY a token frame written right after `accepted`
         // waits for the client's delayed ACK (~40 ms): Nagle's algorithm.
@@ -226,13 +262,33 @@ impl Gateway {
             Ok(result) => result??,
             Err(_) => tracing::warn!("Drain timed out; closing remaining connections."),
         }
+        if let Some(admin) = admin {
+            // Scrapes and probes are short: it stops as soon as they end.
+            let result = admin.await.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(error) = result {
+                tracing::warn!(error = %format!("{error:#}"), "Admin listener failed.");
+            }
+        }
         tracing::info!("Gateway stopped.");
         Ok(())
     }
 }
 
-fn router(state: AppState, config: &Config) -> Router {
-    let ready = bus::ops::nats_ready(state.client.clone(), state.js.clone());
+/// `/healthz`, `/readyz` and `/metrics` on the API port; with an admin
+/// listener, only `/healthz` (load balancers probe the port they send
+/// traffic to, and it costs nothing), and the other two answer 404 here
+/// rather than fall through to the web folder.
+fn ops_routes(ready: bus::ops::ReadyState, admin_apart: bool) -> Router {
+    if !admin_apart {
+        return bus::ops::router(ready);
+    }
+    Router::new()
+        .route("/healthz", get(bus::ops::healthz))
+        .route("/readyz", axum::routing::any(bus::ops::not_found))
+        .route("/metrics", axum::routing::any(bus::ops::not_found))
+}
+
+fn router(state: AppState, config: &Config, ops: Router) -> Router {
     let web = ServeDir::new(&config.web_dir).fallback(bus::ops::not_found.into_service());
     let api = Router::new()
         .route("/v1/dev/token", post(dev_token))
@@ -253,8 +309,7 @@ fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/scans/{id}", get(scans::status))
         .route("/v1/scans/{id}/events", get(scan_events::events))
         .with_state(state);
-    bus::ops::router(ready)
-        .merge(api)
+    ops.merge(api)
         .fallback_service(web)
         .layer(axum::middleware::from_fn(drain::unread_bodies))
         .layer(

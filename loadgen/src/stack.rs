@@ -226,6 +226,8 @@ impl GatewayProcess {
             .env("GATEWAY_WEB_DIR", testkit::project_root().join("web"))
             .env("RUST_LOG", "warn")
             .env_remove("GATEWAY_DEV_LOGIN")
+            // Its /readyz is awaited on the API port.
+            .env_remove("GATEWAY_ADMIN_LISTEN")
             .env_remove("AUTH_JWT_PUBLIC_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,8 +1,19 @@
 //! Health, readiness and Prometheus metrics, served the same way by every
-//! service (the gateway mounts these routes on its API port; the streamer and
-//! persister serve them on their own listen address).
+//! service (the gateway mounts these routes on its API port, or on
+//! `GATEWAY_ADMIN_LISTEN`; the streamer and persister serve them on their own
+//! listen address).
+//!
+//! Readiness is checked in the background ([`ReadyState`]) and `/readyz`
+//! answers from the last result: a probe costs bus calls (the NATS probe
+//! asks JetStream for every stream), and a flood of `/readyz` must not turn
+//! into a flood on the bus.
 
-use std::{future::Future, pin::Pin, sync::Arc, sync::OnceLock};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use axum::{
     Json, Router,
@@ -13,6 +24,8 @@ use axum::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::wire::{ErrorBody, ErrorDetail};
 
@@ -27,8 +40,119 @@ pub struct Readiness {
     pub checks: serde_json::Map<String, serde_json::Value>,
 }
 
-/// A readiness probe: called on every `/readyz`.
+/// A readiness probe: run by [`ReadyState`] in the background, never per
+/// request.
 pub type ReadyFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Readiness> + Send>> + Send + Sync>;
+
+/// How often the streamer and persister re-run their readiness probe (the
+/// gateway's is `GATEWAY_READY_REFRESH_MS`, this by default): seven
+/// JetStream calls a second per process is nothing, and a dependency that
+/// goes away shows on `/readyz` within about this long.
+pub const READY_REFRESH: Duration = Duration::from_secs(1);
+
+/// A probe that has not answered within this counts as not ready: a hung
+/// dependency must not leave the last "ready" standing.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Readiness {
+    fn unavailable(check: &str, finding: String) -> Self {
+        let mut checks = serde_json::Map::new();
+        checks.insert(check.into(), json!(finding));
+        Self {
+            ready: false,
+            status: "unavailable",
+            checks,
+        }
+    }
+}
+
+/// What `/readyz` answers: the last result of a probe that a background task
+/// re-runs, so a request costs no call to any dependency. Cheap to clone.
+#[derive(Clone)]
+pub struct ReadyState {
+    /// The last result and when it was found; the refresh task owns the sender.
+    latest: tokio::sync::watch::Receiver<(Readiness, Instant)>,
+    /// Older than this, the result is not trusted (the refresh task died).
+    stale_after: Duration,
+}
+
+impl ReadyState {
+    /// Runs `probe` once and waits for it, so the first answer is never
+    /// "ready" before a check passed, then re-runs it every `every` in a
+    /// task until `shutdown` fires; from then on it answers not ready, so a
+    /// draining process is taken out of rotation.
+    pub async fn start(probe: ReadyFn, every: Duration, shutdown: CancellationToken) -> Self {
+        let first = run_probe(&probe).await;
+        log_change(None, &first);
+        let (tx, latest) = tokio::sync::watch::channel((first, Instant::now()));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            // A slow probe delays the next one instead of causing a burst.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    // Nobody serves this state any more.
+                    () = tx.closed() => return,
+                    _ = ticks.tick() => {}
+                }
+                let readiness = tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    readiness = run_probe(&probe) => readiness,
+                };
+                log_change(Some(&tx.borrow().0), &readiness);
+                tx.send_replace((readiness, Instant::now()));
+            }
+            tx.send_replace((
+                Readiness::unavailable("shutdown", "draining".into()),
+                Instant::now(),
+            ));
+        });
+        Self {
+            latest,
+            stale_after: 2 * (every + PROBE_TIMEOUT),
+        }
+    }
+
+    /// The last result, or not ready when it is stale.
+    pub fn current(&self) -> Readiness {
+        let (readiness, at) = &*self.latest.borrow();
+        let age = at.elapsed();
+        if age > self.stale_after {
+            return Readiness::unavailable(
+                "readiness",
+                format!("stale: last checked {} s ago", age.as_secs()),
+            );
+        }
+        readiness.clone()
+    }
+}
+
+async fn run_probe(probe: &ReadyFn) -> Readiness {
+    tokio::time::timeout(PROBE_TIMEOUT, probe())
+        .await
+        .unwrap_or_else(|_| {
+            Readiness::unavailable(
+                "probe",
+                format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
+            )
+        })
+}
+
+/// Logs when readiness flips: with `/readyz` no longer probing per request,
+/// the log is where an operator sees when and why it changed.
+fn log_change(before: Option<&Readiness>, now: &Readiness) {
+    if before.is_some_and(|b| b.ready == now.ready) {
+        return;
+    }
+    let checks = serde_json::Value::Object(now.checks.clone());
+    if now.ready {
+        tracing::info!(status = now.status, %checks, "Ready.");
+    } else {
+        tracing::warn!(status = now.status, %checks, "Not ready.");
+    }
+}
 
 /// The process-wide Prometheus recorder. Installed on first use; later calls
 /// (another service in the same test process) share it.
@@ -194,16 +318,22 @@ pub fn catalogue_mismatches(
 }
 
 /// `/healthz`, `/readyz` and `/metrics`.
-pub fn router(ready: ReadyFn) -> Router {
+pub fn router(ready: ReadyState) -> Router {
     let handle = metrics_handle();
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz).with_state(ready))
         .route("/metrics", get(move || async move { handle.render() }))
 }
 
-async fn readyz(State(ready): State<ReadyFn>) -> Response {
-    let readiness = ready().await;
+/// `/healthz`: the process answers. Checks nothing else, so it is cheap
+/// enough to serve anywhere.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(ready): State<ReadyState>) -> Response {
+    let readiness = ready.current();
     let status = if readiness.ready {
         StatusCode::OK
     } else {
@@ -238,8 +368,8 @@ pub async fn not_found(uri: axum::http::Uri) -> Response {
 /// When the server fails while running.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    ready: ReadyFn,
-    shutdown: tokio_util::sync::CancellationToken,
+    ready: ReadyState,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = router(ready).fallback(not_found);
     axum::serve(listener, app)
@@ -283,7 +413,8 @@ pub async fn nats_checks(
 }
 
 /// A readiness probe for a service whose only dependency is NATS: ready when
-/// connected and every stream of the contract exists.
+/// connected and every stream of the contract exists (one JetStream call per
+/// stream, hence [`ReadyState`]).
 pub fn nats_ready(client: async_nats::Client, js: async_nats::jetstream::Context) -> ReadyFn {
     Arc::new(move || {
         let (client, js) = (client.clone(), js.clone());
@@ -297,4 +428,89 @@ pub fn nats_ready(client: async_nats::Client, js: async_nats::jetstream::Context
             }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn counting_probe(calls: Arc<AtomicUsize>) -> ReadyFn {
+        Arc::new(move || {
+            let calls = calls.clone();
+            Box::pin(async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Readiness {
+                    ready: true,
+                    status: "ok",
+                    checks: serde_json::Map::new(),
+                }
+            })
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_is_answered_from_the_background_refresh_not_per_request() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let shutdown = CancellationToken::new();
+        let every = Duration::from_secs(60);
+        let state = ReadyState::start(counting_probe(calls.clone()), every, shutdown.clone()).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the first check runs before start returns"
+        );
+        for _ in 0..500 {
+            assert!(state.current().ready);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(every + Duration::from_millis(1)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let draining = state.current();
+        assert!(!draining.ready);
+        assert_eq!(draining.checks["shutdown"], "draining");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_probe_counts_as_not_ready() {
+        let hung: ReadyFn = Arc::new(|| Box::pin(std::future::pending()));
+        let state = ReadyState::start(hung, READY_REFRESH, CancellationToken::new()).await;
+        let readiness = state.current();
+        assert!(!readiness.ready);
+        assert_eq!(readiness.status, "unavailable");
+        assert!(readiness.checks.contains_key("probe"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_the_refresh_stopped_renewing_is_not_trusted() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        // Ready once, then the refresh task dies (a panicking probe).
+        let probe: ReadyFn = Arc::new(move || {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                assert!(first, "the probe fails after its first run");
+                Readiness {
+                    ready: true,
+                    status: "ok",
+                    checks: serde_json::Map::new(),
+                }
+            })
+        });
+        let state = ReadyState::start(probe, READY_REFRESH, CancellationToken::new()).await;
+        assert!(state.current().ready);
+        tokio::time::sleep(2 * (READY_REFRESH + PROBE_TIMEOUT) + READY_REFRESH).await;
+        let readiness = state.current();
+        assert!(!readiness.ready);
+        assert!(
+            readiness.checks["readiness"]
+                .as_str()
+                .unwrap()
+                .starts_with("stale")
+        );
+    }
 }

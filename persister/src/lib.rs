@@ -114,12 +114,17 @@ impl Persister {
     /// # Errors
     /// When the ingest or sync loop stops before `shutdown` (a bug: a panic).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let ready = readiness(
-            self.client.clone(),
-            self.js.clone(),
-            self.wal.clone(),
-            self.postgres.status.clone(),
-        );
+        let ready = bus::ops::ReadyState::start(
+            readiness(
+                self.client.clone(),
+                self.js.clone(),
+                self.wal.clone(),
+                self.postgres.status.clone(),
+            ),
+            bus::ops::READY_REFRESH,
+            shutdown.clone(),
+        )
+        .await;
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
 
         // Internal token: a loop that dies stops the other one too.

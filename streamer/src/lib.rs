@@ -146,7 +146,12 @@ impl Streamer {
     /// # Errors
     /// When the consumer cannot be created.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let ready = bus::ops::nats_ready(self.client.clone(), self.js.clone());
+        let ready = bus::ops::ReadyState::start(
+            bus::ops::nats_ready(self.client.clone(), self.js.clone()),
+            bus::ops::READY_REFRESH,
+            shutdown.clone(),
+        )
+        .await;
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
 
         let tracker = TaskTracker::new();

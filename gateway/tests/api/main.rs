@@ -2,6 +2,7 @@
 
 mod accept;
 mod batches;
+mod edge;
 mod guarantees;
 mod helpers;
 mod refused_uploads;
