@@ -96,10 +96,10 @@ pub struct CompareArgs {
     #[arg(long)]
     workers: Option<usize>,
     /// Longest a single turn may take, seconds.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 300)]
     turn_timeout_s: u64,
-    /// Longest any phase may take, seconds.
-    #[arg(long, default_value_t = 400)]
+    /// Longest any phase may take, seconds (a phase that runs out loses its figures).
+    #[arg(long, default_value_t = 900)]
     phase_timeout_s: u64,
     /// CPU is still counted this long after a phase's last turn, ms (trailing work: persisting).
     #[arg(long, default_value_t = 500)]
@@ -306,13 +306,14 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
                     continue;
                 };
                 say(&format!(
-                    "{level} streams, {}{}: {rounds} measured turns per client.",
+                    "{level} streams, {}{}: {} per client.",
                     kind.label(),
                     if args.repeats > 1 {
                         format!(" (repeat {})", repeat + 1)
                     } else {
                         String::new()
-                    }
+                    },
+                    crate::compare_report::turns(rounds)
                 ));
                 let spec = spec_for(
                     level,

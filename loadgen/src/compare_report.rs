@@ -208,8 +208,19 @@ fn machine_pct(label: &'static str) -> impl Fn(&PhaseResult) -> f64 {
 fn us(x: f64) -> String {
     if x.is_nan() {
         "-".into()
+    } else if x >= 100.0 {
+        format!("{} µs", rate(x))
     } else {
         format!("{x:.1} µs")
+    }
+}
+
+/// Milliseconds, or seconds from 10 s up.
+fn time(x: f64) -> String {
+    if x.abs() >= 10_000.0 {
+        format!("{:.1} s", x / 1e3)
+    } else {
+        ms(x)
     }
 }
 
@@ -217,10 +228,14 @@ fn signed(x: f64) -> String {
     if x.is_nan() {
         "-".into()
     } else if x >= 0.0 {
-        format!("+{}", ms(x))
+        format!("+{}", time(x))
     } else {
-        format!("−{}", ms(-x))
+        format!("−{}", time(-x))
     }
+}
+
+pub(crate) fn turns(n: usize) -> String {
+    format!("{n} measured turn{}", if n == 1 { "" } else { "s" })
 }
 
 impl CompareReport {
@@ -270,9 +285,15 @@ impl CompareReport {
             }
             None => {}
         }
-        if !self.diagnostics.is_empty() {
-            writeln!(out, "\n### Counters and histogram means from the in-process gateway and streamer (whole run)\n\n```").ok();
-            for line in &self.diagnostics {
+        // Counters that stayed at zero say nothing here.
+        let diagnostics: Vec<&String> = self
+            .diagnostics
+            .iter()
+            .filter(|l| !l.ends_with(" 0"))
+            .collect();
+        if !diagnostics.is_empty() {
+            writeln!(out, "\n### Counters (other than zero) and histogram means from the in-process gateway and streamer (whole run)\n\n```").ok();
+            for line in diagnostics {
                 writeln!(out, "{line}").ok();
             }
             writeln!(out, "```").ok();
@@ -422,8 +443,8 @@ impl CompareReport {
                 rate(l.level as f64),
                 format!(
                     "{} / {}",
-                    ms(l.median(PathKind::Direct, ttft(50.0))),
-                    ms(l.median(PathKind::Direct, ttft(99.0)))
+                    time(l.median(PathKind::Direct, ttft(50.0))),
+                    time(l.median(PathKind::Direct, ttft(99.0)))
                 ),
             ];
             for kind in paths {
@@ -462,10 +483,10 @@ impl CompareReport {
             .collect();
         writeln!(
             out,
-            "\n### {} concurrent stream{} ({} measured turns per client{})\n",
+            "\n### {} concurrent stream{} ({} per client{})\n",
             rate(l.level as f64),
             if l.level == 1 { "" } else { "s" },
-            l.rounds,
+            turns(l.rounds),
             if self.conditions.repeats > 1 {
                 format!("; median of {} cycles", self.conditions.repeats)
             } else {
@@ -496,8 +517,8 @@ impl CompareReport {
         row(out, "TTFT p50 / p99", &|k| {
             format!(
                 "{} / {}",
-                ms(l.median(k, ttft(50.0))),
-                ms(l.median(k, ttft(99.0)))
+                time(l.median(k, ttft(50.0))),
+                time(l.median(k, ttft(99.0)))
             )
         });
         row(out, "**added TTFT p50 / p99**", &|k| {
@@ -604,6 +625,8 @@ mod tests {
         assert!(med([]).is_nan());
         assert_eq!(signed(1.5), "+1.50 ms");
         assert_eq!(signed(-0.25), "−0.25 ms");
+        assert_eq!(signed(12792.0), "+12.8 s");
         assert_eq!(us(9.94), "9.9 µs");
+        assert_eq!(us(12125.0), "12,125 µs");
     }
 }
