@@ -54,14 +54,15 @@ esac
 # LiteLLM for `compare`: its own venv (its dependencies stay out of the
 # project's), installed once per pinned version.
 LITELLM_VERSION="1.108.7"
-LITELLM_VENV="$DATA_DIR/litellm-venv"
+LITELLM_VENV="${LITELLM_VENV:-$DATA_DIR/litellm-venv}"
+LITELLM_LOG="$LITELLM_VENV-install.log"
 ensure_litellm() {
   local stamp="$LITELLM_VENV/.installed-$LITELLM_VERSION"
   [ -f "$stamp" ] && [ -x "$LITELLM_VENV/bin/litellm" ] && return 0
-  log "installing litellm[proxy]==$LITELLM_VERSION into $LITELLM_VENV (log: $DATA_DIR/litellm-install.log)"
-  python3 -m venv "$LITELLM_VENV" >"$DATA_DIR/litellm-install.log" 2>&1 &&
+  log "installing litellm[proxy]==$LITELLM_VERSION into $LITELLM_VENV (log: $LITELLM_LOG)"
+  python3 -m venv "$LITELLM_VENV" >"$LITELLM_LOG" 2>&1 &&
     "$LITELLM_VENV/bin/pip" install --disable-pip-version-check \
-      "litellm[proxy]==$LITELLM_VERSION" >>"$DATA_DIR/litellm-install.log" 2>&1 &&
+      "litellm[proxy]==$LITELLM_VERSION" >>"$LITELLM_LOG" 2>&1 &&
     touch "$stamp"
 }
 extra=()
@@ -69,7 +70,7 @@ if [ "$MODE" = compare ]; then
   if ensure_litellm; then
     extra+=(--litellm-bin "$LITELLM_VENV/bin/litellm")
   else
-    why="pip install 'litellm[proxy]==$LITELLM_VERSION' failed (offline?): $(tail -n 1 "$DATA_DIR/litellm-install.log" | cut -c1-200)"
+    why="pip install 'litellm[proxy]==$LITELLM_VERSION' failed (offline?): $(tail -n 1 "$LITELLM_LOG" | cut -c1-200)"
     log "LiteLLM is not available; the comparison goes on without it: $why"
     extra+=(--litellm-missing "$why")
   fi

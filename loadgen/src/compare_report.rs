@@ -190,7 +190,7 @@ fn us_per_token<'a>(labels: &'a [&'a str]) -> impl Fn(&PhaseResult) -> f64 + 'a 
             .iter()
             .filter(|(l, _)| labels.contains(&l.as_str()))
             .map(|(_, t)| t.as_secs_f64())
-            .sum();
+            .fold(0.0, |a, b| a + b);
         1e6 * used / r.stats.tokens.max(1) as f64
     }
 }
@@ -318,7 +318,7 @@ impl CompareReport {
             c.profile
         )
         .ok();
-        writeln!(out, "- everything on loopback on this one machine, the load tool included: a testkit nats-server (JetStream, file store in a temp dir), the stand-in upstream (testkit `StandInLlm`: {} tokens per turn, {} ms before each), the streamer (`--concurrency {}`) and the gateway in-process on their own Tokio runtimes ({} worker threads each; CPU told apart by thread name), the persister in its own process ({}), LiteLLM in its own process", c.tokens, c.interval_ms, c.streamer_concurrency, c.workers, c.persister).ok();
+        writeln!(out, "- everything on loopback on this one machine, the load tool included: a testkit nats-server (JetStream, file store in a temp dir), the stand-in upstream (testkit `StandInLlm`: {} tokens per turn, {} ms before each), the streamer (`--concurrency {}`) and the gateway in-process on their own Tokio runtimes ({} worker threads each; CPU told apart by thread name), the persister in its own process ({}){}", c.tokens, c.interval_ms, c.streamer_concurrency, c.workers, c.persister, if c.litellm.is_ok() { ", LiteLLM in its own process" } else { "" }).ok();
         match &c.litellm {
             Ok(how) => writeln!(out, "- LiteLLM: {how}").ok(),
             Err(why) => writeln!(out, "- **LiteLLM was not measured**: {why}").ok(),
@@ -326,7 +326,7 @@ impl CompareReport {
         writeln!(out, "- levels: {} concurrent streams, one client and one user each (the gateway allows 8 turns per user); **interleaved**: at each level the paths run back to back in the order direct, WebSocket, OpenAI endpoint, LiteLLM{}, so machine noise touches all alike", levels.join(", "), if c.repeats > 1 { format!(", and that cycle {} times; every figure is the median over the cycles", c.repeats) } else { String::new() }).ok();
         writeln!(out, "- each phase: client starts spread over {} ms, then turns back to back: {} warm-up turn(s) and {} measured turns per client (at least {} measured turns per path: ceil({} / level) at low levels); past {} s into a phase clients start no further measured turn (each runs at least one); a turn may take {} s", c.stagger_ms, c.warmup, c.rounds, c.min_turns, c.min_turns, c.budget_s, c.turn_timeout_s).ok();
         writeln!(out, "- clients: the same reqwest SSE client for the three HTTP paths (one pooled keep-alive connection per client, opened before the phase; `stream: true`), tokio-tungstenite for the WebSocket (one socket per client); all verify every answer (each token once, in order, the exact text)").ok();
-        writeln!(out, "- TTFT: from just before the request is written to the first token; **added** = path percentile − direct percentile at the same level; gap: between consecutive tokens of a turn; tokens/s: while all clients were streaming (else the whole phase); **CPU per token**: CPU time of a process during the phase (plus {} ms after its last turn, for trailing work) divided by the tokens delivered in the phase, warm-up turns included (from `/proc`, 10 ms ticks); \"ours\" = gateway + streamer + persister + nats-server", c.settle_ms).ok();
+        writeln!(out, "- TTFT: from just before the request is written to the first token; **added** = path percentile − direct percentile at the same level; gap: between consecutive tokens of a turn; tokens/s: while all clients were streaming (else the whole phase); **CPU per token**: CPU time of a process during the phase (plus {} ms after its last turn, for trailing work) divided by the tokens delivered in the phase, warm-up turns included (from `/proc`, 10 ms ticks); \"ours\" = gateway + streamer + persister + nats-server (Postgres's own CPU counts among \"other processes\")", c.settle_ms).ok();
     }
 
     fn targets(&self, out: &mut String) {
@@ -543,6 +543,9 @@ impl CompareReport {
             rate(l.median(k, tokens_per_s))
         });
         for label in ["gateway", "streamer", "persister", "nats-server", "LiteLLM"] {
+            if label == "LiteLLM" && self.conditions.litellm.is_err() {
+                continue;
+            }
             row(out, &format!("CPU per token: {label}"), &|k| {
                 us(l.median(k, us_per_token(&[label])))
             });
