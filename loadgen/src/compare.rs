@@ -6,17 +6,22 @@
 //! measured stack includes a persister in its own process, so CPU per token
 //! covers gateway, streamer, persister and nats-server. Then the highest
 //! WebSocket token rate and the memory per idle WebSocket. It owns the
-//! order of phases; the clients are [`load`]'s, the Markdown
-//! [`compare_report`]'s.
+//! order of phases and where its section goes in `BENCHMARKS.md` (between
+//! two markers, replaced in place); the clients are [`load`]'s, the
+//! Markdown [`compare_report`]'s.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use testkit::{NatsServer, Script};
 
 use crate::{
     command_line,
-    compare_report::{CompareConditions, CompareReport, LevelResult, PathKind},
+    compare_report::{CompareConditions, CompareReport, LevelResult},
     idle,
     litellm::{self, LiteLlmProcess},
     load::{self, LoadSpec, PhaseResult, Target},
@@ -24,6 +29,51 @@ use crate::{
     report::{MaxRate, Pair},
     say, stack,
 };
+
+/// Opens the generated section in BENCHMARKS.md.
+const BEGIN: &str = "<!-- loadgen compare: generated section begins -->";
+/// Closes it.
+const END: &str = "<!-- loadgen compare: generated section ends -->";
+/// The scan section's opening marker, which this section goes before.
+const SCAN_BEGIN: &str = "<!-- loadgen scan: generated section begins -->";
+
+/// One of the compared paths to the stand-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// The stand-in upstream directly (the baseline).
+    Direct,
+    /// The gateway's WebSocket.
+    WebSocket,
+    /// The gateway's `POST /v1/chat/completions` with `stream: true`.
+    OpenAi,
+    /// The LiteLLM proxy.
+    LiteLlm,
+}
+
+impl PathKind {
+    /// Every path, in the order each level runs them.
+    pub const ALL: [Self; 4] = [Self::Direct, Self::WebSocket, Self::OpenAi, Self::LiteLlm];
+
+    /// The column heading.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct to the upstream",
+            Self::WebSocket => "gateway WebSocket",
+            Self::OpenAi => "gateway OpenAI endpoint (SSE)",
+            Self::LiteLlm => "LiteLLM proxy (SSE)",
+        }
+    }
+
+    /// A short id for request ids.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::WebSocket => "ws",
+            Self::OpenAi => "openai",
+            Self::LiteLlm => "litellm",
+        }
+    }
+}
 
 /// Options of `loadgen compare`.
 #[derive(Debug, Clone, clap::Args)]
@@ -382,10 +432,56 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         let path = args
             .out
             .unwrap_or_else(|| testkit::project_root().join("BENCHMARKS.md"));
-        crate::compare_report::write_section(&path, &section)
+        write_section(&path, &section)
             .with_context(|| format!("cannot write {}", path.display()))?;
         say(&format!("Wrote {}.", path.display()));
     }
     client_rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// Writes `section` between the markers in `path`: in place of the previous
+/// copy, else before the scan section, else at the end.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_section(path: &Path, section: &str) -> std::io::Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    std::fs::write(path, placed(&existing, section))
+}
+
+fn placed(existing: &str, section: &str) -> String {
+    let block = format!("{BEGIN}\n{}\n{END}", section.trim_end());
+    if let (Some(b), Some(e)) = (existing.find(BEGIN), existing.find(END)) {
+        format!("{}{block}{}", &existing[..b], &existing[e + END.len()..])
+    } else if let Some(at) = existing.find(SCAN_BEGIN) {
+        let before = existing[..at].trim_end();
+        let before = before.strip_suffix("---").unwrap_or(before).trim_end();
+        format!("{before}\n\n---\n\n{block}\n\n---\n\n{}", &existing[at..])
+    } else {
+        format!("{}\n\n---\n\n{block}\n", existing.trim_end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_goes_before_the_scan_section_and_is_replaced_in_place() {
+        let file = format!("# Chat\n\nnotes\n\n---\n\n{SCAN_BEGIN}\n# Scan\n");
+        let once = placed(&file, "# Compare\n\nv1\n");
+        assert_eq!(
+            once,
+            format!(
+                "# Chat\n\nnotes\n\n---\n\n{BEGIN}\n# Compare\n\nv1\n{END}\n\n---\n\n{SCAN_BEGIN}\n# Scan\n"
+            )
+        );
+        let twice = placed(&once, "# Compare\n\nv2");
+        assert_eq!(twice, once.replace("v1", "v2"));
+        assert_eq!(
+            placed("# Chat\n", "# C"),
+            format!("# Chat\n\n---\n\n{BEGIN}\n# C\n{END}\n")
+        );
+    }
 }

@@ -1,11 +1,11 @@
 //! The Markdown of `loadgen compare`: machine and conditions, the targets of
 //! issue 11 and whether each is met, a summary across concurrency levels and
-//! one table per level, then the highest rate and idle memory. Its section
-//! of `BENCHMARKS.md` sits between two markers and is replaced in place.
+//! one table per level, then the highest rate and idle memory.
 
-use std::{fmt::Write as _, path::Path};
+use std::fmt::Write as _;
 
 use crate::{
+    compare::PathKind,
     idle::IdleResult,
     load::PhaseResult,
     procfs::{IRQ, Machine, OTHERS},
@@ -13,53 +13,8 @@ use crate::{
     stats::{median, percentile},
 };
 
-/// Opens the generated section in BENCHMARKS.md.
-const BEGIN: &str = "<!-- loadgen compare: generated section begins -->";
-/// Closes it.
-const END: &str = "<!-- loadgen compare: generated section ends -->";
-/// The scan section's opening marker, which this section goes before.
-const SCAN_BEGIN: &str = "<!-- loadgen scan: generated section begins -->";
-
 /// Our processes, whose CPU per token the issue's target adds up.
 const OURS: [&str; 4] = ["gateway", "streamer", "persister", "nats-server"];
-
-/// One of the compared paths to the stand-in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathKind {
-    /// The stand-in upstream directly (the baseline).
-    Direct,
-    /// The gateway's WebSocket.
-    WebSocket,
-    /// The gateway's `POST /v1/chat/completions` with `stream: true`.
-    OpenAi,
-    /// The LiteLLM proxy.
-    LiteLlm,
-}
-
-impl PathKind {
-    /// Every path, in the order each level runs them.
-    pub const ALL: [Self; 4] = [Self::Direct, Self::WebSocket, Self::OpenAi, Self::LiteLlm];
-
-    /// The column heading.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Direct => "direct to the upstream",
-            Self::WebSocket => "gateway WebSocket",
-            Self::OpenAi => "gateway OpenAI endpoint (SSE)",
-            Self::LiteLlm => "LiteLLM proxy (SSE)",
-        }
-    }
-
-    /// A short id for request ids.
-    pub fn slug(self) -> &'static str {
-        match self {
-            Self::Direct => "direct",
-            Self::WebSocket => "ws",
-            Self::OpenAi => "openai",
-            Self::LiteLlm => "litellm",
-        }
-    }
-}
 
 /// Every path at one concurrency level.
 #[derive(Debug, Clone)]
@@ -577,50 +532,9 @@ impl CompareReport {
     }
 }
 
-/// Writes `section` between the markers in `path`: in place of the previous
-/// copy, else before the scan section, else at the end.
-///
-/// # Errors
-/// When the file cannot be written.
-pub fn write_section(path: &Path, section: &str) -> std::io::Result<()> {
-    let existing = std::fs::read_to_string(path).unwrap_or_default();
-    std::fs::write(path, placed(&existing, section))
-}
-
-fn placed(existing: &str, section: &str) -> String {
-    let block = format!("{BEGIN}\n{}\n{END}", section.trim_end());
-    if let (Some(b), Some(e)) = (existing.find(BEGIN), existing.find(END)) {
-        format!("{}{block}{}", &existing[..b], &existing[e + END.len()..])
-    } else if let Some(at) = existing.find(SCAN_BEGIN) {
-        let before = existing[..at].trim_end();
-        let before = before.strip_suffix("---").unwrap_or(before).trim_end();
-        format!("{before}\n\n---\n\n{block}\n\n---\n\n{}", &existing[at..])
-    } else {
-        format!("{}\n\n---\n\n{block}\n", existing.trim_end())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_section_goes_before_the_scan_section_and_is_replaced_in_place() {
-        let file = format!("# Chat\n\nnotes\n\n---\n\n{SCAN_BEGIN}\n# Scan\n");
-        let once = placed(&file, "# Compare\n\nv1\n");
-        assert_eq!(
-            once,
-            format!(
-                "# Chat\n\nnotes\n\n---\n\n{BEGIN}\n# Compare\n\nv1\n{END}\n\n---\n\n{SCAN_BEGIN}\n# Scan\n"
-            )
-        );
-        let twice = placed(&once, "# Compare\n\nv2");
-        assert_eq!(twice, once.replace("v1", "v2"));
-        assert_eq!(
-            placed("# Chat\n", "# C"),
-            format!("# Chat\n\n---\n\n{BEGIN}\n# C\n{END}\n")
-        );
-    }
 
     #[test]
     fn medians_and_signs_read_well() {
