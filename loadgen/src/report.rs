@@ -90,7 +90,7 @@ pub struct Report {
     pub diagnostics: Vec<String>,
 }
 
-fn ms(x: f64) -> String {
+pub(crate) fn ms(x: f64) -> String {
     if x.is_nan() {
         "-".into()
     } else if x.abs() >= 100.0 {
@@ -100,7 +100,7 @@ fn ms(x: f64) -> String {
     }
 }
 
-fn rate(x: f64) -> String {
+pub(crate) fn rate(x: f64) -> String {
     let whole = x.round() as i64;
     let digits = whole.abs().to_string();
     let mut out = String::new();
@@ -113,11 +113,11 @@ fn rate(x: f64) -> String {
     if whole < 0 { format!("-{out}") } else { out }
 }
 
-fn yes(met: bool) -> &'static str {
+pub(crate) fn yes(met: bool) -> &'static str {
     if met { "**yes**" } else { "**no**" }
 }
 
-fn cpu(result: &PhaseResult) -> String {
+pub(crate) fn cpu(result: &PhaseResult) -> String {
     use crate::procfs::{IRQ, OTHERS};
     let ours = |label: &str| label != OTHERS && label != IRQ;
     let total: f64 = result
@@ -147,11 +147,11 @@ fn cpu(result: &PhaseResult) -> String {
     )
 }
 
-fn plateau_rate(s: &PhaseStats) -> f64 {
+pub(crate) fn plateau_rate(s: &PhaseStats) -> f64 {
     s.rate_plateau.unwrap_or(s.rate_whole)
 }
 
-fn clean(s: &PhaseStats) -> bool {
+pub(crate) fn clean(s: &PhaseStats) -> bool {
     s.turns > 0
         && s.verified == s.turns
         && s.missing == 0
@@ -159,7 +159,7 @@ fn clean(s: &PhaseStats) -> bool {
         && s.out_of_order == 0
 }
 
-fn verified(r: &PhaseResult) -> String {
+pub(crate) fn verified(r: &PhaseResult) -> String {
     let s = &r.stats;
     let mut out = format!("{}/{}", s.verified, s.turns);
     if r.connect_failures > 0 {
@@ -467,7 +467,7 @@ fn pair_table(out: &mut String, pair: &Pair) {
     .ok();
 }
 
-fn idle_table(out: &mut String, idle: &IdleResult) {
+pub(crate) fn idle_table(out: &mut String, idle: &IdleResult) {
     writeln!(
         out,
         "\n### Idle authenticated WebSockets (gateway in its own process)\n"

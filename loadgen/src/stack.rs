@@ -1,8 +1,9 @@
 //! The system under test, started by the tool itself on loopback: a testkit
 //! nats-server, a stand-in OpenAI-compatible upstream, and the streamer and
 //! gateway in this process, each on its own named Tokio runtime (as if each
-//! were its own process, and so that CPU time can be told apart); plus, for
-//! the memory measurement, a gateway in a separate process.
+//! were its own process, and so that CPU time can be told apart); a
+//! persister in its own process when asked for (with a testkit Postgres);
+//! plus, for the memory measurement, a gateway in a separate process.
 
 use std::{
     net::SocketAddr,
@@ -205,17 +206,7 @@ impl GatewayProcess {
         nats_url: &str,
         secret: &str,
     ) -> anyhow::Result<Self> {
-        let me = std::env::current_exe()?;
-        let sibling = me.with_file_name("gateway");
-        let (mut command, program) =
-            match gateway_bin.or_else(|| sibling.exists().then_some(sibling)) {
-                Some(bin) => (Command::new(&bin), bin.display().to_string()),
-                None => {
-                    let mut command = Command::new(&me);
-                    command.arg("serve-gateway");
-                    (command, format!("{} serve-gateway", me.display()))
-                }
-            };
+        let (mut command, program) = service_command("gateway", gateway_bin)?;
         let port = testkit::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let log = std::env::temp_dir().join(format!("loadgen-gateway-{}.log", std::process::id()));
@@ -266,6 +257,128 @@ impl GatewayProcess {
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The command that runs service `name`: `bin`, else the binary of that
+/// name next to this executable, else this executable's `serve-<name>`.
+fn service_command(name: &str, bin: Option<PathBuf>) -> anyhow::Result<(Command, String)> {
+    let me = std::env::current_exe()?;
+    let sibling = me.with_file_name(name);
+    Ok(match bin.or_else(|| sibling.exists().then_some(sibling)) {
+        Some(bin) => (Command::new(&bin), bin.display().to_string()),
+        None => {
+            let mut command = Command::new(&me);
+            command.arg(format!("serve-{name}"));
+            (command, format!("{} serve-{name}", me.display()))
+        }
+    })
+}
+
+/// A persister in its own process, its SQLite buffer in a fresh temp dir,
+/// syncing to a testkit Postgres when one starts (else it runs degraded,
+/// SQLite only, as it does through a Postgres outage); killed on drop.
+pub struct PersisterProcess {
+    child: Child,
+    /// What ran: the release binary, or this tool's `serve-persister`.
+    pub program: String,
+    /// Where its Postgres rows go, for the report.
+    pub postgres_note: String,
+    /// Its stderr, for diagnostics.
+    pub log: PathBuf,
+    dir: PathBuf,
+    // Dropped after the process is killed (field order).
+    _postgres: Option<testkit::Postgres>,
+}
+
+impl PersisterProcess {
+    /// Starts Postgres (unless `postgres` is false) and the persister against
+    /// `nats_url`, and waits until its `/healthz` answers (it has created its
+    /// consumers by then).
+    ///
+    /// # Errors
+    /// When the persister cannot start or does not answer within 30 s.
+    pub async fn start(
+        persister_bin: Option<PathBuf>,
+        nats_url: &str,
+        postgres: bool,
+    ) -> anyhow::Result<Self> {
+        let (pg, database_url, postgres_note) = if postgres {
+            match start_postgres().await {
+                Ok((pg, url)) => (
+                    Some(pg),
+                    url,
+                    "a testkit Postgres (`fsync=off`) on loopback".to_owned(),
+                ),
+                Err(e) => (
+                    None,
+                    "postgres://postgres@127.0.0.1:1/none".to_owned(),
+                    format!("no Postgres ({e:#}): the persister ran degraded, SQLite only"),
+                ),
+            }
+        } else {
+            (
+                None,
+                "postgres://postgres@127.0.0.1:1/none".to_owned(),
+                "no Postgres (`--no-postgres`): the persister ran degraded, SQLite only".to_owned(),
+            )
+        };
+        let (mut command, program) = service_command("persister", persister_bin)?;
+        let dir = std::env::temp_dir().join(format!(
+            "loadgen-persister-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let addr = format!("127.0.0.1:{}", testkit::free_port());
+        let log =
+            std::env::temp_dir().join(format!("loadgen-persister-{}.log", std::process::id()));
+        let child = command
+            .env("NATS_URL", nats_url)
+            .env("DATABASE_URL", &database_url)
+            .env("PERSISTER_LISTEN", &addr)
+            .env("PERSISTER_SQLITE_PATH", dir.join("persister.db"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs_file(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        let process = Self {
+            child,
+            program,
+            postgres_note,
+            log,
+            dir,
+            _postgres: pg,
+        };
+        testkit::wait_http_ok(
+            "the persister's /healthz",
+            &format!("http://{addr}/healthz"),
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| format!("see {}", process.log.display()))?;
+        Ok(process)
+    }
+
+    /// Its pid, for `/proc/<pid>/stat`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+async fn start_postgres() -> anyhow::Result<(testkit::Postgres, String)> {
+    let pg = testkit::Postgres::start().await?;
+    let url = pg.create_database("bench")?;
+    Ok((pg, url))
+}
+
+impl Drop for PersisterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
