@@ -42,8 +42,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest WebSocket message read at all; bigger ones close the socket
 /// (1009). Up to this size, oversized `content` gets a `too_large` frame.
 const MAX_MESSAGE: usize = 1024 * 1024;
-/// Initial read buffer per socket.
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer per socket. Every idle socket holds it (tungstenite fills
+/// it before each read), and client frames are small: a 64 KiB `send`
+/// takes more reads, an idle connection less memory.
+const READ_BUFFER: usize = 1024;
 /// Server pings this often; a client that answers nothing for
 /// [`IDLE_TIMEOUT`] is closed.
 const PING_EVERY: Duration = Duration::from_secs(25);
