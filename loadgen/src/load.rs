@@ -354,10 +354,10 @@ pub async fn connect_ws(
     Ok(socket)
 }
 
-/// Tracks one turn's token frames against the expected answer. A frame may
-/// carry several of the script's tokens (the streamer joins deltas that
-/// queue behind a publish), so timing is kept per script token: each one
-/// is timed when the frame completing it arrives.
+/// Tracks one turn's token frames against the expected answer. Timing is
+/// kept per script token, each timed when the frame completing it arrives,
+/// so the check holds for any split of the text into frames (ours carry one
+/// upstream delta each; other paths' chunks need not).
 pub(crate) struct Check<'a> {
     expected: &'a [String],
     /// Where each script token ends in the whole text.

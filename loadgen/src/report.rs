@@ -224,7 +224,7 @@ impl Report {
         writeln!(out, "- {} streamers in-process sharing the durable chat consumer (as replicas would), each with `--concurrency {}`; `--ack-wait-ms` left at its default", c.streamers, c.streamer_concurrency).ok();
         writeln!(out, "- baseline: the same number of clients read the stand-in directly (HTTP SSE via reqwest, `POST /v1/chat/completions` with `stream: true`, pooled keep-alive connections); gateway clients: tokio-tungstenite, one socket each, opened before the phase; both parse every frame and verify the exact text").ok();
         writeln!(out, "- TTFT is measured from just before the request is written to the arrival of the first token; \"added\" compares the percentiles of the two distributions (gateway p50 − baseline p50, gateway p99 − baseline p99)").ok();
-        writeln!(out, "- tokens/s counts the script's tokens as they arrive (a WebSocket frame may carry several: the streamer joins deltas that queue behind a publish); \"all turns streaming\" counts them between the last client's first token and the first client's last token; \"whole phase\" from the first token to the last").ok();
+        writeln!(out, "- tokens/s counts the script's tokens as they arrive (one WebSocket frame each: deltas that queue behind a publish travel batched on the bus, and still reach the client one frame per delta); \"all turns streaming\" counts them between the last client's first token and the first client's last token; \"whole phase\" from the first token to the last").ok();
         out
     }
 
