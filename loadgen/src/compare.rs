@@ -238,19 +238,13 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     let nonce = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
 
     // The memory phase first, while this process holds few descriptors.
-    if args.idle > 0 {
-        say(&format!(
-            "Idle phase: up to {} authenticated WebSockets.",
-            args.idle
-        ));
-        let idle = client_rt.block_on(idle::run(
-            args.idle,
-            args.idle_steps,
-            args.gateway_bin.clone(),
-            &nats.url(),
-        ));
-        report.idle = Some(idle.map_err(|e| format!("{e:#}")));
-    }
+    report.idle = idle::phase(
+        &client_rt,
+        args.idle,
+        args.idle_steps,
+        args.gateway_bin.clone(),
+        &nats.url(),
+    );
 
     let script = |tokens: usize, interval_ms: u64| {
         Script::new(stack::tokens(tokens), Duration::from_millis(interval_ms))

@@ -66,6 +66,25 @@ impl IdleResult {
     }
 }
 
+/// The memory phase of a run: skipped when `requested` is 0, its failure
+/// kept for the report rather than ending the run.
+pub fn phase(
+    runtime: &tokio::runtime::Runtime,
+    requested: usize,
+    steps: usize,
+    gateway_bin: Option<PathBuf>,
+    nats_url: &str,
+) -> Option<Result<IdleResult, String>> {
+    if requested == 0 {
+        return None;
+    }
+    crate::say(&format!(
+        "Idle phase: up to {requested} authenticated WebSockets."
+    ));
+    let idle = runtime.block_on(run(requested, steps, gateway_bin, nats_url));
+    Some(idle.map_err(|e| format!("{e:#}")))
+}
+
 /// Opens up to `requested` idle connections in `steps` steps and reads the
 /// gateway process's RSS after each.
 ///

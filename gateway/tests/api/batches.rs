@@ -3,49 +3,17 @@
 //! per `seq`, bytes untouched, resumable from inside a batch, across a
 //! `reset`, and through the OpenAI endpoint. The test plays the streamer.
 
-use bus::wire::{ChatRequest, FinishReason, ServerFrame, Usage};
+use bus::wire::{ChatRequest, ServerFrame};
 use futures::StreamExt as _;
 use serde_json::json;
 
-use crate::helpers::{GatewayOnly, Ws, token_for};
-
-async fn send(ws: &mut Ws, request_id: &str) -> (String, String) {
-    ws.send_json(
-        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": request_id}),
-    )
-    .await;
-    match ws.next().await {
-        ServerFrame::Accepted {
-            conversation_id,
-            turn_id,
-            ..
-        } => (conversation_id, turn_id),
-        other => panic!("accepted: {other:?}"),
-    }
-}
-
-fn token(turn: &str, seq: u64, delta: &str) -> ServerFrame {
-    ServerFrame::Token {
-        turn_id: turn.to_owned(),
-        seq,
-        delta: delta.to_owned(),
-    }
-}
+use crate::helpers::{GatewayOnly, done, send, token, token_for};
 
 fn reset(turn: &str, seq: u64) -> ServerFrame {
     ServerFrame::Reset {
         turn_id: turn.to_owned(),
         seq,
         reason: "upstream_retry".to_owned(),
-    }
-}
-
-fn done(turn: &str, seq: u64) -> ServerFrame {
-    ServerFrame::Done {
-        turn_id: turn.to_owned(),
-        seq,
-        finish_reason: FinishReason::Stop,
-        usage: Usage::default(),
     }
 }
 

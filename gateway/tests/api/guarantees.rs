@@ -4,43 +4,11 @@
 
 use std::time::Duration;
 
-use bus::wire::{FinishReason, ServerFrame, Usage};
+use bus::wire::ServerFrame;
 use serde_json::json;
 use testkit::Script;
 
-use crate::helpers::{GatewayOnly, TestApp, Ws};
-
-async fn send(ws: &mut Ws, request_id: &str) -> (String, String) {
-    ws.send_json(
-        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": request_id}),
-    )
-    .await;
-    match ws.next().await {
-        ServerFrame::Accepted {
-            conversation_id,
-            turn_id,
-            ..
-        } => (conversation_id, turn_id),
-        other => panic!("accepted: {other:?}"),
-    }
-}
-
-fn token(turn: &str, seq: u64, delta: &str) -> ServerFrame {
-    ServerFrame::Token {
-        turn_id: turn.to_owned(),
-        seq,
-        delta: delta.to_owned(),
-    }
-}
-
-fn done(turn: &str, seq: u64) -> ServerFrame {
-    ServerFrame::Done {
-        turn_id: turn.to_owned(),
-        seq,
-        finish_reason: FinishReason::Stop,
-        usage: Usage::default(),
-    }
-}
+use crate::helpers::{GatewayOnly, TestApp, done, send, token};
 
 #[tokio::test]
 async fn a_done_the_live_path_lost_is_found_in_jetstream_and_the_client_is_not_left_waiting() {

@@ -298,3 +298,39 @@ pub fn text_of(frames: &[ServerFrame]) -> String {
         })
         .collect()
 }
+
+/// Sends a turn on `ws` (a new conversation) and returns its conversation
+/// and turn ids from `accepted`.
+pub async fn send(ws: &mut Ws, request_id: &str) -> (String, String) {
+    ws.send_json(
+        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": request_id}),
+    )
+    .await;
+    match ws.next().await {
+        ServerFrame::Accepted {
+            conversation_id,
+            turn_id,
+            ..
+        } => (conversation_id, turn_id),
+        other => panic!("accepted: {other:?}"),
+    }
+}
+
+/// A token frame of `turn`, as a streamer publishes it.
+pub fn token(turn: &str, seq: u64, delta: &str) -> ServerFrame {
+    ServerFrame::Token {
+        turn_id: turn.to_owned(),
+        seq,
+        delta: delta.to_owned(),
+    }
+}
+
+/// The `done` frame of `turn`.
+pub fn done(turn: &str, seq: u64) -> ServerFrame {
+    ServerFrame::Done {
+        turn_id: turn.to_owned(),
+        seq,
+        finish_reason: bus::wire::FinishReason::Stop,
+        usage: bus::wire::Usage::default(),
+    }
+}
