@@ -267,6 +267,45 @@ impl ConsumerDef {
 /// When the server refuses a definition (for example JetStream is disabled,
 /// or the cluster has fewer nodes than `replicas`).
 pub async fn ensure_all(js: &jetstream::Context, replicas: u8) -> anyhow::Result<()> {
+    // A cluster that is still electing its leaders (every service starting
+    // at once, or a node restarting) times out or has no peers to place a
+    // replica on for a while: wait that out, fail at once on anything else.
+    let deadline = tokio::time::Instant::now() + ENSURE_PATIENCE;
+    let mut attempt = 0;
+    loop {
+        match ensure_all_once(js, replicas).await {
+            Ok(()) => return Ok(()),
+            Err(error) if is_transient(&error) && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "JetStream is not ready for the streams yet; retrying."
+                );
+                tokio::time::sleep(crate::backoff::delay(
+                    std::time::Duration::from_millis(250),
+                    attempt,
+                    std::time::Duration::from_secs(5),
+                ))
+                .await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// How long [`ensure_all`] waits for a cluster that is not ready yet.
+const ENSURE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// True for the failures a forming or recovering cluster gives.
+fn is_transient(error: &anyhow::Error) -> bool {
+    let text = format!("{error:#}").to_lowercase();
+    // Not "no responders": a server without JetStream says that, for good.
+    ["timed out", "no suitable peers", "temporarily unavailable"]
+        .iter()
+        .any(|sign| text.contains(sign))
+}
+
+async fn ensure_all_once(js: &jetstream::Context, replicas: u8) -> anyhow::Result<()> {
     let replicas = usize::from(replicas.max(1));
     for mut config in definitions()? {
         config.num_replicas = replicas;
@@ -356,6 +395,20 @@ pub async fn all_exist(js: &jetstream::Context) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forming_cluster_is_waited_for_and_a_server_without_jetstream_is_not() {
+        let transient = anyhow::anyhow!("jetstream request timed out")
+            .context("cannot create or update stream CHAT_REQ");
+        assert!(is_transient(&transient));
+        assert!(is_transient(&anyhow::anyhow!(
+            "insufficient resources: no suitable peers for placement"
+        )));
+        assert!(!is_transient(&anyhow::anyhow!("no responders")));
+        assert!(!is_transient(&anyhow::anyhow!(
+            "stream name already in use"
+        )));
+    }
 
     #[test]
     fn every_definition_parses_and_names_its_file() {
