@@ -136,6 +136,10 @@ struct ChatArgs {
     /// Print the report only.
     #[arg(long)]
     no_write: bool,
+    /// Run nats-server with `sync_interval: always` (an fsync per publish)
+    /// instead of its default (every 2 minutes), to measure what that costs.
+    #[arg(long)]
+    nats_sync_always: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -223,7 +227,11 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
     }
     let client_rt = stack::runtime("lg-client", workers)?;
     let nats = client_rt
-        .block_on(NatsServer::start())
+        .block_on(NatsServer::start_with_config(if args.nats_sync_always {
+            "jetstream {\n  sync_interval: always\n}\n"
+        } else {
+            ""
+        }))
         .context("nats-server did not start (run scripts/setup.sh)")?;
     let processes: Vec<(&'static str, u32)> = procfs::child_named("nats-server")
         .map(|pid| ("nats-server", pid))

@@ -20,6 +20,8 @@ pub struct NatsServer {
     binary: PathBuf,
     /// With the shipped `nats/nats-server.conf`: each user's password.
     secured: Option<Passwords>,
+    /// A configuration file of the caller's (`start_with_config`).
+    config: Option<PathBuf>,
 }
 
 /// The users of `nats/auth.conf` and the passwords a test run gave them.
@@ -75,18 +77,37 @@ impl NatsServer {
     /// # Errors
     /// When the binary is missing (run `scripts/setup.sh`) or it does not come up.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with(None).await
+        Self::start_with(None, None).await
     }
 
-    async fn start_with(secured: Option<Passwords>) -> anyhow::Result<Self> {
+    /// Like [`Self::start`], with `config` (nats-server configuration text,
+    /// for example `jetstream { sync_interval: always }`) as its config file.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        Self::start_with(None, Some(config)).await
+    }
+
+    async fn start_with(secured: Option<Passwords>, config: Option<&str>) -> anyhow::Result<Self> {
         let binary = binary();
+        let store = tempfile::Builder::new().prefix("nats-js-").tempdir()?;
+        let config = match config.filter(|text| !text.trim().is_empty()) {
+            Some(text) => {
+                let path = store.path().join("extra.conf");
+                std::fs::write(&path, text)?;
+                Some(path)
+            }
+            None => None,
+        };
         let mut server = Self {
             port: crate::free_port(),
             monitor_port: crate::free_port(),
-            store: tempfile::Builder::new().prefix("nats-js-").tempdir()?,
+            store,
             child: None,
             binary,
             secured,
+            config,
         };
         server.start_again().await?;
         Ok(server)
@@ -98,7 +119,7 @@ impl NatsServer {
     /// # Errors
     /// As [`Self::start`].
     pub async fn start_secured() -> anyhow::Result<Self> {
-        Self::start_with(Some(Passwords::generate())).await
+        Self::start_with(Some(Passwords::generate()), None).await
     }
 
     /// The users' passwords of a secured server.
@@ -122,6 +143,8 @@ impl NatsServer {
                 .arg("-c")
                 .arg(crate::project_root().join("nats/nats-server.conf"))
                 .envs(passwords.server_env());
+        } else if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
         }
         command
             .args([
