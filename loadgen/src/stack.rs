@@ -210,7 +210,7 @@ impl GatewayProcess {
         let port = testkit::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let log = std::env::temp_dir().join(format!("loadgen-gateway-{}.log", std::process::id()));
-        let child = command
+        command
             .env("GATEWAY_LISTEN", addr.to_string())
             .env("NATS_URL", nats_url)
             .env("AUTH_JWT_SECRET", secret)
@@ -219,12 +219,8 @@ impl GatewayProcess {
             .env_remove("GATEWAY_DEV_LOGIN")
             // Its /readyz is awaited on the API port.
             .env_remove("GATEWAY_ADMIN_LISTEN")
-            .env_remove("AUTH_JWT_PUBLIC_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs_file(&log)?)
-            .spawn()
-            .with_context(|| format!("cannot start {program}"))?;
+            .env_remove("AUTH_JWT_PUBLIC_KEY");
+        let child = spawn_logged(&mut command, &program, &log)?;
         let process = Self {
             child,
             addr,
@@ -333,17 +329,13 @@ impl PersisterProcess {
         let addr = format!("127.0.0.1:{}", testkit::free_port());
         let log =
             std::env::temp_dir().join(format!("loadgen-persister-{}.log", std::process::id()));
-        let child = command
+        command
             .env("NATS_URL", nats_url)
             .env("DATABASE_URL", &database_url)
             .env("PERSISTER_LISTEN", &addr)
             .env("PERSISTER_SQLITE_PATH", dir.join("persister.db"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs_file(&log)?)
-            .spawn()
-            .with_context(|| format!("cannot start {program}"))?;
+            .env("RUST_LOG", "warn");
+        let child = spawn_logged(&mut command, &program, &log)?;
         let process = Self {
             child,
             program,
@@ -384,4 +376,19 @@ impl Drop for PersisterProcess {
 
 fn fs_file(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
     std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// Starts a service process of the load tool's: no stdin or stdout, its
+/// stderr (the logs) into `log`.
+fn spawn_logged(
+    command: &mut Command,
+    program: &str,
+    log: &std::path::Path,
+) -> anyhow::Result<std::process::Child> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs_file(log)?)
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))
 }
