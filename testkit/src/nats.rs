@@ -135,6 +135,24 @@ impl NatsServer {
     /// # Errors
     /// When it does not come up within 10 s.
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        // A random port another process took meanwhile makes nats-server
+        // exit after it opened its client port: ready means both ports
+        // answer and the process is still there; otherwise try new ones.
+        let mut last = None;
+        for _ in 0..3 {
+            match self.spawn_once().await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    self.kill();
+                    self.monitor_port = crate::free_port();
+                    last = Some(error);
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    async fn spawn_once(&mut self) -> anyhow::Result<()> {
         let mut command = Command::new(&self.binary);
         if let Some(passwords) = &self.secured {
             // The flags below override the file's ports (the monitoring
@@ -158,13 +176,18 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.store.path());
-        let child = spawn(&mut command, &self.binary)?;
-        self.child = Some(child);
+        self.child = Some(spawn(&mut command, &self.binary)?);
+        let health = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
+        crate::wait_http_ok("nats-server", &health, Duration::from_secs(10)).await?;
         let port = self.port;
         crate::wait_for("nats-server", Duration::from_secs(10), || async move {
             crate::port_open(port).await.then_some(())
         })
-        .await
+        .await?;
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => Ok(()),
+            _ => anyhow::bail!("nats-server exited right after starting"),
+        }
     }
 
     /// The client port.
