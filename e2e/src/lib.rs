@@ -11,6 +11,8 @@ use std::{
 
 use anyhow::Context as _;
 
+pub mod chaos;
+
 /// HS256 key the harness configures and signs test tokens with.
 pub const SECRET: &str = "e2e-secret-e2e-secret-e2e-secret-0123456";
 
@@ -301,6 +303,34 @@ pub struct SseEvent {
     pub data: serde_json::Value,
 }
 
+impl SseEvent {
+    /// `result` or `error`: the scan's last event.
+    pub fn is_terminal(&self) -> bool {
+        self.event == "result" || self.event == "error"
+    }
+}
+
+/// Takes the next complete block off `buffer`: `None` when there is none
+/// yet, `Some(None)` for a block that is not an event (a comment).
+pub fn next_sse_event(buffer: &mut String) -> Option<Option<SseEvent>> {
+    let end = buffer.find("\n\n")?;
+    let block: String = buffer.drain(..end + 2).collect();
+    let field = |name: &str| {
+        block
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+    };
+    let (Some(id), Some(event), Some(data)) = (field("id:"), field("event:"), field("data:"))
+    else {
+        return Some(None);
+    };
+    Some(Some(SseEvent {
+        id: id.parse().unwrap_or(0),
+        event,
+        data: serde_json::from_str(&data).unwrap_or_default(),
+    }))
+}
+
 /// Reads SSE events from `response` until a `result` or `error` event, or
 /// `limit` passes, or the body ends.
 pub async fn sse_until_terminal(response: reqwest::Response, limit: Duration) -> Vec<SseEvent> {
@@ -311,24 +341,10 @@ pub async fn sse_until_terminal(response: reqwest::Response, limit: Duration) ->
     let deadline = tokio::time::Instant::now() + limit;
     while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
         buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
-            let field = |name: &str| {
-                block
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
-            };
-            let (Some(id), Some(event), Some(data)) =
-                (field("id:"), field("event:"), field("data:"))
-            else {
-                continue;
-            };
-            let terminal = event == "result" || event == "error";
-            seen.push(SseEvent {
-                id: id.parse().unwrap_or(0),
-                event,
-                data: serde_json::from_str(&data).unwrap_or_default(),
-            });
+        while let Some(event) = next_sse_event(&mut buffer) {
+            let Some(event) = event else { continue };
+            let terminal = event.is_terminal();
+            seen.push(event);
             if terminal {
                 return seen;
             }

@@ -342,8 +342,16 @@ fn stream(
         over: false,
         _relay: AbortOnDrop(relay),
     };
+    // `None` marks the relay's end, whatever ended it.
     let frames = tokio_stream_from(rx)
-        .map(move |frame| futures::stream::iter(translate.frame(frame)))
+        .map(Some)
+        .chain(futures::stream::once(async { None }))
+        .map(move |frame| {
+            futures::stream::iter(match frame {
+                Some(frame) => translate.frame(frame),
+                None => translate.end(),
+            })
+        })
         .flatten();
     let events = first
         .chain(frames)
@@ -414,6 +422,21 @@ impl<C: Fn(Value, Option<&str>) -> Value> Translate<C> {
     }
 }
 
+impl<C> Translate<C> {
+    /// After the relay's last frame: a stream that neither finished nor
+    /// reported why it stopped gets an error chunk before `[DONE]`, so a
+    /// client never takes part of an answer for all of it.
+    fn end(&mut self) -> Vec<Value> {
+        if std::mem::replace(&mut self.over, true) {
+            return Vec::new();
+        }
+        vec![error_chunk(
+            "unavailable",
+            "the turn's stream ended early; retry with the same Idempotency-Key",
+        )]
+    }
+}
+
 fn error_chunk(code: &str, message: &str) -> Value {
     json!({"error": {"code": code, "message": message, "type": "server_error"}})
 }
@@ -437,4 +460,53 @@ fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<ServerFrame>,
 ) -> impl futures::Stream<Item = ServerFrame> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn translate() -> Translate<impl Fn(Value, Option<&str>) -> Value> {
+        Translate {
+            chunk: |delta: Value, finish: Option<&str>| json!({"choices": [{"delta": delta, "finish_reason": finish}]}),
+            include_usage: false,
+            sent_text: false,
+            over: false,
+            _relay: AbortOnDrop(tokio::spawn(async {})),
+        }
+    }
+
+    fn token(seq: u64, delta: &str) -> ServerFrame {
+        ServerFrame::Token {
+            turn_id: "t".into(),
+            seq,
+            delta: delta.into(),
+        }
+    }
+
+    // Found by the chaos run: a relay that ended early (its stream could not
+    // be read during a leader election) closed the response with `[DONE]`
+    // after part of the answer, which an OpenAI client takes as all of it.
+    #[tokio::test]
+    async fn a_relay_that_ends_without_done_ends_the_stream_with_an_error() {
+        let mut translate = translate();
+        assert_eq!(translate.frame(token(1, "half an ")).len(), 1);
+        let end = translate.end();
+        assert_eq!(end.len(), 1, "{end:?}");
+        assert_eq!(end[0]["error"]["code"], "unavailable");
+    }
+
+    #[tokio::test]
+    async fn after_done_the_end_adds_nothing() {
+        let mut translate = translate();
+        translate.frame(token(1, "whole"));
+        let done = ServerFrame::Done {
+            turn_id: "t".into(),
+            seq: 2,
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+        };
+        assert_eq!(translate.frame(done).len(), 1);
+        assert!(translate.end().is_empty());
+    }
 }

@@ -177,12 +177,15 @@ impl Follow {
     /// relay is over; otherwise whether the client moved on.
     async fn recheck<S: FrameSink>(&mut self, last_seq: &mut u64, sink: &S) -> Option<bool> {
         metrics::counter!("gateway_relay_rechecks_total").increment(1);
-        let stream = self.js.get_stream(streams::CHAT_TOK).await.ok()?;
+        // Nothing stored yet, or the stream cannot be read just now (the bus
+        // is away, its leader is being elected): the stall bound decides.
+        let Ok(stream) = self.js.get_stream(streams::CHAT_TOK).await else {
+            return Some(false);
+        };
         let newer = match stream.get_last_raw_message_by_subject(&self.subject).await {
             Ok(last) => {
                 batch::last(&last.payload).is_some_and(|f| f.seq.is_none_or(|seq| seq > *last_seq))
             }
-            // Nothing stored yet, or the bus is away: the stall bound decides.
             Err(_) => false,
         };
         if !newer {
@@ -287,4 +290,68 @@ async fn forward<S: FrameSink>(last_seq: &mut u64, frame: RawFrame, sink: &S) ->
     *last_seq = frame.seq.unwrap_or(*last_seq);
     let done = frame.is_done();
     !sink.deliver(frame).await || done
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// Keeps every frame it is given.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<RawFrame>>>);
+
+    impl FrameSink for Kept {
+        async fn deliver(&self, frame: RawFrame) -> bool {
+            self.0.lock().expect("kept lock").push(frame);
+            true
+        }
+    }
+
+    // Found by the chaos run: while CHAT_TOK's leader was being elected, a
+    // relay's recheck could not read the stream and the relay ended without
+    // a word, leaving a WebSocket client waiting and ending an OpenAI stream
+    // with `[DONE]` after part of the answer.
+    #[tokio::test]
+    async fn a_recheck_that_cannot_read_the_stream_leaves_the_verdict_to_the_stall_bound() {
+        let nats = testkit::NatsServer::start().await.unwrap();
+        let client = nats.client().await.unwrap();
+        // No CHAT_TOK at all: every look at it fails.
+        let subject = "chat.tok.c.t".to_owned();
+        let follow = Follow {
+            live: client.subscribe(subject.clone()).await.unwrap(),
+            fresh: true,
+            subject,
+            turn_id: "t".into(),
+            js: async_nats::jetstream::new(client),
+            timing: RelayTiming {
+                recheck: Duration::from_millis(50),
+                stall: Duration::from_millis(600),
+            },
+            error_at: None,
+        };
+        let kept = Kept::default();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), follow.relay(0, kept.clone()))
+            .await
+            .expect("the relay ends at the stall bound");
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "it ended early"
+        );
+        let frames = kept.0.lock().unwrap();
+        let codes: Vec<String> = frames
+            .iter()
+            .filter_map(RawFrame::decode)
+            .filter_map(|f| match f {
+                ServerFrame::Error { code, .. } => Some(code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes, ["turn_stalled"], "the client is told");
+    }
 }

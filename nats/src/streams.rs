@@ -321,15 +321,14 @@ async fn ensure_all_once(js: &jetstream::Context, replicas: u8) -> anyhow::Resul
     }
     let mut objects = object_store();
     objects.num_replicas = replicas;
+    let stream = format!("OBJ_{}", objects.bucket);
     if js.get_object_store(&objects.bucket).await.is_err() {
         let bucket = objects.bucket.clone();
         js.create_object_store(objects)
             .await
             .with_context(|| format!("cannot create object store {bucket}"))?;
-    } else {
-        set_replicas(js, &format!("OBJ_{}", objects.bucket), replicas).await?;
     }
-    Ok(())
+    shape(js, &stream, replicas).await
 }
 
 /// Creates the KV bucket `config` describes with `replicas` replicas unless
@@ -343,34 +342,40 @@ pub async fn ensure_bucket(
     replicas: u8,
 ) -> anyhow::Result<jetstream::kv::Store> {
     let replicas = usize::from(replicas.max(1));
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        set_replicas(js, &format!("KV_{}", config.bucket), replicas).await?;
-        return Ok(store);
-    }
-    config.num_replicas = replicas;
     let bucket = config.bucket.clone();
-    js.create_key_value(config)
+    if js.get_key_value(&bucket).await.is_err() {
+        config.num_replicas = replicas;
+        js.create_key_value(config)
+            .await
+            .with_context(|| format!("cannot create KV bucket {bucket}"))?;
+    }
+    shape(js, &format!("KV_{bucket}"), replicas).await?;
+    // Opened after shaping: a store keeps the stream's settings it was
+    // opened with, and reads by them.
+    js.get_key_value(&bucket)
         .await
-        .with_context(|| format!("cannot create KV bucket {bucket}"))
+        .with_context(|| format!("cannot open KV bucket {bucket}"))
 }
 
 /// Gives the stream under a KV bucket or object store `replicas` replicas
-/// (the bucket APIs only set them at creation).
-async fn set_replicas(
-    js: &jetstream::Context,
-    stream: &str,
-    replicas: usize,
-) -> anyhow::Result<()> {
+/// (the bucket APIs only set them at creation) and has reads answered by
+/// its leader. The bucket APIs turn on "direct get", which any replica
+/// answers, one that has not applied the latest write included; every
+/// service here reads what another has just written (a gateway stores an
+/// image, a streamer reads it 30 ms later), and the chaos run saw such an
+/// image reported missing. The leader has every acknowledged write.
+async fn shape(js: &jetstream::Context, stream: &str, replicas: usize) -> anyhow::Result<()> {
     let found = js
         .get_stream(stream)
         .await
         .with_context(|| format!("stream {stream} is missing"))?;
     let config = &found.cached_info().config;
-    if config.num_replicas == replicas {
+    if config.num_replicas == replicas && !config.allow_direct {
         return Ok(());
     }
     let mut config = config.clone();
     config.num_replicas = replicas;
+    config.allow_direct = false;
     js.update_stream(config)
         .await
         .with_context(|| format!("cannot give stream {stream} {replicas} replica(s)"))?;

@@ -58,6 +58,28 @@ async fn everything_gets_the_replicas_asked_for_and_an_r1_deployment_is_raised()
     for name in every_stream() {
         assert_eq!(replicas_of(&js, &name).await, 3, "{name}");
     }
+    // Every service reads what another has just written (an image, a turn
+    // index entry, a conversation's owner): reads go to the leader, which
+    // has every acknowledged write, not to any replica ("direct get", which
+    // a lagging replica may answer from before the write; the chaos run
+    // saw a just-stored image reported missing).
+    for name in every_stream()
+        .iter()
+        .filter(|n| n.starts_with("KV_") || n.starts_with("OBJ_"))
+    {
+        let info = js
+            .get_stream(name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert!(
+            !info.config.allow_direct,
+            "{name} answers reads from any replica"
+        );
+    }
 }
 
 #[tokio::test]
@@ -120,5 +142,72 @@ async fn a_client_given_every_node_outlives_the_stream_leader_and_its_own_node()
         stream.info().await.unwrap().state.messages,
         3,
         "nothing lost"
+    );
+}
+
+/// A client of node `i` alone.
+async fn on_node(cluster: &testkit::NatsCluster, i: usize) -> jetstream::Context {
+    let mut config = admin(cluster);
+    config.nats_url = cluster.node_url(i);
+    jetstream::new(config.connect("test").await.unwrap())
+}
+
+// Found by the chaos run: a scan's image, stored by a gateway, was "no
+// longer stored" for the streamer reading it a moment later. With R3 a
+// direct get may be answered by a replica that has not applied the write
+// yet; every service reads what another has just written (an image, a turn
+// index entry, a conversation's owner), so reads must see acknowledged writes,
+// also when the replicas are busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_node_acknowledged_every_node_reads_at_once() {
+    let cluster = testkit::NatsCluster::start().await.unwrap();
+    let writer = on_node(&cluster, 0).await;
+    streams::ensure_all(&writer, 3).await.unwrap();
+    let readers = [on_node(&cluster, 1).await, on_node(&cluster, 2).await];
+    let mut tasks = Vec::new();
+    for task in 0..12_usize {
+        let writer = writer.clone();
+        let reader = readers[task % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let images = writer
+                .get_object_store(streams::OBJ_SCAN_IMAGES)
+                .await
+                .unwrap();
+            let turns = writer.get_key_value(streams::KV_TURNS).await.unwrap();
+            let reader_images = reader
+                .get_object_store(streams::OBJ_SCAN_IMAGES)
+                .await
+                .unwrap();
+            let reader_turns = reader.get_key_value(streams::KV_TURNS).await.unwrap();
+            let mut wrong = Vec::new();
+            for n in 0..60_usize {
+                let name = format!("image-{task}-{n}");
+                images
+                    .put(name.as_str(), &mut &[7_u8; 65536][..])
+                    .await
+                    .unwrap();
+                if let Err(e) = reader_images.get(&name).await {
+                    wrong.push(format!("{name}: {e}"));
+                }
+                let key = format!("t{task}");
+                let value = n.to_string();
+                turns.put(&key, value.clone().into()).await.unwrap();
+                let read = reader_turns.get(&key).await.unwrap();
+                if read.as_deref() != Some(value.as_bytes()) {
+                    wrong.push(format!("{key} read as {read:?}, {value} written"));
+                }
+            }
+            wrong
+        }));
+    }
+    let mut wrong = Vec::new();
+    for task in tasks {
+        wrong.extend(task.await.unwrap());
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} stale reads from other nodes right after acknowledged writes: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
     );
 }

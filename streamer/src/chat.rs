@@ -329,14 +329,25 @@ impl Worker {
             return Ok(());
         };
         let span = tracing::info_span!("turn", turn = %request.turn_id, conversation = %request.conversation_id);
-        let _enter = span.enter();
+        // Instrumented, not entered: a guard held across awaits lends the
+        // span to whatever else runs on this thread meanwhile.
+        self.close_exhausted_turn(&request, deliveries)
+            .instrument(span)
+            .await
+    }
+
+    async fn close_exhausted_turn(
+        &self,
+        request: &ChatRequest,
+        deliveries: u64,
+    ) -> anyhow::Result<()> {
         let tok_subject = subject::chat_tok(&request.conversation_id, &request.turn_id)?;
         // A worker still writing (slow, not dead) is fenced by our frames;
         // if it wrote between our read and our write, read again.
         for _ in 0..5 {
             let log = TurnLog::read(&self.js, &tok_subject).await?;
             if log.is_done() {
-                return match self.republish(&request, &log, deliveries).await {
+                return match self.republish(request, &log, deliveries).await {
                     Ok(()) | Err(WriteError::Fenced) => Ok(()),
                     Err(WriteError::Bus(e)) => Err(e),
                 };
@@ -361,23 +372,23 @@ impl Worker {
             metrics::counter!("streamer_turns_total", "finish_reason" => FinishReason::Error.as_str())
                 .increment(1);
             metrics::counter!("streamer_exhausted_total", "kind" => "chat").increment(1);
-            let mut turn = Turn::new(&request, self.upstream.model());
+            let mut turn = Turn::new(request, self.upstream.model());
             turn.text = text;
             turn.tokens = frames;
             turn.finish = FinishReason::Error;
             turn.error = Some(format!(
                 "{EXHAUSTED_CODE}: delivered {deliveries} times without finishing"
             ));
-            let record = turn.record(&request);
-            self.remember(&record, new_conversation_seed(&request).as_deref())
+            let record = turn.record(request);
+            self.remember(&record, new_conversation_seed(request).as_deref())
                 .await;
             self.dead_letter(
-                &request,
+                request,
                 record.error.as_deref().unwrap_or_default(),
                 deliveries,
             )
             .await?;
-            return self.publish_record(&request, record).await;
+            return self.publish_record(request, record).await;
         }
         anyhow::bail!("another worker kept writing the turn")
     }

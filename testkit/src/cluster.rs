@@ -151,6 +151,31 @@ impl NatsCluster {
         }
     }
 
+    /// Stops node `i` the way an operator restarting it does (SIGTERM: it
+    /// hands off its leaderships, flushes its store, closes clients).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// A client of the whole cluster connected as `user`, with that user's
+    /// reply-inbox prefix, as the services do.
+    ///
+    /// # Errors
+    /// When no node is reachable or it refuses the user.
+    pub async fn client_as(&self, user: &str) -> anyhow::Result<async_nats::Client> {
+        let urls: Vec<String> = self.url().split(',').map(str::to_owned).collect();
+        Ok(async_nats::ConnectOptions::new()
+            .user_and_password(user.to_owned(), self.passwords.of(user).to_owned())
+            .custom_inbox_prefix(format!("_INBOX_{user}"))
+            .connect(urls.as_slice())
+            .await?)
+    }
+
     /// Starts node `i` again on its ports and store.
     ///
     /// # Errors

@@ -63,6 +63,10 @@ pub struct Quirks {
     pub fail_body: Option<String>,
     /// Never send a usage chunk, even when asked.
     pub no_usage: bool,
+    /// A request whose last message contains this text is refused with 400
+    /// (OpenAI's `invalid_request_error`), like a provider's content filter:
+    /// a failure no retry can cure, chosen per request.
+    pub reject_containing: Option<String>,
 }
 
 impl Script {
@@ -244,6 +248,17 @@ async fn completions(
             response.headers_mut().insert("retry-after", value);
         }
         return response;
+    }
+    if let Some(marker) = &script.quirks.reject_containing {
+        let last = body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .map(|m| m["content"].to_string())
+            .unwrap_or_default();
+        if last.contains(marker.as_str()) {
+            let error = json!({"error": {"message": "stand-in refuses this content", "type": "invalid_request_error", "code": "content_filter"}});
+            return (axum::http::StatusCode::BAD_REQUEST, Json(error)).into_response();
+        }
     }
     let usage = json!({
         "prompt_tokens": script.prompt_tokens,
