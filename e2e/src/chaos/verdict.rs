@@ -87,7 +87,20 @@ impl Verdict {
                 .count()
         };
         self.row("turns ended `stop`", finished("stop"));
-        self.row("turns ended `error`", finished("error"));
+        let mut codes: std::collections::BTreeMap<&str, usize> = Default::default();
+        for turn in turns
+            .iter()
+            .filter(|t| t.end == End::Finished("error".into()))
+        {
+            *codes
+                .entry(turn.error.as_deref().unwrap_or("(none)"))
+                .or_default() += 1;
+        }
+        let codes: Vec<String> = codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        self.row(
+            "turns ended `error`, by code",
+            format!("{} ({})", finished("error"), codes.join(", ")),
+        );
         self.row(
             "turns resumed on a new connection",
             turns.iter().filter(|t| t.connections > 1).count(),
