@@ -24,6 +24,8 @@ mod series;
 mod turns;
 mod ws;
 
+pub use turns::derive_ids;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;

@@ -56,6 +56,17 @@ pub struct Accepted {
     pub follow: Follow,
 }
 
+/// What became of the first accept of a repeated request id.
+enum FirstAccept {
+    /// Its turn has frames: it was published.
+    Ran,
+    /// Its index is gone: it was refused.
+    Refused,
+    /// Nothing to show after [`ACCEPT_SETTLED`]: its request may never have
+    /// been published. The index as it is now.
+    Silent(TurnIndex),
+}
+
 /// How long an accept takes at the most before its outcome is settled
 /// (published, or refused and its index removed).
 const ACCEPT_SETTLED: std::time::Duration = std::time::Duration::from_secs(10);
@@ -85,17 +96,25 @@ fn check(turn: &NewTurn) -> Result<(), ServerFrame> {
     Ok(())
 }
 
+/// The ids `user`'s request `request_id` gets: its turn's, and its
+/// conversation's (`conversation_id` when it continues one).
+pub fn derive_ids(user: &str, request_id: &str, conversation_id: Option<&str>) -> (String, String) {
+    let key = format!("{}\n{}", subject::user_key(user), request_id);
+    let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
+    let conversation_id = match conversation_id {
+        Some(id) => id.to_owned(),
+        None => Uuid::new_v5(&ID_NAMESPACE, format!("conversation\n{key}").as_bytes()).to_string(),
+    };
+    (turn_id, conversation_id)
+}
+
 /// The turn's id and its conversation's, derived from the user and the
 /// request id, so a repeat maps to the same ones. The user's key, not the
 /// raw id, goes in, so that no (user, request id) pair can spell another's:
 /// a `sub` may contain any character.
 fn ids(user: &str, turn: &NewTurn) -> Result<(String, String), ServerFrame> {
-    let key = format!("{}\n{}", subject::user_key(user), turn.request_id);
-    let turn_id = Uuid::new_v5(&ID_NAMESPACE, format!("turn\n{key}").as_bytes()).to_string();
-    let conversation_id = match &turn.conversation_id {
-        Some(id) => id.clone(),
-        None => Uuid::new_v5(&ID_NAMESPACE, format!("conversation\n{key}").as_bytes()).to_string(),
-    };
+    let (turn_id, conversation_id) =
+        derive_ids(user, &turn.request_id, turn.conversation_id.as_deref());
     if subject::token(&conversation_id).is_err() {
         return Err(error(
             None,
@@ -271,13 +290,24 @@ impl AppState {
         // answer `accepted` and then nothing.
         self.within_replay_window(turn_id, &index)?;
         let follow = self.follow(&index.conversation_id, turn_id).await?;
-        // Not while the first accept may still be under way (it may yet
-        // be refused and remove the index), and only while a second copy
-        // is still dropped as a duplicate.
-        let age = (Utc::now() - index.created_at).to_std().unwrap_or_default();
-        if let Some(mut request) = request
-            && age >= ACCEPT_SETTLED
-            && age < self.request_dedupe_window
+        let age = |index: &TurnIndex| (Utc::now() - index.created_at).to_std().unwrap_or_default();
+        let mut index = index;
+        let mut publish = request.is_some();
+        if publish && age(&index) < ACCEPT_SETTLED {
+            // The first accept may still be under way (it may yet be
+            // refused and remove the index), or its gateway died between
+            // writing the index and publishing: wait until it settles.
+            match self.first_accept(turn_id, &index).await? {
+                FirstAccept::Ran => publish = false,
+                FirstAccept::Refused => return Ok(None),
+                FirstAccept::Silent(settled) => index = settled,
+            }
+        }
+        // Only while a second copy is still dropped as a duplicate.
+        if publish
+            && let Some(mut request) = request
+            && age(&index) >= ACCEPT_SETTLED
+            && age(&index) < self.request_dedupe_window
         {
             request.conversation_id = index.conversation_id.clone();
             request.created_at = index.created_at;
@@ -288,6 +318,37 @@ impl AppState {
             turn_id: turn_id.to_owned(),
             follow,
         }))
+    }
+
+    /// Waits, until [`ACCEPT_SETTLED`] after `index` was written, for the
+    /// first accept of a repeated request id to show its outcome: frames
+    /// of the turn (it was published and runs), or the index gone (it was
+    /// refused). Neither means its gateway may have died before publishing.
+    async fn first_accept(
+        &self,
+        turn_id: &str,
+        index: &TurnIndex,
+    ) -> Result<FirstAccept, ServerFrame> {
+        let subject = subject::chat_tok(&index.conversation_id, turn_id).expect("checked ids");
+        let settled_at = index.created_at
+            + chrono::Duration::from_std(ACCEPT_SETTLED).expect("a small duration");
+        loop {
+            if let Ok(stream) = self.js.get_stream(bus::streams::CHAT_TOK).await
+                && stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .is_ok()
+            {
+                return Ok(FirstAccept::Ran);
+            }
+            let Some(now) = self.turn_index(turn_id).await? else {
+                return Ok(FirstAccept::Refused);
+            };
+            if Utc::now() >= settled_at {
+                return Ok(FirstAccept::Silent(now));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Checks that `user` owns the turn and subscribes to its frames (resume).

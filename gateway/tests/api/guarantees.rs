@@ -203,3 +203,54 @@ async fn a_frame_the_stream_refused_never_reaches_the_client() {
     assert_eq!(ws.next().await, token(&turn, 2, "real "));
     assert_eq!(ws.next().await, done(&turn, 3));
 }
+
+// Found by the chaos run: a gateway SIGKILLed after writing a turn's index
+// and before publishing its request left an index behind; the client's
+// resend of the same request id, within seconds, on the other gateway got
+// `accepted` (a repeat) but was not published again (the first accept might
+// still have been under way), and every later resume followed a turn that
+// never ran.
+#[tokio::test]
+async fn a_repeat_of_a_request_whose_gateway_died_before_publishing_still_runs_it() {
+    use futures::StreamExt as _;
+
+    let app = GatewayOnly::start(&[]).await;
+    let (turn, conversation) = gateway::derive_ids("alice", "r-orphan", None);
+    // What the dead gateway left: the index, written 5 s ago (a repeat
+    // waits until 10 s after it for the first accept to show an outcome).
+    let index = bus::wire::TurnIndex {
+        user_id: "alice".into(),
+        conversation_id: conversation.clone(),
+        request_id: "r-orphan".into(),
+        created_at: chrono::Utc::now() - chrono::Duration::seconds(5),
+    };
+    app.js
+        .get_key_value(bus::streams::KV_TURNS)
+        .await
+        .unwrap()
+        .put(&turn, serde_json::to_vec(&index).unwrap().into())
+        .await
+        .unwrap();
+    let client = async_nats::connect(app.nats_url()).await.unwrap();
+    let mut requests = client
+        .subscribe(bus::subject::chat_req(&conversation).unwrap())
+        .await
+        .unwrap();
+
+    let mut ws = app.ws("alice").await;
+    ws.send_json(
+        json!({"type": "send", "conversation_id": null, "content": "hi", "request_id": "r-orphan"}),
+    )
+    .await;
+    match ws.next().await {
+        ServerFrame::Accepted { turn_id, .. } => assert_eq!(turn_id, turn),
+        other => panic!("accepted, not {other:?}"),
+    }
+    let published = tokio::time::timeout(Duration::from_secs(20), requests.next())
+        .await
+        .expect("the request is published after all")
+        .unwrap();
+    let request: bus::wire::ChatRequest = serde_json::from_slice(&published.payload).unwrap();
+    assert_eq!(request.turn_id, turn);
+    assert_eq!(request.content, "hi");
+}

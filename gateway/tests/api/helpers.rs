@@ -185,6 +185,11 @@ impl GatewayOnly {
     }
 
     /// Publishes a frame of `turn` on `chat.tok.<conv>.<turn>` as a streamer would.
+    /// The bus's URL, for a client of the test's own.
+    pub fn nats_url(&self) -> String {
+        self._nats.url()
+    }
+
     pub async fn publish(&self, conversation: &str, frame: &ServerFrame) {
         self.publish_batch(conversation, std::slice::from_ref(frame))
             .await;
