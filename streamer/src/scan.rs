@@ -2,10 +2,11 @@
 //! `scan.evt.<scan>` and one record on `scan.done.<scan>` out.
 //!
 //! Stages and their progress: stored 10 %, hashed 20 % (SHA-256 and a
-//! perceptual hash; a hit in the `scan_cache` KV bucket ends the scan with
-//! the cached result at 100 %), preprocessed 30 % (EXIF orientation, at
-//! most 1024 px), vision 50-60 %, rules 70 %, answer 80-90 % (the LLM's
-//! explanation as `token` events), done 100 % and the `result`.
+//! perceptual hash; a hit in the `scan_cache` KV bucket skips to
+//! `cache_hit` 90 % with the cached result), preprocessed 30 % (EXIF
+//! orientation, at most 1024 px), vision 50-60 %, rules 70 %, answer 80-90 %
+//! (the LLM's explanation as `token` events), reward 95 % (the character
+//! the scan earned, [`reward`]), done 100 % and the `result`.
 //!
 //! Event ids are contiguous per scan across every worker that ever touched
 //! it: a worker starts from the last stored event, and publishes with
@@ -49,6 +50,7 @@ mod failure;
 mod picture;
 mod pipeline;
 mod reprocess;
+mod reward;
 
 use crate::{
     phash::phash,
@@ -85,6 +87,11 @@ pub struct Settings {
     pub retry_base: Duration,
     /// Token cap of the explanation.
     pub max_tokens: u32,
+    /// Reward: when to say it takes longer.
+    pub reward_soft: Duration,
+    /// Reward: when to give up (the scan completes without one and a dead
+    /// letter grants it on reprocessing).
+    pub reward_hard: Duration,
     /// How often a running job tells JetStream it is alive.
     pub progress_every: Duration,
 }
@@ -104,6 +111,10 @@ pub struct ScanWorker {
     pub vision: Arc<dyn Vision>,
     /// The LLM for the explanation.
     pub upstream: Upstream,
+    /// The character catalogue, kept current from the `characters` bucket.
+    pub characters: crate::catalogue::MatchCache,
+    /// `character_owners`: who first earned which character (create-only).
+    pub owners: kv::Store,
     /// Disposal rules by category.
     pub rules: Arc<Rules>,
     /// Timeouts and retries.

@@ -6,6 +6,7 @@ mod edge;
 mod guarantees;
 mod helpers;
 mod refused_uploads;
+mod rewards;
 mod scan_providers;
 mod scans;
 mod uploads;

@@ -77,6 +77,7 @@ pub(super) fn failed_record(request: &ScanRequest, failure: &Failure) -> ScanRec
         rule: None,
         answer: None,
         cached: false,
+        reward: None,
         error: Some(format!("{}: {}", failure.code, failure.message)),
         created_at: request.created_at,
         completed_at: Some(Utc::now()),

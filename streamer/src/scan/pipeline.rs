@@ -1,5 +1,6 @@
 //! The stages in order: stored (the image read back from the object
 //! store), hashed and the cache check, preprocessed, vision, rules, answer,
+//! reward (a cache hit goes from hashed to cache_hit and then reward too),
 //! done and the `result`. Each stage with more to it than a line lives in
 //! its own file.
 
@@ -34,22 +35,28 @@ impl ScanWorker {
             )
             .await?;
         if let Some(earlier) = self.cached(&hashed.phash, &request.lang).await {
+            events
+                .progress(
+                    ScanStage::CacheHit,
+                    90,
+                    "The same item was scanned before; using that result.".into(),
+                )
+                .await?;
+            // The earlier scan's reward was that scan's: this one earns its own.
+            let reward = match &earlier.category {
+                Some(category) => self.reward(request, category, events).await?,
+                None => None,
+            };
             let record = ScanRecord {
                 scan_id: request.scan_id.clone(),
                 user_id: request.user_id.clone(),
                 sha256: Some(hashed.sha256),
                 cached: true,
+                reward,
                 created_at: request.created_at,
                 completed_at: Some(Utc::now()),
                 ..earlier
             };
-            events
-                .progress(
-                    ScanStage::CacheHit,
-                    100,
-                    "The same item was scanned before; using that result.".into(),
-                )
-                .await?;
             return self.finish(events, record).await;
         }
 
@@ -96,6 +103,7 @@ impl ScanWorker {
         events
             .progress(ScanStage::Answer, 90, "Explanation written.".into())
             .await?;
+        let reward = self.reward(request, &seen.category, events).await?;
         let record = ScanRecord {
             scan_id: request.scan_id.clone(),
             user_id: request.user_id.clone(),
@@ -109,6 +117,7 @@ impl ScanWorker {
             rule: Some(rule),
             answer: Some(answer),
             cached: false,
+            reward,
             error: None,
             created_at: request.created_at,
             completed_at: Some(Utc::now()),
