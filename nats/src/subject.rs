@@ -161,6 +161,9 @@ pub const HISTORY_GET: &str = "history.get";
 pub const HISTORY_SCANS: &str = "history.scans";
 /// One completed scan by id, answered by the persister.
 pub const HISTORY_SCAN: &str = "history.scan";
+/// A user's characters (`character_ownership` and `my_characters`),
+/// answered by the persister.
+pub const HISTORY_CHARACTERS: &str = "history.characters";
 
 #[cfg(test)]
 mod tests {

@@ -257,6 +257,36 @@ pub struct RewardGrant {
     pub granted_at: DateTime<Utc>,
 }
 
+/// `history.characters`: the caller's collection, answered by the persisters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryCharactersRequest {
+    /// The JWT `sub`.
+    pub user_id: String,
+}
+
+/// One character a user owns, as the persisters store it (the gateway adds
+/// the catalogue's `name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedCharacter {
+    /// The character.
+    pub character_id: String,
+    /// When the user first earned it.
+    pub first_earned_at: DateTime<Utc>,
+    /// The scan that first earned it.
+    pub scan_id: String,
+    /// How many scans earned it.
+    pub times_earned: u32,
+    /// When a scan last earned it.
+    pub last_earned_at: DateTime<Utc>,
+}
+
+/// The `history.characters` answer: first earned first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedCharacters {
+    /// The user's characters.
+    pub characters: Vec<OwnedCharacter>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
