@@ -2,6 +2,7 @@
 
 mod accept;
 mod batches;
+mod characters;
 mod edge;
 mod guarantees;
 mod helpers;

@@ -313,3 +313,99 @@ async fn a_reward_stage_that_times_out_completes_the_scan_and_reprocessing_grant
     assert_eq!(grants(&js, &id).await.len(), 1);
     healthy_stop.cancel();
 }
+
+#[tokio::test]
+async fn my_characters_lists_what_the_persister_stored_with_times_earned() {
+    let vision = vision_saying("pet_bottle").await;
+    let app = app_with_vision(&vision, &[]).await;
+    let pg = testkit::Postgres::start()
+        .await
+        .expect("postgres (run scripts/setup.sh)");
+    let database_url = pg.create_database("rewards_mine").unwrap();
+    let dir = std::env::temp_dir().join(format!("gateway-rewards-{}", uuid::Uuid::new_v4()));
+    let stop = CancellationToken::new();
+    let persister = persister::Persister::build(<persister::Config as clap::Parser>::parse_from([
+        "persister".to_owned(),
+        "--nats-url".into(),
+        app.nats().url(),
+        "--database-url".into(),
+        database_url,
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--sqlite-path".into(),
+        dir.join("p.db").to_string_lossy().into_owned(),
+        "--reward-flush-ms".into(),
+        "200".into(),
+    ]))
+    .await
+    .unwrap();
+    tokio::spawn(persister.run(stop.clone()));
+
+    let first = app.scan("auth0|hana", fixture("coffee.jpg")).await;
+    result_of(&app, "auth0|hana", &first).await;
+    let again = app.scan("auth0|hana", fixture("coffee.jpg")).await;
+    result_of(&app, "auth0|hana", &again).await;
+    let token = crate::helpers::token_for("auth0|hana", 3600);
+    let body = testkit::wait_for(
+        "both grants in the collection",
+        Duration::from_secs(30),
+        || {
+            let request = app
+                .http
+                .get(app.url("/v1/me/characters"))
+                .bearer_auth(&token)
+                .send();
+            async move {
+                let response = request.await.ok()?;
+                if response.status() != 200 {
+                    return None;
+                }
+                let body: Value = response.json().await.ok()?;
+                (body["characters"][0]["times_earned"] == 2).then_some(body)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let characters = body["characters"].as_array().unwrap();
+    assert_eq!(characters.len(), 1);
+    let petty = &characters[0];
+    assert_eq!(petty["character_id"], "petty");
+    assert_eq!(
+        petty["name"],
+        serde_json::json!({"ko": "페티", "en": "Petty"})
+    );
+    assert_eq!(petty["scan_id"], first.as_str());
+    assert!(petty["first_earned_at"].as_str().unwrap().starts_with("20"));
+    let mut keys: Vec<&str> = petty
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "character_id",
+            "first_earned_at",
+            "name",
+            "scan_id",
+            "times_earned"
+        ]
+    );
+    // Someone else's collection is theirs alone.
+    let other = crate::helpers::token_for("auth0|ivan", 3600);
+    let response = app
+        .http
+        .get(app.url("/v1/me/characters"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["characters"], serde_json::json!([]));
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(dir);
+}
