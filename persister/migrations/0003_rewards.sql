@@ -34,3 +34,7 @@ CREATE TABLE my_characters (
     last_earned_at timestamptz NOT NULL,
     PRIMARY KEY (user_id, character_id)
 );
+
+-- The scan record's reward (bus::wire::ScanRecord::reward), as the SSE
+-- `result` carried it; NULL when the scan earned none.
+ALTER TABLE scans ADD COLUMN reward jsonb;

@@ -394,6 +394,29 @@ async fn my_characters_lists_what_the_persister_stored_with_times_earned() {
             "times_earned"
         ]
     );
+    // The persisted scan records keep their rewards (GET /v1/scans).
+    let listed: Value = app
+        .http
+        .get(app.url("/v1/scans"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rewards: Vec<(&str, bool)> = listed["scans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["reward"]["character_id"].as_str().unwrap(),
+                s["reward"]["new"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rewards, [("petty", false), ("petty", true)], "newest first");
     // Someone else's collection is theirs alone.
     let other = crate::helpers::token_for("auth0|ivan", 3600);
     let response = app
