@@ -43,7 +43,6 @@ use tokio::io::AsyncReadExt as _;
 
 mod answer;
 mod cache;
-mod classify;
 mod consumer;
 mod events;
 mod failure;
@@ -51,6 +50,7 @@ mod picture;
 mod pipeline;
 mod reprocess;
 mod reward;
+mod vision;
 
 use crate::{
     phash::phash,
