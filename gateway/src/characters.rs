@@ -34,6 +34,8 @@ use crate::{
 
 /// How long `GET /v1/me/characters` waits for a persister.
 const COLLECTION_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an error answer waits for another persister's answer.
+const ERROR_GRACE: Duration = Duration::from_millis(300);
 
 /// Every character of the bucket, highest priority first.
 async fn catalogue(bucket: &kv::Store) -> Result<Vec<Character>, ApiError> {
@@ -73,34 +75,44 @@ pub async fn list(State(state): State<AppState>, User(_): User) -> Result<Respon
     Ok(Json(json!({ "characters": characters })).into_response())
 }
 
+/// Asks every persister for the collection and takes the first answer that
+/// is one: a persister whose Postgres connection is down answers
+/// `unavailable` while another may answer from the same Postgres.
+async fn ask_persisters(client: &async_nats::Client, body: Vec<u8>) -> Option<OwnedCharacters> {
+    use futures::StreamExt as _;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.ok()?;
+    client
+        .publish_with_reply(bus::subject::HISTORY_CHARACTERS, inbox, body.into())
+        .await
+        .ok()?;
+    let mut deadline = tokio::time::Instant::now() + COLLECTION_TIMEOUT;
+    loop {
+        let reply = match tokio::time::timeout_at(deadline, replies.next()).await {
+            Ok(Some(reply)) if reply.status.is_none() => reply,
+            // No responders, or the subscription ended, or time is up.
+            _ => return None,
+        };
+        match serde_json::from_slice::<HistoryReply<OwnedCharacters>>(&reply.payload) {
+            Ok(HistoryReply::Ok(owned)) => return Some(owned),
+            Ok(HistoryReply::Err(body)) => {
+                tracing::warn!(code = %body.error.code, "A persister could not read the collection.");
+                // Another persister may still answer; not for long.
+                deadline = deadline.min(tokio::time::Instant::now() + ERROR_GRACE);
+            }
+            Err(error) => tracing::warn!(%error, "Unreadable history.characters reply."),
+        }
+    }
+}
+
 /// `GET /v1/me/characters`: the caller's collection, first earned first.
 pub async fn mine(State(state): State<AppState>, User(user): User) -> Result<Response, ApiError> {
     let request = HistoryCharactersRequest { user_id: user };
     let body = serde_json::to_vec(&request).expect("a request serialises");
     let unavailable =
         || ApiError::Unavailable("the collection is unavailable right now; try again".into());
-    let reply = match tokio::time::timeout(
-        COLLECTION_TIMEOUT,
-        state
-            .client
-            .request(bus::subject::HISTORY_CHARACTERS, body.into()),
-    )
-    .await
-    {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "No persister answered history.characters.");
-            return Err(unavailable());
-        }
-        Err(_) => return Err(unavailable()),
-    };
-    let owned = match serde_json::from_slice::<HistoryReply<OwnedCharacters>>(&reply.payload) {
-        Ok(HistoryReply::Ok(owned)) => owned,
-        Ok(HistoryReply::Err(body)) => {
-            tracing::warn!(code = %body.error.code, "history.characters refused.");
-            return Err(unavailable());
-        }
-        Err(e) => return Err(ApiError::Internal(e.into())),
+    let Some(owned) = ask_persisters(&state.client, body).await else {
+        return Err(unavailable());
     };
     let mut characters = Vec::with_capacity(owned.characters.len());
     for item in owned.characters {

@@ -318,7 +318,7 @@ async fn a_reward_stage_that_times_out_completes_the_scan_and_reprocessing_grant
 async fn my_characters_lists_what_the_persister_stored_with_times_earned() {
     let vision = vision_saying("pet_bottle").await;
     let app = app_with_vision(&vision, &[]).await;
-    let pg = testkit::Postgres::start()
+    let mut pg = testkit::Postgres::start()
         .await
         .expect("postgres (run scripts/setup.sh)");
     let database_url = pg.create_database("rewards_mine").unwrap();
@@ -429,6 +429,19 @@ async fn my_characters_lists_what_the_persister_stored_with_times_earned() {
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["characters"], serde_json::json!([]));
+
+    // Postgres down: the collection is unavailable, plainly (the grants wait).
+    pg.stop().unwrap();
+    let response = app
+        .http
+        .get(app.url("/v1/me/characters"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
     stop.cancel();
     let _ = std::fs::remove_dir_all(dir);
 }
