@@ -445,3 +445,55 @@ async fn my_characters_lists_what_the_persister_stored_with_times_earned() {
     stop.cancel();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_scan_redelivered_after_its_worker_granted_and_died_answers_the_same_and_grants_once() {
+    let vision = vision_saying("clothing").await;
+    let app = TestApp::without_streamer(answer()).await;
+    let js = app.js().await;
+    // The job waits in SCAN_REQ while no streamer runs.
+    let id = app.scan("yuna", fixture("chelsea.png")).await;
+    // What a worker that died between the grant and the result left behind:
+    // the ownership entry and the grant.
+    let owners = js
+        .get_key_value(bus::streams::KV_CHARACTER_OWNERS)
+        .await
+        .unwrap();
+    let key = format!("{}.threadle", bus::subject::user_key("yuna"));
+    owners.create(&key, id.clone().into()).await.unwrap();
+    let left = RewardGrant {
+        scan_id: id.clone(),
+        user_id: "yuna".into(),
+        character_id: "threadle".into(),
+        category: "clothing".into(),
+        new: true,
+        granted_at: chrono::Utc::now(),
+    };
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload(serde_json::to_vec(&left).unwrap().into())
+        .message_id(id.clone());
+    js.send_publish(bus::subject::reward_grant(&id).unwrap(), publish)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let stop = CancellationToken::new();
+    app.add_streamer(
+        app.streamer_config(&app.nats().url(), &["--vision-base-url", vision.base_url()]),
+        &stop,
+    )
+    .await;
+    let record = result_of(&app, "yuna", &id).await;
+    assert_eq!(
+        (
+            record["reward"]["character_id"].as_str(),
+            record["reward"]["new"].as_bool()
+        ),
+        (Some("threadle"), Some(true)),
+        "the scan that created the entry is still the one that earned it"
+    );
+    let granted = grants(&js, &id).await;
+    assert_eq!(granted, [left], "the grant is not published twice");
+    stop.cancel();
+}
