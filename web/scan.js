@@ -5,7 +5,7 @@
 // again (a late subscriber gets every event from the first).
 "use strict";
 
-const STAGES = ["stored", "hashed", "cache_hit", "preprocessed", "vision", "rules", "answer", "done"];
+const STAGES = ["stored", "hashed", "cache_hit", "preprocessed", "vision", "rules", "answer", "reward", "done"];
 const scan = {
   job: JSON.parse(sessionStorage.getItem("scan") || "null"), // {scan_id, events_url, status_url}
   es: null,
@@ -199,6 +199,7 @@ function showRecord(record, { focus = false } = {}) {
   $("r-steps").replaceChildren(...(rule?.steps || []).map((step) => el("li", {}, pick(step))));
   $("r-why").textContent = rule ? pick(rule.why) : "";
   $("r-cached").hidden = !record.cached;
+  showReward(record.reward);
   $("r-labels").replaceChildren(...(record.labels || []).map((l) => el("li", {}, `${l.label} · ${Math.round(l.score * 100)}%`)));
   $("r-labels-block").hidden = !(record.labels || []).length;
   if (record.answer) {
@@ -210,6 +211,22 @@ function showRecord(record, { focus = false } = {}) {
   $("explanation").classList.remove("streaming");
   $("result").hidden = false;
   if (focus) $("result").focus({ preventScroll: false });
+}
+
+// The character the scan earned: new, or already in the collection.
+function showReward(reward) {
+  const block = $("r-reward");
+  if (!reward) {
+    block.hidden = true;
+    return;
+  }
+  $("r-reward-name").textContent = pick(reward.name);
+  $("r-reward-name").dataset.character = reward.character_id;
+  const badge = $("r-reward-state");
+  badge.dataset.key = reward.new ? "reward.new" : "reward.again";
+  badge.dataset.state = reward.new ? "new" : "again";
+  badge.textContent = t(badge.dataset.key);
+  block.hidden = false;
 }
 
 // ---- past scans --------------------------------------------------------------

@@ -307,6 +307,9 @@ test("without dev login: sign-in with a pasted JWT; a bad token and an oversized
   assert.equal(await page.evaluate(() => sessionStorage.getItem("token")), null);
 });
 
+/** The character erin's first scan earned (set by the first scan test). */
+let erinCharacter = null;
+
 test("scan: upload a photo, progress reaches 100 %, the explanation streams and the result card appears", async (t) => {
   const page = await newPage(t);
   await devLogin(page, "erin", "/scan.html");
@@ -347,6 +350,12 @@ test("scan: upload a photo, progress reaches 100 %, the explanation streams and 
   assert.ok((await page.textContent("#r-why")).trim().length > 0, "a why");
   assert.ok((await page.textContent("#explanation")).trim().length > 0, "an explanation");
   assert.equal(await page.evaluate(() => document.activeElement.id), "result", "focus moves to the result");
+  // The character this scan earned, erin's first: new.
+  assert.equal(await page.isVisible("#r-reward"), true, "the result card shows the character");
+  assert.equal(await page.getAttribute("#r-reward-state", "data-state"), "new");
+  erinCharacter = await page.getAttribute("#r-reward-name", "data-character");
+  assert.ok(erinCharacter, "a character id");
+  assert.ok((await page.textContent("#r-reward-name")).trim().length > 0, "its name");
   // Listed in past scans (GET /v1/scans), newest first.
   await page.locator(`#scans button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
   assert.equal(await page.getAttribute("#scans li:first-child button", "data-scan"), scanId);
@@ -400,6 +409,10 @@ test("scan: the same photo again is answered from the cache, and a past scan ope
   assert.equal(await page.getAttribute('#stages li[data-stage="cache_hit"]', "data-state"), "done");
   assert.equal(await page.getAttribute('#stages li[data-stage="vision"]', "data-state"), "skipped");
   assert.ok((await page.textContent("#r-bin")).trim().length > 0);
+  // A cache hit earns the character too, already collected this time.
+  assert.equal(await page.isVisible("#r-reward"), true);
+  assert.equal(await page.getAttribute("#r-reward-name", "data-character"), erinCharacter);
+  assert.equal(await page.getAttribute("#r-reward-state", "data-state"), "again");
   await page.locator(`#scans button[data-scan="${scanId}"]`).waitFor({ timeout: 15000 });
   // Open the older one from the list.
   const older = page.locator("#scans li:nth-child(2) button");
@@ -409,6 +422,30 @@ test("scan: the same photo again is answered from the cache, and a past scan ope
   assert.equal(await page.isVisible("#result"), true);
   assert.equal(await page.isVisible("#r-cached"), false, "the older scan was not from the cache");
   assert.equal(await page.evaluate(() => document.activeElement.id), "result");
+});
+
+test("characters: My characters lists what erin earned, how often, in English and Korean", async (t) => {
+  const page = await newPage(t);
+  await devLogin(page, "erin", "/characters.html");
+  assert.equal(await page.getAttribute('nav a[href="characters.html"]', "aria-current"), "page");
+  // The persister writes grants in batches (at most 5 s late): wait for both.
+  const mine = page.locator(`#collection li[data-character="${erinCharacter}"]`);
+  for (let attempt = 0; ; attempt += 1) {
+    await page.reload();
+    await page.locator("#catalogue li").first().waitFor({ timeout: 15000 });
+    if ((await mine.count()) && (await mine.textContent()).includes("Earned 2 times")) break;
+    assert.ok(attempt < 20, `erin's ${erinCharacter} earned twice: ${await page.textContent("#collection")}`);
+    await page.waitForTimeout(1000);
+  }
+  assert.equal(await page.locator("#collection li").count(), 1);
+  assert.equal(await page.getAttribute(`#catalogue li[data-character="${erinCharacter}"]`, "class"), "card character-card owned");
+  assert.ok(await page.locator("#catalogue li.missing").count() >= 1, "the rest are still to collect");
+  // In English: this machine's Chromium may lack Korean fonts.
+  await screenshot(page, "characters", { fullPage: true });
+  await page.selectOption("#lang", "ko");
+  assert.equal(await page.textContent("#mine-heading"), "내 캐릭터");
+  assert.ok((await mine.textContent()).includes("2번 획득"));
+  await page.selectOption("#lang", "en"); // the choice is remembered for the pages after this one
 });
 
 test("scan: a reload mid-scan follows the same scan again to its result", async (t) => {

@@ -27,7 +27,13 @@ pub struct Claims {
     /// Issued at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Every other claim (the role claim among them).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The role that may change the character catalogue.
+pub const ADMIN_ROLE: &str = "admin";
 
 /// Verifies tokens; shared by every request.
 pub struct Authenticator {
@@ -35,6 +41,8 @@ pub struct Authenticator {
     validation: Validation,
     /// Present only when dev login is enabled (HS256).
     issuer: Option<EncodingKey>,
+    /// The claim naming the caller's role (`AUTH_ROLE_CLAIM`).
+    role_claim: String,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -49,6 +57,11 @@ impl std::fmt::Debug for Authenticator {
 /// An authenticated user (the JWT `sub`), from `Authorization: Bearer` only.
 #[derive(Debug, Clone)]
 pub struct User(pub String);
+
+/// An authenticated user whose role claim says `admin`; anyone else with a
+/// valid token gets 403 `forbidden`.
+#[derive(Debug, Clone)]
+pub struct Admin(pub String);
 
 /// An authenticated user from `Authorization: Bearer` or `?access_token=`
 /// (for browsers' WebSocket and EventSource, which cannot set headers).
@@ -144,6 +157,7 @@ impl Authenticator {
             key,
             validation,
             issuer,
+            role_claim: config.auth_role_claim.clone(),
         })
     }
 
@@ -152,11 +166,30 @@ impl Authenticator {
     /// # Errors
     /// [`ApiError::Unauthorized`] saying what is wrong with the token.
     pub fn verify(&self, token: &str) -> Result<String, ApiError> {
+        self.verify_claims(token).map(|claims| claims.sub)
+    }
+
+    /// True when `claims` carry the admin role in the configured claim.
+    pub fn is_admin(&self, claims: &Claims) -> bool {
+        match claims.other.get(&self.role_claim) {
+            Some(serde_json::Value::String(role)) => role == ADMIN_ROLE,
+            Some(serde_json::Value::Array(roles)) => {
+                roles.iter().any(|r| r.as_str() == Some(ADMIN_ROLE))
+            }
+            _ => false,
+        }
+    }
+
+    /// Verifies a token and returns its claims.
+    ///
+    /// # Errors
+    /// [`ApiError::Unauthorized`] saying what is wrong with the token.
+    pub fn verify_claims(&self, token: &str) -> Result<Claims, ApiError> {
         match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
             // Identity providers issue e-mail addresses and `provider|id`
             // subs: any non-empty one is the user id, verbatim. Where an id
             // must name a subject or a KV key, `bus::subject::user_key` maps it.
-            Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims.sub),
+            Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims),
             Ok(_) => Err(unauthorized("invalid_token", "the token's sub is empty")),
             Err(error) => Err(match error.kind() {
                 ErrorKind::ExpiredSignature => {
@@ -200,6 +233,7 @@ impl Authenticator {
             sub: user_id.to_owned(),
             exp: now + ttl_seconds,
             iat: Some(now),
+            other: serde_json::Map::new(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key)
             .map_err(|e| ApiError::Internal(e.into()))
@@ -261,6 +295,30 @@ where
                 "send Authorization: Bearer <token>",
             )),
         }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Admin
+where
+    Arc<Authenticator>: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth: Arc<Authenticator> = axum::extract::FromRef::from_ref(state);
+        let Some(token) = bearer(parts) else {
+            return Err(unauthorized(
+                "missing_token",
+                "send Authorization: Bearer <token>",
+            ));
+        };
+        let claims = auth.verify_claims(token?)?;
+        if !auth.is_admin(&claims) {
+            return Err(ApiError::Forbidden(
+                "changing the character catalogue needs the admin role".into(),
+            ));
+        }
+        Ok(Self(claims.sub))
     }
 }
 

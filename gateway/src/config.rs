@@ -48,6 +48,10 @@ pub struct Config {
     /// Required `iss` claim; unchecked when unset.
     #[arg(long, env = "AUTH_JWT_ISSUER")]
     pub auth_jwt_issuer: Option<String>,
+    /// The JWT claim that carries the caller's role; `admin` in it (a
+    /// string, or one element of an array) may change the character catalogue.
+    #[arg(long, env = "AUTH_ROLE_CLAIM", default_value = "role")]
+    pub auth_role_claim: String,
     /// Enables `POST /v1/dev/token`, which mints a token for any user id.
     /// For local development only; needs AUTH_JWT_SECRET.
     /// Refused on a GATEWAY_LISTEN that is not loopback, unless

@@ -24,6 +24,9 @@ pub enum ApiError {
         /// What is wrong.
         message: String,
     },
+    /// A valid token without the right to do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// The route exists but is switched off.
     #[error("{0}")]
     NotFound(String),
@@ -40,6 +43,7 @@ impl ApiError {
         match self {
             Self::Unauthorized { code, .. } => (StatusCode::UNAUTHORIZED, code),
             Self::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -2,13 +2,15 @@
 //!
 //! It owns authentication ([`auth`]), the HTTP API and its JSON errors
 //! ([`error`]), the WebSocket chat sessions ([`ws`]), scan uploads and their
-//! SSE streams ([`scans`]), what models clients may ask for ([`models`]) and
-//! serving `web/`.
+//! SSE streams ([`scans`]), what models clients may ask for ([`models`]),
+//! the character catalogue, its admin routes and the caller's collection
+//! (`characters`), and serving `web/`.
 //! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
 //! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
 //! come from the `CHAT_TOK` stream, so any gateway node serves any client.
 
 pub mod auth;
+mod characters;
 mod config;
 mod drain;
 pub mod error;
@@ -67,6 +69,8 @@ pub struct Shared {
     turns: async_nats::jetstream::kv::Store,
     /// Scan id -> owner.
     scans: async_nats::jetstream::kv::Store,
+    /// The character catalogue (`characters` KV bucket).
+    characters: async_nats::jetstream::kv::Store,
     /// Uploaded images.
     scan_images: async_nats::jetstream::object_store::ObjectStore,
     /// Interval of SSE keep-alive comments.
@@ -151,6 +155,10 @@ impl Gateway {
             .get_key_value(bus::streams::KV_SCANS)
             .await
             .context("KV bucket scans is missing")?;
+        let characters = js
+            .get_key_value(bus::streams::KV_CHARACTERS)
+            .await
+            .context("KV bucket characters is missing")?;
         let scan_images = js
             .get_object_store(bus::streams::OBJ_SCAN_IMAGES)
             .await
@@ -177,6 +185,7 @@ impl Gateway {
             owners: Arc::new(owners::Owners::new(conversations)),
             turns,
             scans,
+            characters,
             scan_images,
             sse_keepalive: std::time::Duration::from_millis(config.sse_keepalive_ms.max(100)),
             in_flight: Arc::new(in_flight),
@@ -310,6 +319,12 @@ fn router(state: AppState, config: &Config, ops: Router) -> Router {
         )
         .route("/v1/scans/{id}", get(scans::status))
         .route("/v1/scans/{id}/events", get(scan_events::events))
+        .route("/v1/characters", get(characters::list))
+        .route("/v1/me/characters", get(characters::mine))
+        .route(
+            "/v1/admin/characters/{id}",
+            axum::routing::put(characters::put).delete(characters::delete),
+        )
         .with_state(state);
     ops.merge(api)
         .fallback_service(web)

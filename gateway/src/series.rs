@@ -109,6 +109,12 @@ pub const SERIES: &[Series] = &[
         help: "SSE scan event streams opened.",
         labels: &[],
     },
+    Series {
+        name: "gateway_character_changes_total",
+        kind: Kind::Counter,
+        help: "Changes an admin made to the character catalogue, by operation.",
+        labels: &[&[("op", "put")], &[("op", "delete")]],
+    },
 ];
 
 /// Describes and registers [`SERIES`] at zero.

@@ -24,6 +24,7 @@ mod load;
 mod persister;
 mod procfs;
 mod report;
+mod rewards;
 mod scan;
 mod sse;
 mod stack;
@@ -61,6 +62,8 @@ enum Mode {
     Persister(Box<persister::PersisterArgs>),
     /// Measures the scan path: 5 MB uploads to 202, first SSE event, classification and pipeline time; writes its section of BENCHMARKS.md.
     Scan(Box<scan::ScanArgs>),
+    /// Measures character grants into Postgres: a burst's grants per second, and publish-to-row latency at steady rates; writes its section of BENCHMARKS.md.
+    Rewards(Box<rewards::RewardsArgs>),
     /// Compares, interleaved at each concurrency level: the upstream directly, the gateway over WebSocket, the gateway's OpenAI endpoint and the LiteLLM proxy; writes its section of BENCHMARKS.md.
     Compare(Box<compare::CompareArgs>),
     /// Runs only a gateway, configured from the environment like the
@@ -146,6 +149,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Mode::Chat(args) => chat(*args),
         Mode::Persister(args) => persister::run(*args),
+        Mode::Rewards(args) => rewards::run(*args),
         Mode::Scan(args) => scan::run(*args),
         Mode::Compare(args) => compare::run(*args),
         Mode::ServeGateway => serve_gateway(),

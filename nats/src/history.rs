@@ -527,6 +527,7 @@ mod tests {
             rule: None,
             answer: None,
             cached: false,
+            reward: None,
             error: None,
             created_at: at(created),
             completed_at: completed.map(at),

@@ -25,6 +25,8 @@ pub const SCAN_DONE: &str = "SCAN_DONE";
 pub const DLQ: &str = "DLQ";
 /// Stream of max-deliveries advisories of the streamer's work consumers.
 pub const MAX_DELIVERIES: &str = "MAX_DELIVERIES";
+/// Stream of character grants (`reward.grant.<scan>`).
+pub const REWARDS: &str = "REWARDS";
 
 const STREAM_FILES: &[(&str, &str)] = &[
     (CHAT_REQ, include_str!("../streams/CHAT_REQ.json")),
@@ -38,6 +40,7 @@ const STREAM_FILES: &[(&str, &str)] = &[
         MAX_DELIVERIES,
         include_str!("../streams/MAX_DELIVERIES.json"),
     ),
+    (REWARDS, include_str!("../streams/REWARDS.json")),
 ];
 
 /// A durable consumer: the stream it reads and its definition file.
@@ -68,6 +71,12 @@ pub const PERSISTER_TURNS: ConsumerDef = ConsumerDef {
 pub const PERSISTER_SCANS: ConsumerDef = ConsumerDef {
     stream: SCAN_DONE,
     json: include_str!("../consumers/SCAN_DONE.persister-scans.json"),
+};
+
+/// The persister's batched writer of character grants.
+pub const PERSISTER_REWARDS: ConsumerDef = ConsumerDef {
+    stream: REWARDS,
+    json: include_str!("../consumers/REWARDS.persister-rewards.json"),
 };
 
 /// The streamer's closer of turns and scans whose deliveries ran out.
@@ -116,6 +125,15 @@ pub const KV_SCAN_CACHE: &str = "scan_cache";
 pub const OBJ_SCAN_IMAGES: &str = "scan_images";
 /// How long uploaded images and scan ownership are kept.
 pub const SCAN_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// KV bucket: character id -> `Character`, the reward catalogue. Seeded
+/// from `streamer/rules/characters.json` by the first streamer that finds
+/// it never written; the admin API writes it; every streamer watches it.
+pub const KV_CHARACTERS: &str = "characters";
+/// KV bucket: `<user key>.<character id>` -> the id of the scan that first
+/// earned that character for that user, written create-only: whoever
+/// creates the key earned the character first (`new: true`).
+pub const KV_CHARACTER_OWNERS: &str = "character_owners";
 
 /// The KV buckets of the contract. Kept in code rather than JSON because
 /// the JetStream CLI's `nats kv add` takes flags, not a config file.
@@ -175,6 +193,23 @@ pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
             history: 1,
             max_age: SCAN_RETENTION,
             max_value_size: 4096,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_CHARACTERS.into(),
+            description: "Character id -> catalogue entry (names, descriptions, categories, priority).".into(),
+            // A few revisions, so an operator can see what an admin changed.
+            history: 5,
+            max_value_size: 16 * 1024,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_CHARACTER_OWNERS.into(),
+            description: "<user key>.<character id> -> the scan that first earned it (create-only; decides `new`).".into(),
+            history: 1,
+            max_value_size: 1024,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         },

@@ -18,6 +18,10 @@ pub const SCAN_EVT_ALL: &str = "scan.evt.>";
 pub const SCAN_DONE_ALL: &str = "scan.done.>";
 /// Wildcard for every dead letter.
 pub const DLQ_ALL: &str = "dlq.>";
+/// Wildcard for every character grant.
+pub const REWARD_GRANT_ALL: &str = "reward.grant.>";
+/// The dead-letter kind of grants the persister could not store.
+pub const DLQ_REWARDS: &str = "rewards";
 
 /// An id that cannot be used as a subject token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +136,15 @@ pub fn scan_done(scan_id: &str) -> Result<String, BadId> {
     Ok(format!("scan.done.{}", token(scan_id)?))
 }
 
+/// `reward.grant.<scan>`: the character one scan earned, for the persister
+/// (`Nats-Msg-Id` = the scan id, so a redelivered scan's grant is one).
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn reward_grant(scan_id: &str) -> Result<String, BadId> {
+    Ok(format!("reward.grant.{}", token(scan_id)?))
+}
+
 /// `dlq.<kind>`: a dead letter of the given kind (`chat`, `scan`, `turns`, ...).
 ///
 /// # Errors
@@ -148,6 +161,9 @@ pub const HISTORY_GET: &str = "history.get";
 pub const HISTORY_SCANS: &str = "history.scans";
 /// One completed scan by id, answered by the persister.
 pub const HISTORY_SCAN: &str = "history.scan";
+/// A user's characters (`character_ownership` and `my_characters`),
+/// answered by the persister.
+pub const HISTORY_CHARACTERS: &str = "history.characters";
 
 #[cfg(test)]
 mod tests {

@@ -5,11 +5,13 @@
 //! the WebSocket carries, several to a message ([`crate::batch`]), so the
 //! gateway relays them without re-encoding.
 
+mod reward;
 mod scan;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use reward::*;
 pub use scan::*;
 
 /// Largest `content` of a `send` frame the gateway accepts (64 KiB).

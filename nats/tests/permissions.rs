@@ -126,3 +126,59 @@ async fn history_replies_reach_only_the_asker_and_strangers_are_refused() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn only_the_streamer_grants_characters_and_records_owners_and_only_it_and_the_gateway_write_the_catalogue()
+ {
+    let nats = testkit::NatsServer::start_secured().await.unwrap();
+    let admin = jetstream::new(nats.client().await.unwrap());
+    streams::ensure_all(&admin, 1).await.unwrap();
+    let js_of = |user: &'static str| {
+        let nats = &nats;
+        async move { jetstream::new(nats.client_as(user).await.unwrap()) }
+    };
+    let (gateway, streamer, persister) = (
+        js_of("gateway").await,
+        js_of("streamer").await,
+        js_of("persister").await,
+    );
+
+    assert!(js_publish(&streamer, "reward.grant.s1").await);
+    let (by_gateway, by_persister) = tokio::join!(
+        js_publish(&gateway, "reward.grant.s2"),
+        js_publish(&persister, "reward.grant.s3")
+    );
+    assert!(!by_gateway && !by_persister);
+    assert_eq!(stored(&admin, streams::REWARDS).await, 1);
+
+    let owners = format!("$KV.{}.u1.petty", streams::KV_CHARACTER_OWNERS);
+    assert!(js_publish(&streamer, &owners).await);
+    assert!(!js_publish(&gateway, &owners).await);
+
+    let catalogue = format!("$KV.{}.petty", streams::KV_CHARACTERS);
+    assert!(
+        js_publish(&gateway, &catalogue).await,
+        "the admin API writes it"
+    );
+    assert!(
+        js_publish(&streamer, &catalogue).await,
+        "the streamer seeds it"
+    );
+    assert!(!js_publish(&persister, &catalogue).await);
+
+    // Nobody but an operator empties the grants or the catalogue (refusals
+    // end in timeouts, so all at once).
+    let mut purges = Vec::new();
+    for js in [&gateway, &streamer, &persister] {
+        for stream in [streams::REWARDS, "KV_characters", "KV_character_owners"] {
+            purges.push(async move {
+                let purged = js.get_stream(stream).await.unwrap().purge().await;
+                (stream, purged.is_ok())
+            });
+        }
+    }
+    for (stream, purged) in futures::future::join_all(purges).await {
+        assert!(!purged, "{stream} was purged");
+    }
+    assert_eq!(stored(&admin, streams::REWARDS).await, 1);
+}

@@ -51,6 +51,14 @@ pub struct Config {
     /// checks Postgres) when nothing new was committed.
     #[arg(long, env = "PERSISTER_SYNC_INTERVAL_MS", default_value_t = 1_000)]
     pub sync_interval_ms: u64,
+    /// Most character grants written to Postgres in one commit (the seeds'
+    /// 50 rows).
+    #[arg(long, env = "PERSISTER_REWARD_BATCH", default_value_t = 50)]
+    pub reward_batch: usize,
+    /// Longest a grant waits for its batch to fill before the batch is
+    /// written anyway, in milliseconds (the seeds' 5 s).
+    #[arg(long, env = "PERSISTER_REWARD_FLUSH_MS", default_value_t = 5_000)]
+    pub reward_flush_ms: u64,
     /// Hours a row is kept in SQLite after it reached Postgres.
     #[arg(long, env = "PERSISTER_RETENTION_HOURS", default_value_t = 168)]
     pub retention_hours: u64,
@@ -66,7 +74,15 @@ pub struct Config {
 /// a turn binds 14, so 4000 rows leave room.
 pub const MAX_SYNC_BATCH: usize = 4_000;
 
+/// Grants per commit are bounded by the consumer's `max_ack_pending` (2000).
+pub const MAX_REWARD_BATCH: usize = 1_000;
+
 impl Config {
+    /// How long a grant waits for its batch to fill.
+    pub fn reward_flush(&self) -> Duration {
+        Duration::from_millis(self.reward_flush_ms.max(1))
+    }
+
     /// The idle poll interval of the sync loop.
     pub fn sync_interval(&self) -> Duration {
         Duration::from_millis(self.sync_interval_ms.max(10))
@@ -85,6 +101,10 @@ impl Config {
         anyhow::ensure!(
             self.batch_size > 0,
             "PERSISTER_BATCH_SIZE must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=MAX_REWARD_BATCH).contains(&self.reward_batch),
+            "PERSISTER_REWARD_BATCH must be between 1 and {MAX_REWARD_BATCH}"
         );
         anyhow::ensure!(
             (1..=MAX_SYNC_BATCH).contains(&self.sync_batch),
@@ -108,6 +128,8 @@ mod tests {
         assert_eq!(config.sqlite_path, PathBuf::from(".data/persister.db"));
         assert_eq!(config.batch_size, 256);
         assert_eq!(config.sync_batch, MAX_SYNC_BATCH);
+        assert_eq!(config.reward_batch, 50);
+        assert_eq!(config.reward_flush(), Duration::from_secs(5));
         config.validate().unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
     }

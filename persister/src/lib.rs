@@ -11,12 +11,15 @@
 //! to the streamer and ownership checks for clients to the gateway.
 //! Completed scans (`scan.done.>`) are drained the same way, into a `scans`
 //! table where a later record of the same scan replaces an earlier one.
+//! Character grants (`reward.grant.>`) go straight to Postgres in batches
+//! ([`rewards`]), which also answers `history.characters`.
 
 pub mod admin;
 pub mod config;
 pub mod error;
 pub mod history;
 pub mod ingest;
+pub mod rewards;
 mod series;
 pub mod sync;
 pub mod wal;
@@ -54,6 +57,7 @@ pub struct Persister {
     max_deliver: i64,
     scan_consumer: async_nats::jetstream::consumer::PullConsumer,
     scan_max_deliver: i64,
+    reward_consumer: async_nats::jetstream::consumer::PullConsumer,
     /// The buffer; ingest, sync and readiness each hold a clone.
     wal: Wal,
     postgres: sync::Postgres,
@@ -80,6 +84,7 @@ impl Persister {
         let max_deliver = bus::streams::PERSISTER_TURNS.config()?.max_deliver;
         let scan_consumer = bus::streams::PERSISTER_SCANS.ensure(&js).await?;
         let scan_max_deliver = bus::streams::PERSISTER_SCANS.config()?.max_deliver;
+        let reward_consumer = bus::streams::PERSISTER_REWARDS.ensure(&js).await?;
         tracing::info!(sqlite = %config.sqlite_path.display(), "Persister configured.");
         Ok(Self {
             config,
@@ -90,6 +95,7 @@ impl Persister {
             max_deliver,
             scan_consumer,
             scan_max_deliver,
+            reward_consumer,
             wal,
             postgres,
         })
@@ -154,6 +160,7 @@ impl Persister {
             committed,
             kind: PhantomData,
         };
+        let syncer_pool = syncer.postgres.pool.clone();
         let history = history::History {
             client: self.client.clone(),
             wal: ingest.wal.clone(),
@@ -163,6 +170,18 @@ impl Persister {
         // Sync starts at once: rows a previous run left unsynced go first.
         let mut sync_task = tokio::spawn(syncer.run(stop.clone()));
         let mut history_task = tokio::spawn(history.run(stop.clone()));
+        let rewards = rewards::RewardWriter {
+            js: self.js.clone(),
+            pool: syncer_pool.clone(),
+            batch_size: self.config.reward_batch,
+            flush_after: self.config.reward_flush(),
+        };
+        let mut rewards_task = tokio::spawn(rewards.run(self.reward_consumer, stop.clone()));
+        let mut collection_task = tokio::spawn(rewards::collection::run(
+            self.client.clone(),
+            syncer_pool,
+            stop.clone(),
+        ));
         let heartbeat_task = tokio::spawn(history::heartbeat(
             self.js.clone(),
             self.config.bus.bus_replicas,
@@ -178,6 +197,8 @@ impl Persister {
             result = &mut scan_ingest_task => Some(format!("the scan ingest loop stopped unexpectedly: {result:?}")),
             result = &mut sync_task => Some(format!("the sync loop stopped unexpectedly: {result:?}")),
             result = &mut history_task => Some(format!("the history responder stopped unexpectedly: {result:?}")),
+            result = &mut rewards_task => Some(format!("the grant writer stopped unexpectedly: {result:?}")),
+            result = &mut collection_task => Some(format!("the characters responder stopped unexpectedly: {result:?}")),
         };
         stop.cancel();
         let drained = tokio::time::timeout(bus::shutdown::DRAIN, async {
@@ -193,6 +214,12 @@ impl Persister {
             if !history_task.is_finished() {
                 let _ = (&mut history_task).await;
             }
+            if !rewards_task.is_finished() {
+                let _ = (&mut rewards_task).await;
+            }
+            if !collection_task.is_finished() {
+                let _ = (&mut collection_task).await;
+            }
         })
         .await;
         if drained.is_err() {
@@ -201,6 +228,8 @@ impl Persister {
             scan_ingest_task.abort();
             sync_task.abort();
             history_task.abort();
+            rewards_task.abort();
+            collection_task.abort();
         }
         // Withdraw from the persisters bucket so askers stop waiting for us.
         let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat_task).await;

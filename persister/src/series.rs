@@ -181,6 +181,40 @@ pub const SERIES: &[Series] = &[
         help: "Size of the SQLite WAL file.",
         labels: &[],
     },
+    Series {
+        name: "persister_reward_grants_total",
+        kind: Kind::Counter,
+        help: "Character grants committed to Postgres: new to it (stored) or already there (duplicate).",
+        labels: &[&[("outcome", "stored")], &[("outcome", "duplicate")]],
+    },
+    Series {
+        name: "persister_reward_batches_total",
+        kind: Kind::Counter,
+        help: "Batches of grants written, by what closed them: full (size), the flush interval (time), or shutdown.",
+        labels: &[
+            &[("trigger", "size")],
+            &[("trigger", "time")],
+            &[("trigger", "shutdown")],
+        ],
+    },
+    Series {
+        name: "persister_reward_commit_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of one Postgres commit of a batch of grants.",
+        labels: &[],
+    },
+    Series {
+        name: "persister_reward_commit_failures_total",
+        kind: Kind::Counter,
+        help: "Failed Postgres writes of a batch of grants (retried; the grants wait in JetStream).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_reward_dead_letters_total",
+        kind: Kind::Counter,
+        help: "Grants sent to dlq.rewards: undecodable or invalid, or refused by Postgres for good.",
+        labels: &[&[("reason", "undecodable")], &[("reason", "refused")]],
+    },
 ];
 
 /// Describes and registers [`SERIES`] at zero.

@@ -480,7 +480,8 @@ pub async fn write_turns(pool: &PgPool, rows: &[TurnRecord]) -> Result<(), sqlx:
 pub async fn write_scans(pool: &PgPool, scans: &[PendingScan]) -> Result<(), sqlx::Error> {
     let mut insert = QueryBuilder::<sqlx::Postgres>::new(
         "INSERT INTO scans (scan_id, user_id, status, category, confidence, labels, \
-         vision_model, phash, sha256, rule, answer, cached, error, created_at, completed_at) ",
+         vision_model, phash, sha256, rule, answer, cached, error, created_at, completed_at, \
+         reward) ",
     );
     insert.push_values(scans, |mut b, s| {
         let r = &s.record;
@@ -498,7 +499,12 @@ pub async fn write_scans(pool: &PgPool, scans: &[PendingScan]) -> Result<(), sql
             .push_bind(r.cached)
             .push_bind(r.error.as_deref().map(pg_text))
             .push_bind(r.created_at)
-            .push_bind(r.completed_at);
+            .push_bind(r.completed_at)
+            .push_bind(
+                r.reward
+                    .as_ref()
+                    .map(|reward| sqlx::types::Json(pg_json(reward))),
+            );
     });
     // Mirrors bus::wire::scan_order: a missing completed_at is earliest.
     insert.push(
@@ -508,7 +514,7 @@ pub async fn write_scans(pool: &PgPool, scans: &[PendingScan]) -> Result<(), sql
          vision_model = excluded.vision_model, phash = excluded.phash, \
          sha256 = excluded.sha256, rule = excluded.rule, answer = excluded.answer, \
          cached = excluded.cached, error = excluded.error, created_at = excluded.created_at, \
-         completed_at = excluded.completed_at \
+         completed_at = excluded.completed_at, reward = excluded.reward \
          WHERE (coalesce(excluded.completed_at, '-infinity'::timestamptz), \
                 CASE excluded.status WHEN 'done' THEN 2 WHEN 'failed' THEN 1 ELSE 0 END) \
              > (coalesce(scans.completed_at, '-infinity'::timestamptz), \

@@ -31,7 +31,8 @@ pub use scans::{PendingScan, ScanKey, ScanStored};
 
 /// Version of the schema below, kept in `PRAGMA user_version`. 2 added the
 /// `scans` table: an older persister would leave its unsynced rows behind.
-const SCHEMA_VERSION: i64 = 2;
+/// 3 added `scans.reward` (added to an older file at open).
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS turns (
@@ -505,6 +506,18 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     );
     conn.execute_batch(SCHEMA).with_context(hint)?;
     conn.execute_batch(scans::SCHEMA).with_context(hint)?;
+    let has_reward: bool = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('scans') WHERE name = 'reward'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .with_context(hint)?
+        > 0;
+    if !has_reward {
+        conn.execute_batch("ALTER TABLE scans ADD COLUMN reward TEXT")
+            .with_context(hint)?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
         .with_context(hint)?;
     Ok(conn)

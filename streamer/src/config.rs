@@ -89,6 +89,18 @@ pub struct Config {
     /// A disposal-rules JSON file replacing the built-in one (streamer/rules).
     #[arg(long, env = "SCAN_RULES")]
     pub scan_rules: Option<std::path::PathBuf>,
+    /// A character catalogue JSON file replacing the built-in one
+    /// (streamer/rules/characters.json); it seeds the `characters` KV bucket
+    /// only when that bucket was never written.
+    #[arg(long, env = "SCAN_CHARACTERS")]
+    pub scan_characters: Option<std::path::PathBuf>,
+    /// Reward stage: after this many ms a "taking longer" progress is sent.
+    #[arg(long, env = "SCAN_REWARD_SOFT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub reward_soft_timeout_ms: u64,
+    /// Reward stage: after this many ms the scan completes with `reward:
+    /// null` and a dead letter that the reprocessing pass grants later.
+    #[arg(long, env = "SCAN_REWARD_HARD_TIMEOUT_MS", default_value_t = 15_000)]
+    pub reward_hard_timeout_ms: u64,
     /// Vision stage: after this many ms a "taking longer" progress is sent.
     #[arg(long, env = "SCAN_VISION_SOFT_TIMEOUT_MS", default_value_t = 60_000)]
     pub vision_soft_timeout_ms: u64,

@@ -8,11 +8,14 @@
 //! deliveries ran out from JetStream's advisories ([`exhausted`]).
 //! It also owns the scan pipeline ([`scan`]): the durable consumer on scan
 //! jobs (`scan.req.>`), the image model behind [`vision::Vision`], the
-//! perceptual hash ([`phash`]), the disposal rules ([`rules`]) and the DLQ
+//! perceptual hash ([`phash`]), the disposal rules ([`rules`]), the
+//! character catalogue and its match cache ([`catalogue`]), the reward
+//! stage that grants characters on `reward.grant.<scan>`, and the DLQ
 //! reprocessing of failed scans.
 //! It keeps no state of its own: everything it knows is in JetStream, so any
 //! number of streamers share the work and a killed one loses nothing.
 
+pub mod catalogue;
 pub mod chat;
 mod config;
 pub mod context;
@@ -53,6 +56,8 @@ pub struct Streamer {
     js: async_nats::jetstream::Context,
     worker: chat::Worker,
     scan: scan::ScanWorker,
+    /// Stops the character watch when the streamer is dropped or stops.
+    _watch: tokio_util::sync::DropGuard,
 }
 
 impl Streamer {
@@ -91,7 +96,19 @@ impl Streamer {
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
             context: context::Contexts::open(&js).await?,
         };
+        let catalogue = catalogue::Catalogue::load(config.scan_characters.as_deref())?;
+        let characters = js
+            .get_key_value(bus::streams::KV_CHARACTERS)
+            .await
+            .context("KV bucket characters is missing")?;
+        catalogue.seed(&characters).await?;
+        let watch = CancellationToken::new();
         let scan = scan::ScanWorker {
+            characters: catalogue::MatchCache::start(characters, watch.clone()),
+            owners: js
+                .get_key_value(bus::streams::KV_CHARACTER_OWNERS)
+                .await
+                .context("KV bucket character_owners is missing")?,
             client: client.clone(),
             js: js.clone(),
             images: js
@@ -113,6 +130,8 @@ impl Streamer {
                 max_attempts: config.scan_max_attempts.max(1),
                 retry_base: Duration::from_millis(config.scan_retry_base_ms),
                 max_tokens: config.max_tokens,
+                reward_soft: Duration::from_millis(config.reward_soft_timeout_ms),
+                reward_hard: Duration::from_millis(config.reward_hard_timeout_ms),
                 progress_every: config
                     .ack_wait_ms
                     .map(|ms| Duration::from_millis(ms.max(500)))
@@ -129,6 +148,7 @@ impl Streamer {
             js,
             worker,
             scan,
+            _watch: watch.drop_guard(),
         })
     }
 

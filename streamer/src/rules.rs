@@ -10,25 +10,10 @@ use bus::wire::{DisposalRule, Localized};
 use serde::Deserialize;
 
 /// The categories the vision providers produce; each needs a rule.
-pub const CATEGORIES: &[&str] = &[
-    "pet_bottle",
-    "plastic",
-    "glass",
-    "paper",
-    "paper_pack",
-    "metal_can",
-    "vinyl",
-    "styrofoam",
-    "food_waste",
-    "clothing",
-    "battery",
-    "electronics",
-    "general",
-    UNKNOWN,
-];
+pub const CATEGORIES: &[&str] = bus::wire::WASTE_CATEGORIES;
 
 /// The category for "cannot tell".
-pub const UNKNOWN: &str = "unknown";
+pub const UNKNOWN: &str = bus::wire::UNKNOWN_CATEGORY;
 
 const BUILT_IN: &str = include_str!("../rules/disposal_rules.json");
 

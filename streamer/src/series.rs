@@ -170,6 +170,33 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_rewards_total",
+        kind: Kind::Counter,
+        help: "Reward stages, by outcome: a character earned for the first time (new), earned again (repeat), none for the category (none), or the stage timed out (timeout).",
+        labels: &[
+            &[("outcome", "new")],
+            &[("outcome", "repeat")],
+            &[("outcome", "none")],
+            &[("outcome", "timeout")],
+        ],
+    },
+    Series {
+        name: "streamer_scan_reward_seconds",
+        kind: Kind::Histogram,
+        help: "Duration of the reward stage (match, ownership, grant).",
+        labels: &[],
+    },
+    Series {
+        name: "streamer_character_cache_events_total",
+        kind: Kind::Counter,
+        help: "Changes applied to this streamer's character match cache from the characters KV watch, by kind.",
+        labels: &[
+            &[("kind", "full_refresh")],
+            &[("kind", "upsert")],
+            &[("kind", "delete")],
+        ],
+    },
+    Series {
         name: "streamer_scan_panics_total",
         kind: Kind::Counter,
         help: "Scans failed because a pipeline stage panicked.",

@@ -100,6 +100,59 @@ impl TestApp {
         }
     }
 
+    /// A gateway without a streamer: the test starts its own streamers
+    /// (their configuration from [`Self::streamer_config`]).
+    pub async fn without_streamer(script: Script) -> Self {
+        testkit::init_logs();
+        let nats = NatsServer::start()
+            .await
+            .expect("nats-server (run scripts/setup.sh)");
+        let llm = StandInLlm::start(script).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let gateway = gateway::Gateway::build(gateway_config(&nats.url(), &[]), shutdown.clone())
+            .await
+            .unwrap();
+        let addr = gateway.local_addr().unwrap();
+        tokio::spawn(gateway.run(shutdown.clone()));
+        Self {
+            addr,
+            _nats: nats,
+            llm,
+            http: reqwest::Client::new(),
+            shutdown,
+        }
+    }
+
+    /// A streamer's configuration on this app's LLM, reaching NATS at `nats_url`.
+    pub fn streamer_config(&self, nats_url: &str, extra: &[&str]) -> streamer::Config {
+        let mut args = vec![
+            "streamer",
+            "--nats-url",
+            nats_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--llm-base-url",
+            self.llm.base_url(),
+        ];
+        args.extend_from_slice(extra);
+        streamer::Config::parse_from(args)
+    }
+
+    /// Starts a streamer in-process; it stops when `stop` fires.
+    pub async fn add_streamer(
+        &self,
+        config: streamer::Config,
+        stop: &CancellationToken,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let streamer = streamer::Streamer::build(config).await.unwrap();
+        tokio::spawn(streamer.run(stop.clone()))
+    }
+
+    /// The app's nats-server.
+    pub fn nats(&self) -> &NatsServer {
+        &self._nats
+    }
+
     /// A second gateway node on the same bus.
     pub async fn another_gateway(&self, extra: &[&str]) -> std::net::SocketAddr {
         let gateway = gateway::Gateway::build(

@@ -2,10 +2,12 @@
 
 mod accept;
 mod batches;
+mod characters;
 mod edge;
 mod guarantees;
 mod helpers;
 mod refused_uploads;
+mod rewards;
 mod scan_providers;
 mod scans;
 mod uploads;

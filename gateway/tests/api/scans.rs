@@ -194,6 +194,7 @@ async fn a_photo_goes_through_every_stage_and_resumes_from_every_event_id() {
             ("rules", 70),
             ("answer", 80),
             ("answer", 90),
+            ("reward", 95),
             ("done", 100)
         ]
         .map(|(s, p)| (s.to_owned(), p))
@@ -304,7 +305,8 @@ async fn the_same_photo_again_is_a_cache_hit_without_vision_or_llm() {
         [
             ("stored", 10),
             ("hashed", 20),
-            ("cache_hit", 100),
+            ("cache_hit", 90),
+            ("reward", 95),
             ("done", 100)
         ]
         .map(|(s, p)| (s.to_owned(), p))

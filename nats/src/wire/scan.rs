@@ -70,6 +70,8 @@ pub enum ScanStage {
     Rules,
     /// The explanation is being written (80-90 %).
     Answer,
+    /// The character the scan earned was looked up and granted (95 %).
+    Reward,
     /// Finished (100 %).
     Done,
 }
@@ -85,6 +87,7 @@ impl ScanStage {
             Self::Vision => "vision",
             Self::Rules => "rules",
             Self::Answer => "answer",
+            Self::Reward => "reward",
             Self::Done => "done",
         }
     }
@@ -194,6 +197,11 @@ pub struct ScanRecord {
     pub answer: Option<String>,
     /// True when the result came from the perceptual-hash cache.
     pub cached: bool,
+    /// The character this scan earned: `null` when none matches its
+    /// category (`unknown`), when the scan failed, or when the reward stage
+    /// timed out (the scan's dead letter then grants it on reprocessing).
+    #[serde(default)]
+    pub reward: Option<super::Reward>,
     /// Why it failed, for `failed`.
     pub error: Option<String>,
     /// When the gateway accepted it.

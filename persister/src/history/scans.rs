@@ -20,7 +20,7 @@ use crate::wal::parse_scan_status;
 pub const DEFAULT_SCAN_LIMIT: u32 = 20;
 
 const SCAN_COLUMNS: &str = "scan_id, user_id, status, category, confidence, labels, \
-    vision_model, phash, sha256, rule, answer, cached, error, created_at, completed_at";
+    vision_model, phash, sha256, rule, answer, cached, error, created_at, completed_at, reward";
 
 /// Room left in a NATS message for everything but the scans themselves.
 const REPLY_MARGIN: usize = 4 * 1024;
@@ -175,6 +175,7 @@ pub fn scan_row(row: &PgRow) -> Result<ScanRecord, sqlx::Error> {
     let status: String = row.try_get("status")?;
     let Json(labels) = row.try_get("labels")?;
     let rule: Option<Json<DisposalRule>> = row.try_get("rule")?;
+    let reward: Option<Json<bus::wire::Reward>> = row.try_get("reward")?;
     Ok(ScanRecord {
         scan_id: row.try_get("scan_id")?,
         user_id: row.try_get("user_id")?,
@@ -189,6 +190,7 @@ pub fn scan_row(row: &PgRow) -> Result<ScanRecord, sqlx::Error> {
         rule: rule.map(|Json(rule)| rule),
         answer: row.try_get("answer")?,
         cached: row.try_get("cached")?,
+        reward: reward.map(|Json(reward)| reward),
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         completed_at: row.try_get("completed_at")?,
@@ -216,6 +218,7 @@ mod tests {
             rule: None,
             answer: Some(answer.into()),
             cached: false,
+            reward: None,
             error: None,
             created_at: Utc::now(),
             completed_at: None,

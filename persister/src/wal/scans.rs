@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS scans (
     error        TEXT,
     created_at   TEXT NOT NULL,    -- RFC 3339, UTC, nine fraction digits (sorts as text)
     completed_at TEXT,
+    reward       TEXT,             -- JSON Reward, or NULL (none earned)
     revision     INTEGER NOT NULL, -- bumped each time a later record replaces the row
     ingested_at  INTEGER NOT NULL, -- unix milliseconds
     synced_at    INTEGER,          -- unix milliseconds; NULL = this revision not yet in Postgres
@@ -45,18 +46,18 @@ CREATE INDEX IF NOT EXISTS scans_user_created ON scans (user_id, created_at);
 ";
 
 const COLUMNS: &str = "scan_id, user_id, status, category, confidence, labels, vision_model, \
-    phash, sha256, rule, answer, cached, error, created_at, completed_at";
+    phash, sha256, rule, answer, cached, error, created_at, completed_at, reward";
 
 const INSERT: &str = "
 INSERT INTO scans (scan_id, user_id, status, category, confidence, labels, vision_model,
                    phash, sha256, rule, answer, cached, error, created_at, completed_at,
-                   revision, ingested_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0, ?16)";
+                   revision, ingested_at, reward)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, 0, ?16, ?17)";
 
 const REPLACE: &str = "
 UPDATE scans SET user_id = ?2, status = ?3, category = ?4, confidence = ?5, labels = ?6,
                  vision_model = ?7, phash = ?8, sha256 = ?9, rule = ?10, answer = ?11,
-                 cached = ?12, error = ?13, created_at = ?14, completed_at = ?15,
+                 cached = ?12, error = ?13, created_at = ?14, completed_at = ?15, reward = ?17,
                  revision = revision + 1, ingested_at = ?16, synced_at = NULL, sync_error = NULL
 WHERE scan_id = ?1";
 
@@ -148,6 +149,7 @@ impl Wal {
                         sortable(&r.created_at),
                         r.completed_at.as_ref().map(sortable),
                         now,
+                        r.reward.as_ref().map(to_json),
                     ])?;
                 }
                 tx.commit()?;
@@ -172,7 +174,7 @@ impl Wal {
                  ORDER BY ingested_at LIMIT ?1"
             ))?;
             let rows = select.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
-                let revision: i64 = row.get(15)?;
+                let revision: i64 = row.get(16)?;
                 Ok(read_row(row)?.map(|record| PendingScan { record, revision }))
             })?;
             rows.map(|row| row?).collect()
@@ -354,6 +356,7 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ScanRecord, WalE
     let rule: Option<String> = row.get(9)?;
     let created_at: String = row.get(13)?;
     let completed_at: Option<String> = row.get(14)?;
+    let reward: Option<String> = row.get(15)?;
     let user_id = row.get(1)?;
     let category = row.get(3)?;
     let confidence = row.get(4)?;
@@ -385,6 +388,11 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<ScanRecord, WalE
             rule,
             answer,
             cached,
+            reward: reward
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| format!("reward: {e}"))?,
             error,
             created_at: parse_time(&created_at)?,
             completed_at: completed_at.as_deref().map(parse_time).transpose()?,
@@ -429,6 +437,7 @@ mod tests {
             }),
             answer: Some("Rinse it.\u{1F642}".into()),
             cached: false,
+            reward: None,
             error: None,
             created_at: completed_at - chrono::Duration::seconds(5),
             completed_at: Some(completed_at),
@@ -498,6 +507,45 @@ mod tests {
         assert_eq!(purged, 1);
         assert_eq!(wal.scan("s1").await.unwrap(), None);
         assert!(wal.scan("s2").await.unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_buffer_from_before_rewards_gains_the_column_and_keeps_its_rows() {
+        let dir = std::env::temp_dir().join(format!("persister-scans-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("buffer.db");
+        {
+            // The schema-2 file: `scans` without `reward`, one unsynced row.
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(&SCHEMA.replace(
+                "    reward       TEXT,             -- JSON Reward, or NULL (none earned)\n",
+                "",
+            ))
+            .unwrap();
+            conn.execute(
+                "INSERT INTO scans (scan_id, user_id, status, labels, cached, created_at, revision, ingested_at) \
+                 VALUES ('old', 'u1', 'failed', '[]', 0, '2026-01-01T00:00:00.000000000Z', 0, 1)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let wal = Wal::open(&path).await.unwrap();
+        let old = wal.scan("old").await.unwrap().unwrap();
+        assert_eq!(old.reward, None);
+        let mut earned = scan("new", ScanStatus::Done, Utc::now());
+        earned.reward = Some(bus::wire::Reward {
+            character_id: "plasty".into(),
+            name: Localized {
+                ko: "플라스티".into(),
+                en: "Plasty".into(),
+            },
+            new: false,
+        });
+        wal.insert_scans(vec![earned.clone()]).await.unwrap();
+        assert_eq!(wal.scan("new").await.unwrap(), Some(earned));
+        assert_eq!(wal.unsynced_scans(10).await.unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

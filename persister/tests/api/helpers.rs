@@ -109,7 +109,13 @@ impl TestPersister {
 
     /// A persister on `servers` (which may hold an earlier run's SQLite file).
     pub async fn on(servers: Servers) -> Self {
-        let app = persister::Persister::build(servers.config())
+        let config = servers.config();
+        Self::with_config(servers, config).await
+    }
+
+    /// A persister on `servers` with `config` (from [`Servers::config`], adjusted).
+    pub async fn with_config(servers: Servers, config: persister::Config) -> Self {
+        let app = persister::Persister::build(config)
             .await
             .expect("persister builds");
         let addr = app.local_addr().unwrap();

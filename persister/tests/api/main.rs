@@ -2,6 +2,7 @@
 //! cluster and a fresh SQLite file each.
 
 mod helpers;
+mod rewards;
 mod scans;
 
 use bus::wire::{HistoryReply, TurnRecord};

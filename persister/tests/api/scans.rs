@@ -56,6 +56,11 @@ fn scan(user_id: &str) -> ScanRecord {
         }),
         answer: Some("  Rinse it,\tpeel the label;\r\nplastics bin. 🙂 \\ ' \" % _".into()),
         cached: false,
+        reward: Some(bus::wire::Reward {
+            character_id: "plasty".into(),
+            name: text("Plasty", "플라스티"),
+            new: true,
+        }),
         error: None,
         created_at,
         completed_at: Some(created_at + chrono::Duration::seconds(7)),
@@ -72,6 +77,7 @@ fn failed(of: &ScanRecord, seconds: i64) -> ScanRecord {
         vision_model: None,
         rule: None,
         answer: None,
+        reward: None,
         error: Some("vision: upstream timed out after 3 retries".into()),
         completed_at: Some(of.created_at + chrono::Duration::seconds(seconds)),
         ..of.clone()
@@ -110,7 +116,7 @@ impl TestPersister {
         let mut conn = self.pg().await?;
         let row = sqlx::query(
             "SELECT scan_id, user_id, status, category, confidence, labels, vision_model, \
-             phash, sha256, rule, answer, cached, error, created_at, completed_at \
+             phash, sha256, rule, answer, cached, error, created_at, completed_at, reward \
              FROM scans WHERE scan_id = $1",
         )
         .bind(scan_id)
@@ -120,6 +126,7 @@ impl TestPersister {
         let status: String = row.get("status");
         let labels: serde_json::Value = row.get("labels");
         let rule: Option<serde_json::Value> = row.get("rule");
+        let reward: Option<serde_json::Value> = row.get("reward");
         Some(ScanRecord {
             scan_id: row.get("scan_id"),
             user_id: row.get("user_id"),
@@ -133,6 +140,7 @@ impl TestPersister {
             rule: rule.map(|r| serde_json::from_value(r).unwrap()),
             answer: row.get("answer"),
             cached: row.get("cached"),
+            reward: reward.map(|r| serde_json::from_value(r).unwrap()),
             error: row.get("error"),
             created_at: row.get("created_at"),
             completed_at: row.get("completed_at"),

@@ -100,3 +100,49 @@ pub(super) fn prepare(image: DynamicImage, jpeg_wanted: bool) -> Result<Prepared
         jpeg: jpeg.into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG with an EXIF APP1 segment saying "rotate 90 degrees clockwise".
+    fn jpeg_with_orientation(width: u32, height: u32, orientation: u8) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageRgb8(image::RgbImage::new(width, height))
+            .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        let mut exif = b"Exif\0\0II\x2a\x00\x08\x00\x00\x00\x01\x00".to_vec();
+        exif.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, orientation, 0, 0, 0]);
+        exif.extend_from_slice(&[0, 0, 0, 0]);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&exif);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_before_hashing() {
+        let upright = hash(&jpeg_with_orientation(40, 16, 1)).unwrap();
+        assert_eq!((upright.image.width(), upright.image.height()), (40, 16));
+        let rotated = hash(&jpeg_with_orientation(40, 16, 6)).unwrap();
+        assert_eq!((rotated.image.width(), rotated.image.height()), (16, 40));
+        assert_eq!(rotated.sha256.len(), 64);
+    }
+
+    #[test]
+    fn large_images_shrink_to_the_vision_size_keeping_their_shape() {
+        let big = DynamicImage::ImageRgb8(image::RgbImage::new(3000, 1500));
+        let prepared = prepare(big, true).unwrap();
+        assert_eq!((prepared.rgb.width(), prepared.rgb.height()), (1024, 512));
+        assert!(image::load_from_memory(&prepared.jpeg).is_ok());
+    }
+
+    #[test]
+    fn corrupt_bytes_fail_as_input_errors_without_a_dead_letter() {
+        let failure = hash(b"\xFF\xD8\xFF\xE0garbage").err().unwrap();
+        assert_eq!(failure.code, "corrupt_image");
+        assert!(!failure.dead_letter);
+    }
+}
