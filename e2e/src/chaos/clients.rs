@@ -84,6 +84,10 @@ pub struct ScanSeen {
     pub end: String,
     /// The `result` event's `answer`.
     pub answer: Option<String>,
+    /// The `result` event's `reward`: the character and whether it was new.
+    pub reward: Option<(String, bool)>,
+    /// Its user.
+    pub user: String,
     /// `Err` when SSE ids skipped or repeated.
     pub order: Result<(), String>,
     /// When the upload started.
@@ -528,6 +532,7 @@ impl Clients {
         let mut order = Ok(());
         let (mut connections, mut silences) = (0, 0);
         let mut answer = None;
+        let mut reward = None;
         let end = 'scan: loop {
             if sent_at.elapsed() > HANG {
                 break "hung".to_owned();
@@ -580,6 +585,10 @@ impl Clients {
                     last_id = event.id;
                     if event.is_terminal() {
                         answer = event.data["answer"].as_str().map(str::to_owned);
+                        let earned = &event.data["reward"];
+                        reward = earned["character_id"]
+                            .as_str()
+                            .map(|id| (id.to_owned(), earned["new"] == true));
                         break 'scan event.event;
                     }
                     here += 1;
@@ -593,6 +602,8 @@ impl Clients {
             scan_id,
             end,
             answer,
+            reward,
+            user: user.to_owned(),
             order,
             sent_at,
             took: sent_at.elapsed(),

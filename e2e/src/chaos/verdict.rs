@@ -52,6 +52,7 @@ impl Verdict {
         verdict.streams_ended(seen, &turns, &scans);
         verdict.in_postgres(topology, &turns, &scans).await;
         verdict.dead_letters(topology, &turns, &scans).await;
+        verdict.rewards(topology, &scans).await;
         verdict.timing(&turns, faults, started, load_ended);
         verdict
     }
@@ -389,6 +390,96 @@ impl Verdict {
             ));
         }
         self.row("records dead-lettered by the persisters", poison);
+    }
+
+    /// Every reward a client was shown is granted in Postgres once, at most
+    /// one scan per user and character was told `new`, and each user's
+    /// collection counts what its scans earned.
+    async fn rewards(&mut self, topology: &Topology, scans: &[super::ScanSeen]) {
+        let pg = &topology.pg;
+        let database = topology.database.as_str();
+        let rewarded: Vec<&super::ScanSeen> = scans.iter().filter(|s| s.reward.is_some()).collect();
+        let expected = rewarded.len();
+        let caught_up = testkit::wait_for("grants in Postgres", Duration::from_secs(60), || {
+            let n = pg
+                .psql(database, "select count(*) from reward_grants")
+                .ok()
+                .and_then(|c| c.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            async move { (n >= expected).then_some(()) }
+        })
+        .await;
+        if let Err(error) = caught_up {
+            self.fail(error.to_string());
+        }
+        let rows = pg
+            .psql(database, "select scan_id, character_id from reward_grants")
+            .unwrap_or_default();
+        let granted: HashMap<&str, &str> = rows.lines().filter_map(|l| l.split_once('|')).collect();
+        let mut once = 0;
+        let mut earned: HashMap<(&str, &str), (usize, usize)> = HashMap::new();
+        for scan in &rewarded {
+            let (character, new) = scan.reward.as_ref().expect("filtered");
+            let entry = earned
+                .entry((scan.user.as_str(), character.as_str()))
+                .or_default();
+            entry.0 += 1;
+            entry.1 += usize::from(*new);
+            match granted.get(scan.scan_id.as_str()) {
+                Some(c) if c == character => once += 1,
+                other => self.fail(format!(
+                    "scan {} showed {character}, Postgres granted {other:?}",
+                    scan.scan_id
+                )),
+            }
+        }
+        self.row("rewards shown", expected);
+        self.row(
+            "rewards granted in Postgres once, the character shown",
+            once,
+        );
+        let strays = granted.len().saturating_sub(expected);
+        if strays > 0 {
+            self.fail(format!(
+                "{strays} grants for scans whose clients were shown no reward"
+            ));
+        }
+        let collection = pg
+            .psql(
+                database,
+                "select user_id, character_id, times_earned from my_characters",
+            )
+            .unwrap_or_default();
+        let mut counted = 0;
+        for line in collection.lines() {
+            let parts: Vec<&str> = line.split('|').collect();
+            let [user, character, times] = parts[..] else {
+                continue;
+            };
+            if user.starts_with("scan")
+                && let Some((shown, _)) = earned.get(&(user, character))
+                && times.trim().parse::<usize>().ok() == Some(*shown)
+            {
+                counted += 1;
+            }
+        }
+        let told_new_twice = earned.values().filter(|(_, new)| *new > 1).count();
+        if told_new_twice > 0 {
+            self.fail(format!(
+                "{told_new_twice} characters were `new` to one user twice"
+            ));
+        }
+        if counted != earned.len() {
+            self.fail(format!(
+                "{} of {} collections count what their scans earned",
+                counted,
+                earned.len()
+            ));
+        }
+        self.row(
+            "collections counting exactly the rewards shown",
+            format!("{counted} / {}", earned.len()),
+        );
     }
 
     fn timing(

@@ -2,6 +2,8 @@
 //! (the `result` or `error` event, the record on `scan.done.*`, a dead
 //! letter for a failure worth retrying) and only then the ack.
 
+use tracing::Instrument as _;
+
 use super::*;
 
 impl ScanWorker {
@@ -26,7 +28,20 @@ impl ScanWorker {
             return;
         }
         let span = tracing::info_span!("scan", scan = %request.scan_id, run = request.reprocessed);
-        let _enter = span.enter();
+        // Instrumented, not entered: a guard held across awaits lends the
+        // span to whatever else runs on this thread meanwhile.
+        self.handle_valid(message, request, lease, deliveries)
+            .instrument(span)
+            .await;
+    }
+
+    async fn handle_valid(
+        &self,
+        message: jetstream::Message,
+        request: ScanRequest,
+        lease: bus::lease::Lease,
+        deliveries: u64,
+    ) {
         let outcome = AssertUnwindSafe(self.run(&request)).catch_unwind().await;
         drop(lease);
         let outcome = match outcome {
@@ -87,7 +102,16 @@ impl ScanWorker {
             return Ok(());
         };
         let span = tracing::info_span!("scan", scan = %request.scan_id, run = request.reprocessed);
-        let _enter = span.enter();
+        self.close_exhausted_scan(&request, deliveries)
+            .instrument(span)
+            .await
+    }
+
+    async fn close_exhausted_scan(
+        &self,
+        request: &ScanRequest,
+        deliveries: u64,
+    ) -> anyhow::Result<()> {
         let failure = Failure {
             code: crate::chat::EXHAUSTED_CODE,
             message: "the scan could not be completed after several attempts; please try again"
@@ -98,10 +122,10 @@ impl ScanWorker {
         // A worker still writing (slow, not dead) is fenced by our event; if
         // it wrote between our read and our write, read again.
         for _ in 0..5 {
-            let closed = match Events::open(&self.js, &request).await? {
-                Opened::Finished(last) => self.refinish(&request, last).await,
+            let closed = match Events::open(&self.js, request).await? {
+                Opened::Finished(last) => self.refinish(request, last).await,
                 Opened::Fresh(mut events) => {
-                    self.finish_failed(&request, Some(&mut events), failure.clone(), deliveries)
+                    self.finish_failed(request, Some(&mut events), failure.clone(), deliveries)
                         .await
                 }
             };
