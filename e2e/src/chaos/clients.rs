@@ -403,15 +403,7 @@ impl Clients {
             let mut stream = response.bytes_stream();
             let mut buffer = String::new();
             let mut chunks = 0;
-            'read: loop {
-                let bytes = match tokio::time::timeout(IDLE, stream.next()).await {
-                    Ok(Some(Ok(bytes))) => bytes,
-                    Ok(_) => break,
-                    Err(_) => {
-                        silences += 1;
-                        break;
-                    }
-                };
+            'read: while let Some(bytes) = next_chunk(&mut stream, &mut silences).await {
                 buffer.push_str(&String::from_utf8_lossy(&bytes));
                 while let Some(end) = buffer.find("\n\n") {
                     let block: String = buffer.drain(..end + 2).collect();
@@ -567,15 +559,7 @@ impl Clients {
             let mut here = 0;
             let mut body = response.bytes_stream();
             let mut buffer = String::new();
-            'read: loop {
-                let bytes = match tokio::time::timeout(IDLE, body.next()).await {
-                    Ok(Some(Ok(bytes))) => bytes,
-                    Ok(_) => break,
-                    Err(_) => {
-                        silences += 1;
-                        break;
-                    }
-                };
+            'read: while let Some(bytes) = next_chunk(&mut body, &mut silences).await {
                 buffer.push_str(&String::from_utf8_lossy(&bytes));
                 while let Some(event) = next_sse_event(&mut buffer) {
                     let Some(event) = event else { continue };
@@ -610,6 +594,22 @@ impl Clients {
             connections,
             silences,
         })
+    }
+}
+
+/// The next chunk of a response body: `None` once it ended or broke, or
+/// after [`IDLE`] of silence (counted in `silences`).
+async fn next_chunk<S>(body: &mut S, silences: &mut u32) -> Option<bytes::Bytes>
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+{
+    match tokio::time::timeout(IDLE, body.next()).await {
+        Ok(Some(Ok(bytes))) => Some(bytes),
+        Ok(_) => None,
+        Err(_) => {
+            *silences += 1;
+            None
+        }
     }
 }
 
