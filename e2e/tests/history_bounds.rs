@@ -151,20 +151,30 @@ async fn a_conversation_past_the_bus_message_size_keeps_its_context_and_pages() 
     let http = reqwest::Client::new();
     let url = format!("http://{gateway_addr}/v1/conversations/{conversation}");
     let list = format!("http://{gateway_addr}/v1/conversations");
-    testkit::wait_for("60 turns in history", Duration::from_secs(60), || async {
-        let listed: Value = http
-            .get(&list)
-            .bearer_auth(token_for("alice"))
-            .send()
+    let stored = |n: usize| {
+        let (http, list) = (http.clone(), list.clone());
+        async move {
+            testkit::wait_for(
+                &format!("{n} turns in history"),
+                Duration::from_secs(60),
+                || async {
+                    let listed: Value = http
+                        .get(&list)
+                        .bearer_auth(token_for("alice"))
+                        .send()
+                        .await
+                        .ok()?
+                        .json()
+                        .await
+                        .ok()?;
+                    (listed["conversations"][0]["turns"] == n).then_some(())
+                },
+            )
             .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (listed["conversations"][0]["turns"] == TURNS).then_some(())
-    })
-    .await
-    .unwrap();
+            .unwrap();
+        }
+    };
+    stored(TURNS).await;
 
     // The next turn's prompt: the newest earlier turns, whole, within budget.
     turn(&mut ws, Some(&conversation), "And the first one?", TURNS).await;
@@ -197,8 +207,10 @@ async fn a_conversation_past_the_bus_message_size_keeps_its_context_and_pages() 
         "{bytes} bytes of history in one prompt"
     );
 
-    // The history endpoint pages: default 50 (fewer when a page would pass
+    // The history endpoint pages (once the persister has the last turn,
+    // which it ingests a moment after `done`): default 50 (fewer when a page would pass
     // the bus's message size), then older pages by cursor; each turn once.
+    stored(TURNS + 1).await;
     let mut want: Vec<String> = (0..TURNS).map(question).collect();
     want.push("And the first one?".into());
     let default = pages(&http, &url, None).await;
