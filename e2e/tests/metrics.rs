@@ -79,7 +79,9 @@ async fn fresh_services_expose_their_series_at_zero() {
             "streamer_tokens_total",
             "streamer_scans_total",
             "streamer_scan_dead_letters_total",
+            "streamer_upstream_requests_total",
             "streamer_upstream_errors_total",
+            "streamer_consumer_pending",
             "streamer_upstream_fallbacks_total",
             "streamer_upstream_ttft_seconds_count",
             "streamer_scan_vision_seconds_count",
@@ -109,6 +111,8 @@ async fn fresh_services_expose_their_series_at_zero() {
             "persister_dead_letters_total",
             "persister_commit_seconds_count",
             "persister_sync_lag_seconds_count",
+            "persister_sync_oldest_pending_seconds",
+            "persister_consumer_pending",
         ],
     );
 }

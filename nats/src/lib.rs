@@ -17,6 +17,7 @@ pub mod history;
 pub mod lease;
 pub mod ops;
 pub mod replay;
+pub mod series;
 pub mod shutdown;
 pub mod streams;
 pub mod subject;

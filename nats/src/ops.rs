@@ -84,6 +84,7 @@ impl ReadyState {
     pub async fn start(probe: ReadyFn, every: Duration, shutdown: CancellationToken) -> Self {
         let first = run_probe(&probe).await;
         log_change(None, &first);
+        record_status(first.status);
         let (tx, latest) = tokio::sync::watch::channel((first, Instant::now()));
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
@@ -102,8 +103,10 @@ impl ReadyState {
                     readiness = run_probe(&probe) => readiness,
                 };
                 log_change(Some(&tx.borrow().0), &readiness);
+                record_status(readiness.status);
                 tx.send_replace((readiness, Instant::now()));
             }
+            record_status("unavailable");
             tx.send_replace((
                 Readiness::unavailable("shutdown", "draining".into()),
                 Instant::now(),
@@ -138,6 +141,78 @@ async fn run_probe(probe: &ReadyFn) -> Readiness {
                 format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
             )
         })
+}
+
+/// Sets `readiness_status{status}` to 1 for `status` and 0 for the others,
+/// so an alert sees "degraded" (ready but impaired: the persister without
+/// Postgres), which `/readyz`'s 200 hides from a plain HTTP probe.
+fn record_status(status: &str) {
+    for known in crate::series::READINESS_STATUSES {
+        let value = if known == status { 1.0 } else { 0.0 };
+        metrics::gauge!("readiness_status", "status" => known).set(value);
+    }
+}
+
+/// How often [`watch_consumers`] asks JetStream for each consumer's backlog:
+/// a scrape every 15 s or so sees fresh numbers at one call per consumer
+/// every few seconds.
+pub const CONSUMER_REFRESH: Duration = Duration::from_secs(5);
+
+/// Keeps two gauges per durable consumer in `consumers` up to date until
+/// `shutdown` fires: `pending` (messages the stream holds that the consumer
+/// has not delivered yet) and `ack_pending` (delivered, not acknowledged),
+/// each labelled `stream` and `consumer`. nats-server's own monitoring port
+/// serves JSON that Prometheus cannot scrape, so the services report the
+/// backlog of the consumers they read. Every process of a service reports the
+/// same shared consumer: take `max`, not `sum`, across instances. When
+/// JetStream does not answer the gauges keep their last value; readiness
+/// (`readiness_status`) reports the lost connection.
+pub fn watch_consumers(
+    js: async_nats::jetstream::Context,
+    consumers: &[crate::streams::ConsumerDef],
+    pending: &'static str,
+    ack_pending: &'static str,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let consumers: Vec<(&'static str, String)> = consumers
+        .iter()
+        .filter_map(|def| Some((def.stream, def.config().ok()?.durable_name?)))
+        .collect();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            for (stream, consumer) in &consumers {
+                let info = async {
+                    js.get_stream_no_info(*stream)
+                        .await
+                        .ok()?
+                        .consumer_info(consumer)
+                        .await
+                        .ok()
+                };
+                let info = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    info = tokio::time::timeout(PROBE_TIMEOUT, info) => info.ok().flatten(),
+                };
+                let Some(info) = info else {
+                    tracing::debug!(stream, consumer, "Consumer info unavailable.");
+                    continue;
+                };
+                let labels = [
+                    ("stream", (*stream).to_owned()),
+                    ("consumer", consumer.clone()),
+                ];
+                metrics::gauge!(pending, &labels).set(info.num_pending as f64);
+                metrics::gauge!(ack_pending, &labels).set(info.num_ack_pending as f64);
+            }
+        }
+    })
 }
 
 /// Logs when readiness flips: with `/readyz` no longer probing per request,
@@ -203,7 +278,7 @@ pub struct Series {
 pub fn register(catalogue: &[Series]) {
     // The recorder must exist before anything registers with it.
     let _ = metrics_handle();
-    for series in catalogue {
+    for series in crate::series::SERIES.iter().chain(catalogue) {
         let label_sets: Vec<Vec<metrics::Label>> = if series.labels.is_empty() {
             vec![Vec::new()]
         } else {

@@ -132,6 +132,20 @@ impl Persister {
         )
         .await;
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
+        // The backlog of each stream it drains, for alerts on records piling
+        // up before SQLite (the task ends with `shutdown`).
+        bus::ops::watch_consumers(
+            self.js.clone(),
+            &[
+                bus::streams::PERSISTER_TURNS,
+                bus::streams::PERSISTER_SCANS,
+                bus::streams::PERSISTER_REWARDS,
+            ],
+            "persister_consumer_pending",
+            "persister_consumer_ack_pending",
+            bus::ops::CONSUMER_REFRESH,
+            shutdown.clone(),
+        );
 
         // Internal token: a loop that dies stops the other one too.
         let stop = shutdown.child_token();

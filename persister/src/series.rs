@@ -8,6 +8,26 @@ use bus::ops::{Kind, Series};
 /// Every series the persister emits.
 pub const SERIES: &[Series] = &[
     Series {
+        name: "persister_consumer_pending",
+        kind: Kind::Gauge,
+        help: "Messages a durable consumer has not delivered yet, by stream and consumer (the same shared consumer in every process: take max).",
+        labels: &[
+            &[("stream", "CHAT_DONE"), ("consumer", "persister-turns")],
+            &[("stream", "SCAN_DONE"), ("consumer", "persister-scans")],
+            &[("stream", "REWARDS"), ("consumer", "persister-rewards")],
+        ],
+    },
+    Series {
+        name: "persister_consumer_ack_pending",
+        kind: Kind::Gauge,
+        help: "Messages a durable consumer delivered and nobody acknowledged yet, by stream and consumer.",
+        labels: &[
+            &[("stream", "CHAT_DONE"), ("consumer", "persister-turns")],
+            &[("stream", "SCAN_DONE"), ("consumer", "persister-scans")],
+            &[("stream", "REWARDS"), ("consumer", "persister-rewards")],
+        ],
+    },
+    Series {
         name: "persister_commits_total",
         kind: Kind::Counter,
         help: "SQLite commits of turn records.",
@@ -77,6 +97,12 @@ pub const SERIES: &[Series] = &[
         name: "persister_rows_pending_sync",
         kind: Kind::Gauge,
         help: "SQLite rows waiting for Postgres (turns and scans).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_sync_oldest_pending_seconds",
+        kind: Kind::Gauge,
+        help: "Age of the oldest SQLite row waiting for Postgres (turns and scans); 0 when none waits. Grows during a Postgres outage.",
         labels: &[],
     },
     Series {
@@ -231,5 +257,34 @@ mod tests {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mismatches = bus::ops::catalogue_mismatches(SERIES, &src, "persister_").unwrap();
         assert!(mismatches.is_empty(), "{mismatches:#?}");
+    }
+
+    #[test]
+    fn consumer_gauges_are_registered_for_each_consumer_it_watches() {
+        let watched: Vec<(String, String)> = [
+            bus::streams::PERSISTER_TURNS,
+            bus::streams::PERSISTER_SCANS,
+            bus::streams::PERSISTER_REWARDS,
+        ]
+        .iter()
+        .map(|def| {
+            (
+                def.stream.to_owned(),
+                def.config().unwrap().durable_name.unwrap(),
+            )
+        })
+        .collect();
+        for name in [
+            "persister_consumer_pending",
+            "persister_consumer_ack_pending",
+        ] {
+            let series = SERIES.iter().find(|s| s.name == name).unwrap();
+            let registered: Vec<(String, String)> = series
+                .labels
+                .iter()
+                .map(|set| (set[0].1.to_owned(), set[1].1.to_owned()))
+                .collect();
+            assert_eq!(registered, watched, "{name}");
+        }
     }
 }

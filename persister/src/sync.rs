@@ -393,6 +393,13 @@ impl Syncer {
             metrics::gauge!("persister_scan_rows_pending_sync").set(scans.pending as f64);
             metrics::gauge!("persister_scan_rows_rejected_sync").set(scans.rejected as f64);
         }
+        // An age, not the lag histogram: that one is observed only when a row
+        // reaches Postgres, so during an outage it goes quiet exactly when
+        // the lag grows. This one grows with the outage.
+        if let Ok(oldest) = self.wal.oldest_pending_ms().await {
+            let age_ms = oldest.map_or(0, |at| (Utc::now().timestamp_millis() - at).max(0));
+            metrics::gauge!("persister_sync_oldest_pending_seconds").set(age_ms as f64 / 1000.0);
+        }
     }
 }
 

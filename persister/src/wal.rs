@@ -294,6 +294,31 @@ impl Wal {
         })
     }
 
+    /// When the oldest row still waiting for Postgres (turns or scans) reached
+    /// this buffer, in unix milliseconds; `None` when nothing waits. Rows
+    /// Postgres refused are left out: they wait for an operator, not for the
+    /// sync, and `persister_rows_rejected_sync` counts them.
+    ///
+    /// # Errors
+    /// [`WalError`] when the buffer cannot be read.
+    pub async fn oldest_pending_ms(&self) -> Result<Option<i64>, WalError> {
+        self.call(|conn| {
+            // Each `min` is answered from its table's partial outbox index.
+            let oldest: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT min(m) FROM (
+                        SELECT min(ingested_at) AS m FROM turns
+                            WHERE synced_at IS NULL AND sync_error IS NULL
+                        UNION ALL
+                        SELECT min(ingested_at) FROM scans
+                            WHERE synced_at IS NULL AND sync_error IS NULL)",
+                )?
+                .query_row([], |row| row.get(0))?;
+            Ok(oldest)
+        })
+        .await
+    }
+
     /// [`Wal::backlog`] for each table.
     ///
     /// # Errors
@@ -703,6 +728,32 @@ mod tests {
                 .unwrap(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn the_oldest_pending_row_is_the_oldest_neither_synced_nor_refused() {
+        let dir = TempDir::new();
+        let wal = Wal::open(&dir.0.join("buffer.db")).await.unwrap();
+        assert_eq!(wal.oldest_pending_ms().await.unwrap(), None);
+
+        let before = Utc::now().timestamp_millis();
+        wal.insert_turns(vec![record("t1")]).await.unwrap();
+        let first = wal.oldest_pending_ms().await.unwrap().unwrap();
+        assert!(first >= before, "{first} < {before}");
+        // Ingested later: the oldest stays the first.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        wal.insert_turns(vec![record("t2"), record("t3")])
+            .await
+            .unwrap();
+        assert_eq!(wal.oldest_pending_ms().await.unwrap(), Some(first));
+
+        wal.mark_synced(vec!["t1".into()]).await.unwrap();
+        let second = wal.oldest_pending_ms().await.unwrap().unwrap();
+        assert!(second > first, "{second} <= {first}");
+        // A refused row waits for an operator, not for the sync.
+        wal.reject("t2".into(), "refused".into()).await.unwrap();
+        wal.mark_synced(vec!["t3".into()]).await.unwrap();
+        assert_eq!(wal.oldest_pending_ms().await.unwrap(), None);
     }
 
     #[tokio::test]

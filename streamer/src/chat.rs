@@ -106,6 +106,7 @@ impl Worker {
                     &format!("undecodable chat request: {error}"),
                 )
                 .await;
+                metrics::counter!("streamer_chat_dead_letters_total").increment(1);
                 return;
             }
         };
@@ -490,6 +491,7 @@ impl Worker {
             .await?
             .await
             .context("the dead letter was not stored")?;
+        metrics::counter!("streamer_chat_dead_letters_total").increment(1);
         Ok(())
     }
 

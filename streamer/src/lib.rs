@@ -173,6 +173,21 @@ impl Streamer {
         )
         .await;
         let ops = tokio::spawn(bus::ops::serve(self.listener, ready, shutdown.clone()));
+        // The backlog of each request stream, for alerts on work piling up
+        // (the task ends with `shutdown`).
+        bus::ops::watch_consumers(
+            self.js.clone(),
+            &[
+                bus::streams::STREAMER_CHAT,
+                bus::streams::STREAMER_SCAN,
+                bus::streams::STREAMER_EXHAUSTED,
+                bus::streams::STREAMER_DLQ_SCAN,
+            ],
+            "streamer_consumer_pending",
+            "streamer_consumer_ack_pending",
+            bus::ops::CONSUMER_REFRESH,
+            shutdown.clone(),
+        );
 
         let tracker = TaskTracker::new();
         let chat = bus::streams::STREAMER_CHAT

@@ -8,6 +8,34 @@ use bus::ops::{Kind, Series};
 /// Every series the streamer emits.
 pub const SERIES: &[Series] = &[
     Series {
+        name: "streamer_consumer_pending",
+        kind: Kind::Gauge,
+        help: "Messages a durable consumer has not delivered yet, by stream and consumer (the same shared consumer in every process: take max).",
+        labels: &[
+            &[("stream", "CHAT_REQ"), ("consumer", "streamer-chat")],
+            &[("stream", "SCAN_REQ"), ("consumer", "streamer-scan")],
+            &[
+                ("stream", "MAX_DELIVERIES"),
+                ("consumer", "streamer-exhausted"),
+            ],
+            &[("stream", "DLQ"), ("consumer", "streamer-dlq-scan")],
+        ],
+    },
+    Series {
+        name: "streamer_consumer_ack_pending",
+        kind: Kind::Gauge,
+        help: "Messages a durable consumer delivered and nobody acknowledged yet, by stream and consumer.",
+        labels: &[
+            &[("stream", "CHAT_REQ"), ("consumer", "streamer-chat")],
+            &[("stream", "SCAN_REQ"), ("consumer", "streamer-scan")],
+            &[
+                ("stream", "MAX_DELIVERIES"),
+                ("consumer", "streamer-exhausted"),
+            ],
+            &[("stream", "DLQ"), ("consumer", "streamer-dlq-scan")],
+        ],
+    },
+    Series {
         name: "streamer_turns_total",
         kind: Kind::Counter,
         help: "Chat turns finished, by finish reason.",
@@ -107,6 +135,12 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_upstream_requests_total",
+        kind: Kind::Counter,
+        help: "Requests sent to an LLM provider (every attempt: retries and fallbacks count).",
+        labels: &[],
+    },
+    Series {
         name: "streamer_upstream_errors_total",
         kind: Kind::Counter,
         help: "Failed LLM requests, by kind and by the code clients see.",
@@ -164,6 +198,12 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_chat_dead_letters_total",
+        kind: Kind::Counter,
+        help: "Failed or undecodable turns sent to dlq.chat (a turn seen by several workers may count once per worker; the stream stores it once).",
+        labels: &[],
+    },
+    Series {
         name: "streamer_scan_dead_letters_total",
         kind: Kind::Counter,
         help: "Failed scans sent to dlq.scan.",
@@ -218,5 +258,32 @@ mod tests {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mismatches = bus::ops::catalogue_mismatches(SERIES, &src, "streamer_").unwrap();
         assert!(mismatches.is_empty(), "{mismatches:#?}");
+    }
+
+    #[test]
+    fn consumer_gauges_are_registered_for_each_consumer_it_watches() {
+        let watched: Vec<(String, String)> = [
+            bus::streams::STREAMER_CHAT,
+            bus::streams::STREAMER_SCAN,
+            bus::streams::STREAMER_EXHAUSTED,
+            bus::streams::STREAMER_DLQ_SCAN,
+        ]
+        .iter()
+        .map(|def| {
+            (
+                def.stream.to_owned(),
+                def.config().unwrap().durable_name.unwrap(),
+            )
+        })
+        .collect();
+        for name in ["streamer_consumer_pending", "streamer_consumer_ack_pending"] {
+            let series = SERIES.iter().find(|s| s.name == name).unwrap();
+            let registered: Vec<(String, String)> = series
+                .labels
+                .iter()
+                .map(|set| (set[0].1.to_owned(), set[1].1.to_owned()))
+                .collect();
+            assert_eq!(registered, watched, "{name}");
+        }
     }
 }

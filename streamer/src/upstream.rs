@@ -229,6 +229,9 @@ impl Upstream {
         model: &str,
         request: &Request,
     ) -> Result<EventStream, UpstreamError> {
+        // Every attempt, retries and fallbacks included: the denominator of
+        // the error rate, whose numerator `count` adds per failed attempt.
+        metrics::counter!("streamer_upstream_requests_total").increment(1);
         let mut body = json!({
             "model": model,
             "messages": request.messages,
