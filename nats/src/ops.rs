@@ -362,6 +362,32 @@ pub fn metric_names_under(
     Ok(found)
 }
 
+/// The `(stream, durable)` pairs `series` (a per-consumer gauge such as
+/// `<service>_consumer_pending`, labelled `stream` then `consumer`) is
+/// registered for, and those of `consumers`: equal when the catalogue lists
+/// a series for every consumer the service watches, and only those.
+///
+/// # Panics
+/// When a consumer's definition does not parse or has no durable name.
+pub fn consumer_gauge_labels(
+    series: &Series,
+    consumers: &[crate::streams::ConsumerDef],
+) -> (Vec<(String, String)>, Vec<(String, String)>) {
+    let registered = series
+        .labels
+        .iter()
+        .map(|set| (set[0].1.to_owned(), set[1].1.to_owned()))
+        .collect();
+    let watched = consumers
+        .iter()
+        .map(|def| {
+            let durable = def.config().expect("consumer definition").durable_name;
+            (def.stream.to_owned(), durable.expect("a durable consumer"))
+        })
+        .collect();
+    (registered, watched)
+}
+
 /// What differs between a service's catalogue `series` and the metric names
 /// with `prefix` its sources under `src` use (its `series.rs` aside): each
 /// name used but not listed, and each listed but never used. Empty when

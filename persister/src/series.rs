@@ -261,29 +261,17 @@ mod tests {
 
     #[test]
     fn consumer_gauges_are_registered_for_each_consumer_it_watches() {
-        let watched: Vec<(String, String)> = [
+        let watched = [
             bus::streams::PERSISTER_TURNS,
             bus::streams::PERSISTER_SCANS,
             bus::streams::PERSISTER_REWARDS,
-        ]
-        .iter()
-        .map(|def| {
-            (
-                def.stream.to_owned(),
-                def.config().unwrap().durable_name.unwrap(),
-            )
-        })
-        .collect();
+        ];
         for name in [
             "persister_consumer_pending",
             "persister_consumer_ack_pending",
         ] {
             let series = SERIES.iter().find(|s| s.name == name).unwrap();
-            let registered: Vec<(String, String)> = series
-                .labels
-                .iter()
-                .map(|set| (set[0].1.to_owned(), set[1].1.to_owned()))
-                .collect();
+            let (registered, watched) = bus::ops::consumer_gauge_labels(series, &watched);
             assert_eq!(registered, watched, "{name}");
         }
     }

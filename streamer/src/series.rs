@@ -262,27 +262,15 @@ mod tests {
 
     #[test]
     fn consumer_gauges_are_registered_for_each_consumer_it_watches() {
-        let watched: Vec<(String, String)> = [
+        let watched = [
             bus::streams::STREAMER_CHAT,
             bus::streams::STREAMER_SCAN,
             bus::streams::STREAMER_EXHAUSTED,
             bus::streams::STREAMER_DLQ_SCAN,
-        ]
-        .iter()
-        .map(|def| {
-            (
-                def.stream.to_owned(),
-                def.config().unwrap().durable_name.unwrap(),
-            )
-        })
-        .collect();
+        ];
         for name in ["streamer_consumer_pending", "streamer_consumer_ack_pending"] {
             let series = SERIES.iter().find(|s| s.name == name).unwrap();
-            let registered: Vec<(String, String)> = series
-                .labels
-                .iter()
-                .map(|set| (set[0].1.to_owned(), set[1].1.to_owned()))
-                .collect();
+            let (registered, watched) = bus::ops::consumer_gauge_labels(series, &watched);
             assert_eq!(registered, watched, "{name}");
         }
     }
