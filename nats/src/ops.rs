@@ -362,6 +362,9 @@ pub fn metric_names_under(
     Ok(found)
 }
 
+/// A stream's name and one of its durable consumers'.
+pub type StreamConsumer = (String, String);
+
 /// The `(stream, durable)` pairs `series` (a per-consumer gauge such as
 /// `<service>_consumer_pending`, labelled `stream` then `consumer`) is
 /// registered for, and those of `consumers`: equal when the catalogue lists
@@ -372,7 +375,7 @@ pub fn metric_names_under(
 pub fn consumer_gauge_labels(
     series: &Series,
     consumers: &[crate::streams::ConsumerDef],
-) -> (Vec<(String, String)>, Vec<(String, String)>) {
+) -> (Vec<StreamConsumer>, Vec<StreamConsumer>) {
     let registered = series
         .labels
         .iter()
