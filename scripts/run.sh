@@ -80,7 +80,10 @@ pids=()
 PG_DIR="$DATA_DIR/pg"
 as_postgres() { if [ "$(id -u)" = 0 ]; then (cd /tmp && runuser -u postgres -- "$@"); else "$@"; fi; }
 cleanup() {
-  trap - INT TERM EXIT
+  # Ignored, not reset: a second Ctrl-C (or TERM) during the stop must not
+  # cut it short and leave Postgres or a service running.
+  trap "" INT TERM
+  trap - EXIT
   say "stopping"
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
