@@ -388,6 +388,19 @@ pub async fn start_scan(gateway: &str, user: &str) -> (String, reqwest::Response
     (scan_id, events)
 }
 
+/// The Prometheus text a service at `addr` serves on `/metrics`.
+///
+/// # Panics
+/// When it does not answer.
+pub async fn scrape_metrics(addr: &str) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics has a body")
+}
+
 /// The value `sql` selects in `database`, once it selects one (within 30 s).
 ///
 /// # Panics

@@ -22,15 +22,6 @@ fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, &'a str)> {
         .collect()
 }
 
-async fn scrape(addr: &str) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn assert_zero(text: &str, service: &str, names: &[&str]) {
     for name in names {
         let found = samples(text, name);
@@ -56,7 +47,7 @@ async fn fresh_services_expose_their_series_at_zero() {
     gateway.start().await.unwrap();
 
     assert_zero(
-        &scrape(&gateway.addr).await,
+        &e2e::scrape_metrics(&gateway.addr).await,
         "gateway",
         &[
             "gateway_turns_accepted_total",
@@ -70,7 +61,7 @@ async fn fresh_services_expose_their_series_at_zero() {
             "gateway_ttft_seconds_count",
         ],
     );
-    let streamer_metrics = scrape(&streamer.addr).await;
+    let streamer_metrics = e2e::scrape_metrics(&streamer.addr).await;
     assert_zero(
         &streamer_metrics,
         "streamer",
@@ -99,7 +90,7 @@ async fn fresh_services_expose_their_series_at_zero() {
         );
     }
     assert_zero(
-        &scrape(&persister.addr).await,
+        &e2e::scrape_metrics(&persister.addr).await,
         "persister",
         &[
             "persister_commits_total",

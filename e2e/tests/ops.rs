@@ -239,15 +239,6 @@ fn exposed_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-async fn scrape(addr: &str) -> String {
-    reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[test]
 fn the_name_extraction_skips_functions_labels_strings_and_ranges() {
     let names = metric_names(
@@ -274,7 +265,7 @@ async fn rules_and_dashboard_query_only_series_the_services_expose() {
 
     let mut exposed = BTreeSet::new();
     for addr in [&gateway.addr, &streamer.addr, &persister.addr] {
-        exposed.extend(exposed_names(&scrape(addr).await));
+        exposed.extend(exposed_names(&e2e::scrape_metrics(addr).await));
     }
     let (rule_exprs, recorded) = rule_exprs(&read(RULES));
     let dashboard: serde_json::Value = serde_json::from_str(&read(DASHBOARD)).unwrap();
@@ -313,7 +304,7 @@ async fn rules_and_dashboard_query_only_series_the_services_expose() {
 
     // The series the alerts were added for move with the facts they report.
     for addr in [&gateway.addr, &streamer.addr, &persister.addr] {
-        let text = scrape(addr).await;
+        let text = e2e::scrape_metrics(addr).await;
         assert!(
             text.lines()
                 .any(|l| l == r#"readiness_status{status="ok"} 1"#),
@@ -334,7 +325,7 @@ async fn rules_and_dashboard_query_only_series_the_services_expose() {
             .any(|f| matches!(f, bus::wire::ServerFrame::Done { .. })),
         "the turn did not finish: {frames:?}"
     );
-    let text = scrape(&streamer.addr).await;
+    let text = e2e::scrape_metrics(&streamer.addr).await;
     assert!(
         text.lines()
             .any(|l| l == "streamer_upstream_requests_total 1"),

@@ -332,8 +332,13 @@ impl AppState {
         let subject = subject::chat_tok(&index.conversation_id, turn_id).expect("checked ids");
         let settled_at = index.created_at
             + chrono::Duration::from_std(ACCEPT_SETTLED).expect("a small duration");
+        // Looked up once: only the last frame is read again each round.
+        let mut stream = None;
         loop {
-            if let Ok(stream) = self.js.get_stream(bus::streams::CHAT_TOK).await
+            if stream.is_none() {
+                stream = self.js.get_stream(bus::streams::CHAT_TOK).await.ok();
+            }
+            if let Some(stream) = &stream
                 && stream
                     .get_last_raw_message_by_subject(&subject)
                     .await

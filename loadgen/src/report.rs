@@ -12,6 +12,33 @@ use crate::{
     stats::{PhaseStats, median, percentile},
 };
 
+/// Prints a tool's `section` and, unless `no_write`, has `write` put it in
+/// `out` (by default the repository's `BENCHMARKS.md`), telling `say` where.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn publish(
+    section: &str,
+    out: Option<&Path>,
+    no_write: bool,
+    write: impl FnOnce(&Path, &str) -> std::io::Result<()>,
+    say: impl FnOnce(&str),
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+
+    println!("{section}");
+    if no_write {
+        return Ok(());
+    }
+    let path = out.map_or_else(
+        || testkit::project_root().join("BENCHMARKS.md"),
+        Path::to_path_buf,
+    );
+    write(&path, section).with_context(|| format!("cannot write {}", path.display()))?;
+    say(&format!("Wrote {}.", path.display()));
+    Ok(())
+}
+
 /// Everything below this line in `BENCHMARKS.md` is kept across runs.
 pub const NOTES_MARKER: &str =
     "<!-- loadgen: everything below this line is kept when the tool rewrites the file -->";

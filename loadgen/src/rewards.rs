@@ -69,16 +69,13 @@ pub fn run(args: RewardsArgs) -> anyhow::Result<()> {
     bus::telemetry::init("warn", false);
     let runtime = tokio::runtime::Runtime::new()?;
     let section = runtime.block_on(measure(&args))?;
-    println!("{section}");
-    if !args.no_write {
-        let path = args
-            .out
-            .clone()
-            .unwrap_or_else(|| testkit::project_root().join("BENCHMARKS.md"));
-        write_section(&path, &section)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        say(&format!("Wrote {}.", path.display()));
-    }
+    crate::report::publish(
+        &section,
+        args.out.as_deref(),
+        args.no_write,
+        write_section,
+        say,
+    )?;
     runtime.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
