@@ -64,6 +64,18 @@ function addAssistant(turnId, text = "") {
   return li;
 }
 
+/** Under an answer: the guide pages of the rules it was grounded in. */
+function showSources(li, sources) {
+  li.querySelector(".sources")?.remove();
+  if (!sources || !sources.length) return;
+  li.append(el("p", { class: "sources" },
+    el("span", { "data-i18n": "chat.sources" }, t("chat.sources")), " ",
+    ...sources.flatMap((category, i) => [
+      i ? ", " : "",
+      el("a", { href: `guide.html#${encodeURIComponent(category)}`, dataset: { category } }, category),
+    ])));
+}
+
 function bubbleFor(turnId) {
   return $("log").querySelector(`li.assistant[data-turn="${CSS.escape(turnId)}"]`);
 }
@@ -250,6 +262,7 @@ function onFrame(frame) {
       setText(li, turn.text, { instant: true });
       const notes = { cancelled: "chat.stopped", error: "chat.cutShort", length: "chat.length" };
       setState(li, frame.finish_reason || "stop", notes[frame.finish_reason]);
+      showSources(li, frame.sources);
       chat.turn = null;
       save();
       updateControls();
@@ -389,6 +402,7 @@ async function openConversation(id, { quiet = false } = {}) {
     const li = addAssistant(turn.turn_id, turn.assistant_text);
     const notes = { cancelled: "chat.stopped", error: "chat.cutShort", length: "chat.length" };
     setState(li, turn.finish_reason, notes[turn.finish_reason]);
+    showSources(li, turn.sources);
   }
   if (chat.turn || chat.pending) renderInFlight();
   markCurrent();
@@ -442,7 +456,7 @@ window.addEventListener("online", () => { chat.retry = 0; connect(); });
 window.addEventListener("offline", () => setStatus("status.offline", "warn"));
 onLangChange(() => {
   for (const note of $("log").querySelectorAll(".note")) if (note.dataset.key) note.textContent = t(note.dataset.key);
-  for (const who of $("log").querySelectorAll(".who")) who.textContent = t(who.dataset.i18n);
+  for (const who of $("log").querySelectorAll(".who, .sources [data-i18n]")) who.textContent = t(who.dataset.i18n);
   renderConversations();
 });
 Auth.require(start, stopAll);

@@ -75,7 +75,8 @@ async function upload(file) {
   const form = new FormData();
   form.append("image", file, file.name || "photo");
   try {
-    scan.job = await api("/v1/scans", { method: "POST", body: form });
+    // The explanation comes in the language the page shows.
+    scan.job = await api(`/v1/scans?lang=${encodeURIComponent(currentLang())}`, { method: "POST", body: form });
   } catch (error) {
     $("stage-status").textContent = "";
     if (error.status === 401) return;

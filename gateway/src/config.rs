@@ -107,6 +107,11 @@ pub struct Config {
     /// Folder of the web UI's static files.
     #[arg(long, env = "GATEWAY_WEB_DIR", default_value = "web")]
     pub web_dir: PathBuf,
+    /// A disposal-rules JSON file replacing the built-in one
+    /// (nats/rules/disposal_rules.json); set it to the streamer's
+    /// `SCAN_RULES` so the guide shows the rules answers come from.
+    #[arg(long, env = "SCAN_RULES")]
+    pub scan_rules: Option<PathBuf>,
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,

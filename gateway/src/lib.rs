@@ -4,7 +4,7 @@
 //! ([`error`]), the WebSocket chat sessions ([`ws`]), scan uploads and their
 //! SSE streams ([`scans`]), what models clients may ask for ([`models`]),
 //! the character catalogue, its admin routes and the caller's collection
-//! (`characters`), and serving `web/`.
+//! (`characters`), the public disposal guide (`guide`), and serving `web/`.
 //! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
 //! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
 //! come from the `CHAT_TOK` stream, so any gateway node serves any client.
@@ -14,8 +14,10 @@ mod characters;
 mod config;
 mod drain;
 pub mod error;
+mod guide;
 mod history;
 mod inflight;
+mod lang;
 pub mod models;
 mod openai;
 mod owners;
@@ -218,8 +220,13 @@ impl Gateway {
             state.shutdown.clone(),
         )
         .await;
+        // The rules the streamer answers from, rendered for the guide.
+        let guide = Arc::new(guide::Guide::build(&bus::rules::Rules::load(
+            config.scan_rules.as_deref(),
+        )?));
+        let public = ops_routes(ready.clone(), admin.is_some()).merge(guide::router(guide));
         Ok(Self {
-            router: router(state, &config, ops_routes(ready.clone(), admin.is_some())),
+            router: router(state, &config, public),
             listener,
             admin,
             ready,

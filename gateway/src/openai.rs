@@ -279,6 +279,7 @@ async fn complete(
             ServerFrame::Done {
                 finish_reason: reason,
                 usage,
+                sources,
                 ..
             } => {
                 let body = json!({
@@ -293,6 +294,8 @@ async fn complete(
                     }],
                     "usage": usage_json(usage),
                     "x_finish_reason": reason.as_str(),
+                    // Extension: the disposal-rule categories the answer used.
+                    "sources": sources,
                 });
                 return (headers, Json(body)).into_response();
             }
@@ -399,10 +402,15 @@ impl<C: Fn(Value, Option<&str>) -> Value> Translate<C> {
             ServerFrame::Done {
                 finish_reason: reason,
                 usage,
+                sources,
                 ..
             } => {
                 self.over = true;
-                let mut out = vec![(self.chunk)(json!({}), Some(finish_reason(reason)))];
+                let mut finish = (self.chunk)(json!({}), Some(finish_reason(reason)));
+                // Extension: the disposal-rule categories the answer used,
+                // on the chunk that carries `finish_reason`.
+                finish["sources"] = json!(sources);
+                let mut out = vec![finish];
                 if self.include_usage {
                     let mut last = (self.chunk)(json!({}), None);
                     last["choices"] = json!([]);
@@ -505,8 +513,11 @@ mod tests {
             seq: 2,
             finish_reason: FinishReason::Stop,
             usage: Usage::default(),
+            sources: vec!["glass".into()],
         };
-        assert_eq!(translate.frame(done).len(), 1);
+        let out = translate.frame(done);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0]["sources"], json!(["glass"]), "the extension field");
         assert!(translate.end().is_empty());
     }
 }

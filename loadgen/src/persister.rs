@@ -110,6 +110,7 @@ fn records(n: usize, nonce: &str) -> Vec<TurnRecord> {
                 prompt_tokens: 57,
                 completion_tokens: 128,
             },
+            sources: Vec::new(),
             error: None,
             created_at: now,
             first_token_at: Some(now),

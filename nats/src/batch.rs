@@ -172,6 +172,7 @@ mod tests {
                 seq: 4,
                 finish_reason: FinishReason::Stop,
                 usage: Usage::default(),
+                sources: vec![],
             },
         ];
         let mut message = Vec::new();

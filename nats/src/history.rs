@@ -555,6 +555,7 @@ mod tests {
             assistant_text: "a".into(),
             finish_reason: crate::wire::FinishReason::Stop,
             usage: crate::wire::Usage::default(),
+            sources: Vec::new(),
             error: None,
             created_at: at,
             first_token_at: None,

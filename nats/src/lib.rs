@@ -4,6 +4,8 @@
 //! types that travel on them and over the WebSocket and SSE endpoints
 //! ([`wire`], and [`batch`] for several token frames in one message), the JetStream stream and consumer definitions kept as JSON under
 //! `nats/` ([`streams`]), and the small plumbing each binary needs the same way:
+//! the disposal rules the streamer answers from and the gateway's guide
+//! serves ([`rules`]),
 //! connecting to NATS ([`connect`]), logging ([`telemetry`]), signals
 //! ([`shutdown`]), and the health/readiness/metrics listener ([`ops`]).
 //! It owns no business logic: the gateway, streamer and persister do.
@@ -17,6 +19,7 @@ pub mod history;
 pub mod lease;
 pub mod ops;
 pub mod replay;
+pub mod rules;
 pub mod series;
 pub mod shutdown;
 pub mod streams;

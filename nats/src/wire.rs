@@ -121,6 +121,11 @@ pub enum ServerFrame {
         finish_reason: FinishReason,
         /// The provider's usage figure when it reported one.
         usage: Usage,
+        /// The disposal-rule categories the answer was grounded in, most
+        /// relevant first (contract v1.1); absent when none applied, so a
+        /// reader that predates it sees the v1 frame.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sources: Vec<String>,
     },
     /// Something the client asked for failed.
     Error {
@@ -249,6 +254,10 @@ pub struct TurnRecord {
     pub finish_reason: FinishReason,
     /// Token usage.
     pub usage: Usage,
+    /// The disposal-rule categories the answer was grounded in, in order
+    /// (the `done` frame's `sources`); empty when none applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
     /// The last error, when `finish_reason` is `error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -492,11 +501,25 @@ mod tests {
                 prompt_tokens: 5,
                 completion_tokens: 3,
             },
+            sources: vec![],
         };
         assert_eq!(
             serde_json::to_value(&done).unwrap(),
             json!({"type":"done","turn_id":"t","seq":4,"finish_reason":"cancelled",
                    "usage":{"prompt_tokens":5,"completion_tokens":3}})
+        );
+        let grounded = ServerFrame::Done {
+            turn_id: "t".into(),
+            seq: 5,
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+            sources: vec!["glass".into(), "general".into()],
+        };
+        let value = serde_json::to_value(&grounded).unwrap();
+        assert_eq!(value["sources"], json!(["glass", "general"]));
+        assert_eq!(
+            serde_json::from_value::<ServerFrame>(value).unwrap(),
+            grounded
         );
         assert_eq!(
             serde_json::to_value(ServerFrame::error(None, "too_large", "x")).unwrap(),

@@ -50,7 +50,7 @@ const CONCURRENCY: usize = 32;
 
 const TURN_COLUMNS: &str = "turn_id, conversation_id, user_id, request_id, model, \
     finish_reason, user_text, assistant_text, prompt_tokens, completion_tokens, error, \
-    created_at, first_token_at, completed_at";
+    created_at, first_token_at, completed_at, sources";
 
 /// Announces this persister in the `persisters` KV bucket until `shutdown`,
 /// then withdraws, so history askers know how many answers to wait for. A
@@ -629,6 +629,7 @@ fn turn_row(row: &PgRow) -> Result<TurnRecord, sqlx::Error> {
             prompt_tokens: tokens("prompt_tokens")?,
             completion_tokens: tokens("completion_tokens")?,
         },
+        sources: row.try_get("sources")?,
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         first_token_at: row.try_get("first_token_at")?,
@@ -651,6 +652,7 @@ mod tests {
             assistant_text: text.into(),
             finish_reason: bus::wire::FinishReason::Stop,
             usage: Usage::default(),
+            sources: Vec::new(),
             error: None,
             created_at: Utc::now(),
             first_token_at: None,

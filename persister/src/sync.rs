@@ -452,7 +452,7 @@ pub async fn write_turns(pool: &PgPool, rows: &[TurnRecord]) -> Result<(), sqlx:
     let mut insert = QueryBuilder::<sqlx::Postgres>::new(
         "INSERT INTO turns (turn_id, conversation_id, user_id, request_id, model, finish_reason, \
          user_text, assistant_text, prompt_tokens, completion_tokens, error, \
-         created_at, first_token_at, completed_at) ",
+         created_at, first_token_at, completed_at, sources) ",
     );
     insert.push_values(rows, |mut b, r| {
         b.push_bind(pg_text(&r.turn_id))
@@ -468,7 +468,8 @@ pub async fn write_turns(pool: &PgPool, rows: &[TurnRecord]) -> Result<(), sqlx:
             .push_bind(r.error.as_deref().map(pg_text))
             .push_bind(r.created_at)
             .push_bind(r.first_token_at)
-            .push_bind(r.completed_at);
+            .push_bind(r.completed_at)
+            .push_bind(r.sources.iter().map(|s| pg_text(s)).collect::<Vec<_>>());
     });
     insert.push(" ON CONFLICT (turn_id) DO NOTHING");
     insert.build().persistent(false).execute(&mut *tx).await?;

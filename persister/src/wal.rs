@@ -31,8 +31,9 @@ pub use scans::{PendingScan, ScanKey, ScanStored};
 
 /// Version of the schema below, kept in `PRAGMA user_version`. 2 added the
 /// `scans` table: an older persister would leave its unsynced rows behind.
-/// 3 added `scans.reward` (added to an older file at open).
-const SCHEMA_VERSION: i64 = 3;
+/// 3 added `scans.reward`, 4 `turns.sources` (each added to an older file
+/// at open).
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS turns (
@@ -52,7 +53,8 @@ CREATE TABLE IF NOT EXISTS turns (
     completed_at      TEXT NOT NULL,
     ingested_at       INTEGER NOT NULL, -- unix milliseconds
     synced_at         INTEGER,          -- unix milliseconds; NULL = not yet in Postgres
-    sync_error        TEXT              -- Postgres refused this row itself; skipped until cleared
+    sync_error        TEXT,             -- Postgres refused this row itself; skipped until cleared
+    sources           TEXT              -- JSON array of rule categories, NULL for none; last, as ALTER adds it to older files
 );
 CREATE INDEX IF NOT EXISTS turns_outbox ON turns (ingested_at)
     WHERE synced_at IS NULL AND sync_error IS NULL;
@@ -65,13 +67,13 @@ CREATE INDEX IF NOT EXISTS turns_user ON turns (user_id);
 const INSERT_TURN: &str = "
 INSERT INTO turns (turn_id, conversation_id, user_id, request_id, model, finish_reason,
                    user_text, assistant_text, prompt_tokens, completion_tokens, error,
-                   created_at, first_token_at, completed_at, ingested_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                   created_at, first_token_at, completed_at, ingested_at, sources)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
 ON CONFLICT (turn_id) DO NOTHING";
 
 const SELECT_TURN_COLUMNS: &str = "turn_id, conversation_id, user_id, request_id, model, \
     finish_reason, user_text, assistant_text, prompt_tokens, completion_tokens, error, \
-    created_at, first_token_at, completed_at";
+    created_at, first_token_at, completed_at, sources";
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -211,6 +213,9 @@ impl Wal {
                             r.first_token_at.as_ref().map(timestamp),
                             timestamp(&r.completed_at),
                             now,
+                            (!r.sources.is_empty()).then(|| {
+                                serde_json::to_string(&r.sources).expect("strings serialize")
+                            }),
                         ])?;
                     }
                 }
@@ -543,6 +548,18 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
         conn.execute_batch("ALTER TABLE scans ADD COLUMN reward TEXT")
             .with_context(hint)?;
     }
+    let has_sources: bool = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('turns') WHERE name = 'sources'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .with_context(hint)?
+        > 0;
+    if !has_sources {
+        conn.execute_batch("ALTER TABLE turns ADD COLUMN sources TEXT")
+            .with_context(hint)?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
         .with_context(hint)?;
     Ok(conn)
@@ -571,6 +588,7 @@ fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TurnRecord, WalE
         created_at: row.get(11)?,
         first_token_at: row.get(12)?,
         completed_at: row.get(13)?,
+        sources: row.get(14)?,
     };
     Ok(raw.parse())
 }
@@ -591,6 +609,7 @@ struct StoredTurn {
     created_at: String,
     first_token_at: Option<String>,
     completed_at: String,
+    sources: Option<String>,
 }
 
 impl StoredTurn {
@@ -614,6 +633,12 @@ impl StoredTurn {
         let created_at = time(&self.created_at)?;
         let first_token_at = self.first_token_at.as_deref().map(time).transpose()?;
         let completed_at = time(&self.completed_at)?;
+        let sources = match self.sources.as_deref() {
+            None => Vec::new(),
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| bad(format!("sources {text:?}: {e}")))?
+            }
+        };
         Ok(TurnRecord {
             turn_id: self.turn_id,
             conversation_id: self.conversation_id,
@@ -624,6 +649,7 @@ impl StoredTurn {
             assistant_text: self.assistant_text,
             finish_reason,
             usage,
+            sources,
             error: self.error,
             created_at,
             first_token_at,
@@ -679,6 +705,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: u32::MAX,
             },
+            sources: Vec::new(),
             error: Some("boom".into()),
             created_at: at,
             first_token_at: None,
@@ -728,6 +755,41 @@ mod tests {
                 .unwrap(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_buffer_from_before_sources_gets_the_column_and_keeps_its_rows() {
+        let dir = TempDir::new();
+        let path = dir.0.join("old.db");
+        {
+            // Schema 3: `turns` without `sources`, one row in it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE turns (turn_id TEXT PRIMARY KEY NOT NULL, \
+                 conversation_id TEXT NOT NULL, user_id TEXT NOT NULL, request_id TEXT NOT NULL, \
+                 model TEXT NOT NULL, finish_reason TEXT NOT NULL, user_text TEXT NOT NULL, \
+                 assistant_text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, \
+                 completion_tokens INTEGER NOT NULL, error TEXT, created_at TEXT NOT NULL, \
+                 first_token_at TEXT, completed_at TEXT NOT NULL, ingested_at INTEGER NOT NULL, \
+                 synced_at INTEGER, sync_error TEXT)",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO turns (turn_id, conversation_id, user_id, request_id, model, \
+                 finish_reason, user_text, assistant_text, prompt_tokens, completion_tokens, \
+                 created_at, completed_at, ingested_at) VALUES ('old', 'c1', 'u1', 'r1', 'm', \
+                 'stop', 'q', 'a', 1, 1, '2026-01-01T00:00:00Z', '2026-01-01T00:00:01Z', 0)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 3).unwrap();
+        }
+        let wal = Wal::open(&path).await.unwrap();
+        assert!(wal.turn("old").await.unwrap().unwrap().sources.is_empty());
+        let mut grounded = record("new");
+        grounded.sources = vec!["glass".into(), "general".into()];
+        wal.insert_turns(vec![grounded.clone()]).await.unwrap();
+        assert_eq!(wal.turn("new").await.unwrap(), Some(grounded));
     }
 
     #[tokio::test]

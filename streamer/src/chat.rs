@@ -66,8 +66,11 @@ pub struct Worker {
     pub js: jetstream::Context,
     /// The provider.
     pub upstream: Upstream,
-    /// The system prompt.
+    /// The operator's system prompt; the rules a turn is grounded in are
+    /// added to it per turn.
     pub system_prompt: String,
+    /// The disposal rules and their index.
+    pub grounding: std::sync::Arc<crate::grounding::Grounding>,
     /// Default token cap.
     pub max_tokens: u32,
     /// The consumer's ack wait: a worker renews its lease on a request every
@@ -170,15 +173,21 @@ impl Worker {
             writer.reset("worker_restarted").await?;
             metrics::counter!("streamer_turn_resets_total").increment(1);
         }
-        let (prompt, seed) = self.prompt(request).await;
-        let (turn, writer) = self.generate(request, &prompt, writer).await?;
+        let (prompt, seed, sources) = self.prompt(request).await;
+        let (mut turn, writer) = self.generate(request, &prompt, writer).await?;
+        turn.sources = sources;
         self.conclude(request, turn, writer, deliveries, seed.as_deref())
             .await
     }
 
-    /// The upstream request (system prompt, earlier turns, the new message)
-    /// and the seed of the conversation's context entry ([`Earlier::seed`]).
-    async fn prompt(&self, request: &ChatRequest) -> (upstream::Request, Option<Vec<ContextTurn>>) {
+    /// The upstream request (system prompt grounded in the rules the
+    /// conversation is about, earlier turns, the new message), the seed of
+    /// the conversation's context entry ([`Earlier::seed`]) and the rule
+    /// categories the prompt carries (the turn's `sources`).
+    async fn prompt(
+        &self,
+        request: &ChatRequest,
+    ) -> (upstream::Request, Option<Vec<ContextTurn>>, Vec<String>) {
         let mut messages = vec![ChatMessage {
             role: "system".into(),
             content: self.system_prompt.clone(),
@@ -201,6 +210,15 @@ impl Worker {
             messages.extend(request.history.iter().cloned());
             new_conversation_seed(request)
         };
+        let earlier: Vec<&str> = messages
+            .iter()
+            .filter(|m| m.role == "user")
+            .map(|m| m.content.as_str())
+            .collect();
+        let grounded = self
+            .grounding
+            .chat(&self.system_prompt, &request.content, &earlier);
+        messages[0].content = grounded.system;
         messages.push(ChatMessage {
             role: "user".into(),
             content: request.content.clone(),
@@ -214,7 +232,7 @@ impl Worker {
                 .min(self.max_tokens),
             temperature: request.temperature,
         };
-        (prompt, seed)
+        (prompt, seed, grounded.sources)
     }
 
     /// Streams the answer into token frames until the provider finishes,
@@ -285,7 +303,9 @@ impl Worker {
         if let Some(error) = &turn.error {
             writer.error(turn.error_code, error).await?;
         }
-        writer.done(turn.finish, turn.usage()).await?;
+        writer
+            .done(turn.finish, turn.usage(), turn.sources.clone())
+            .await?;
         metrics::counter!("streamer_turns_total", "finish_reason" => turn.finish.as_str())
             .increment(1);
         let record = turn.record(request);
@@ -361,7 +381,7 @@ impl Worker {
                 completion_tokens: frames,
             };
             let written = match writer.error(EXHAUSTED_CODE, EXHAUSTED_MESSAGE).await {
-                Ok(()) => writer.done(FinishReason::Error, usage).await,
+                Ok(()) => writer.done(FinishReason::Error, usage, Vec::new()).await,
                 Err(e) => Err(e),
             };
             match written {

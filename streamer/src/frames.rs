@@ -157,17 +157,19 @@ impl FrameWriter {
         self.write(std::slice::from_ref(&frame)).await
     }
 
-    /// The final frame.
+    /// The final frame, with the rule categories the answer was grounded in.
     pub async fn done(
         &mut self,
         finish_reason: FinishReason,
         usage: Usage,
+        sources: Vec<String>,
     ) -> Result<(), WriteError> {
         let frame = ServerFrame::Done {
             turn_id: self.turn_id.clone(),
             seq: self.seq + 1,
             finish_reason,
             usage,
+            sources,
         };
         self.write(std::slice::from_ref(&frame)).await
     }

@@ -21,8 +21,10 @@ mod config;
 pub mod context;
 mod exhausted;
 pub mod frames;
+pub mod grounding;
 pub mod phash;
-pub mod rules;
+pub mod retrieval;
+pub use bus::rules;
 pub mod scan;
 mod series;
 mod turn;
@@ -86,7 +88,12 @@ impl Streamer {
         if let Some(ms) = config.ack_wait_ms {
             consumer.ack_wait = Duration::from_millis(ms.max(500));
         }
+        // One rules file for chat and scans; indexed once here.
+        let grounding = Arc::new(grounding::Grounding::build(rules::Rules::load(
+            config.scan_rules.as_deref(),
+        )?));
         let worker = chat::Worker {
+            grounding: grounding.clone(),
             client: client.clone(),
             js: js.clone(),
             upstream,
@@ -121,7 +128,7 @@ impl Streamer {
                 .context("KV bucket scan_cache is missing")?,
             vision: build_vision(&config)?,
             upstream: worker.upstream.clone(),
-            rules: Arc::new(rules::Rules::load(config.scan_rules.as_deref())?),
+            grounding,
             settings: Arc::new(scan::Settings {
                 vision_soft: Duration::from_millis(config.vision_soft_timeout_ms),
                 vision_hard: Duration::from_millis(config.vision_hard_timeout_ms),

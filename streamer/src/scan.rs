@@ -54,7 +54,6 @@ mod vision;
 
 use crate::{
     phash::phash,
-    rules::Rules,
     upstream::{self, Upstream},
     vision::{Classification, PreparedImage, Vision},
 };
@@ -115,8 +114,9 @@ pub struct ScanWorker {
     pub characters: crate::catalogue::MatchCache,
     /// `character_owners`: who first earned which character (create-only).
     pub owners: kv::Store,
-    /// Disposal rules by category.
-    pub rules: Arc<Rules>,
+    /// Disposal rules by category, and their index for the rules an
+    /// item's labels bring (its material's).
+    pub grounding: Arc<crate::grounding::Grounding>,
     /// Timeouts and retries.
     pub settings: Arc<Settings>,
 }

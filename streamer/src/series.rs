@@ -99,6 +99,18 @@ pub const SERIES: &[Series] = &[
         ],
     },
     Series {
+        name: "streamer_retrievals_total",
+        kind: Kind::Counter,
+        help: "Chat turns by whether retrieval found disposal rules for them (rules) or none applied (none).",
+        labels: &[&[("found", "rules")], &[("found", "none")]],
+    },
+    Series {
+        name: "streamer_retrieval_seconds",
+        kind: Kind::Histogram,
+        help: "Time to find a chat turn's disposal rules (query terms and scoring).",
+        labels: &[],
+    },
+    Series {
         name: "streamer_context_write_failures_total",
         kind: Kind::Counter,
         help: "Concluded turns not added to their conversation's context entry (its next turn reads the persisters).",

@@ -21,6 +21,8 @@ pub(crate) struct Turn {
     pub(crate) first_token_at: Option<DateTime<Utc>>,
     pub(crate) created_at: DateTime<Utc>,
     pub(crate) last_token: Option<tokio::time::Instant>,
+    /// The rule categories the prompt carried (the `done` frame's `sources`).
+    pub(crate) sources: Vec<String>,
 }
 
 impl Turn {
@@ -37,6 +39,7 @@ impl Turn {
             first_token_at: None,
             created_at: request.created_at,
             last_token: None,
+            sources: Vec::new(),
         }
     }
 
@@ -106,8 +109,10 @@ impl Turn {
                 ServerFrame::Done {
                     finish_reason,
                     usage,
+                    sources,
                     ..
                 } => {
+                    self.sources = sources.clone();
                     self.text = std::mem::take(&mut text);
                     self.finish = *finish_reason;
                     self.usage = Some(*usage);
@@ -129,6 +134,7 @@ impl Turn {
             assistant_text: self.text.clone(),
             finish_reason: self.finish,
             usage: self.usage(),
+            sources: self.sources.clone(),
             error: self.error.clone(),
             created_at: self.created_at,
             first_token_at: self.first_token_at,

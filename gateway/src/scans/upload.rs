@@ -61,7 +61,8 @@ pub const MAX_BODY: usize = MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD;
 /// Query of `POST /v1/scans`.
 #[derive(Debug, Deserialize)]
 pub struct UploadQuery {
-    /// Language of the explanation: `en` (default) or `ko`.
+    /// Language of the explanation: `en` or `ko`; without it, the better
+    /// of the two by `Accept-Language`, else `en`.
     #[serde(default)]
     lang: Option<String>,
 }
@@ -74,7 +75,9 @@ pub async fn upload(
     request: Request,
 ) -> Response {
     let lang = match query {
-        Ok(Query(UploadQuery { lang: None })) => "en".to_owned(),
+        Ok(Query(UploadQuery { lang: None })) => crate::lang::preferred(request.headers())
+            .unwrap_or("en")
+            .to_owned(),
         Ok(Query(UploadQuery { lang: Some(l) })) if l == "en" || l == "ko" => l,
         _ => {
             return error(

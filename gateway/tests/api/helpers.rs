@@ -390,5 +390,6 @@ pub fn done(turn: &str, seq: u64) -> ServerFrame {
         seq,
         finish_reason: bus::wire::FinishReason::Stop,
         usage: bus::wire::Usage::default(),
+        sources: vec![],
     }
 }

@@ -150,12 +150,35 @@ pub struct DisposalRule {
     pub category: String,
     /// The category's name in Korean and English.
     pub name: Localized,
+    /// Everyday names of the things it covers ("soju bottle", "소주병"):
+    /// what chat retrieval and the guide's search match. Absent in records
+    /// stored before it existed.
+    #[serde(default, skip_serializing_if = "Items::is_empty")]
+    pub items: Items,
     /// Which bin or collection it goes to.
     pub bin: Localized,
     /// How to prepare it, step by step.
     pub steps: Vec<Localized>,
     /// Why it is separated this way.
     pub why: Localized,
+}
+
+/// Lists of names in Korean and English (each language has its own count).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Items {
+    /// Korean names.
+    #[serde(default)]
+    pub ko: Vec<String>,
+    /// English names.
+    #[serde(default)]
+    pub en: Vec<String>,
+}
+
+impl Items {
+    /// True when neither language has a name.
+    pub fn is_empty(&self) -> bool {
+        self.ko.is_empty() && self.en.is_empty()
+    }
 }
 
 /// A text in Korean and English.

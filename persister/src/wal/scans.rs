@@ -430,6 +430,7 @@ mod tests {
             sha256: Some("ab".repeat(32)),
             rule: Some(DisposalRule {
                 category: "plastic".into(),
+                items: Default::default(),
                 name: text("Plastic"),
                 bin: text("Plastics bin"),
                 steps: vec![text("Rinse"), text("Label off")],

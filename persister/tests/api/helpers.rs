@@ -239,7 +239,7 @@ impl TestPersister {
         let row = sqlx::query(
             "SELECT turn_id, conversation_id, user_id, request_id, model, finish_reason, \
              user_text, assistant_text, prompt_tokens, completion_tokens, error, \
-             created_at, first_token_at, completed_at FROM turns WHERE turn_id = $1",
+             created_at, first_token_at, completed_at, sources FROM turns WHERE turn_id = $1",
         )
         .bind(turn_id)
         .fetch_optional(&mut conn)
@@ -261,6 +261,7 @@ impl TestPersister {
                 prompt_tokens: prompt_tokens.try_into().unwrap(),
                 completion_tokens: completion_tokens.try_into().unwrap(),
             },
+            sources: row.get("sources"),
             error: row.get("error"),
             created_at: row.get("created_at"),
             first_token_at: row.get("first_token_at"),
@@ -456,6 +457,8 @@ pub fn record(conversation_id: &str) -> TurnRecord {
             prompt_tokens: 7,
             completion_tokens: 4,
         },
+        // Stored in order, in both stores, and returned by history.
+        sources: vec!["pet_bottle".into(), "plastic".into()],
         error: None,
         created_at,
         first_token_at: Some(created_at + chrono::Duration::milliseconds(250)),

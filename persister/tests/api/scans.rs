@@ -43,6 +43,7 @@ fn scan(user_id: &str) -> ScanRecord {
         sha256: Some("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into()),
         rule: Some(DisposalRule {
             category: "plastic".into(),
+            items: Default::default(),
             name: text("Plastic", "플라스틱"),
             bin: text("Plastics bin", "플라스틱 수거함"),
             steps: vec![

@@ -9,11 +9,12 @@ impl ScanWorker {
         request: &ScanRequest,
         seen: &Classification,
         rule: &DisposalRule,
+        related: &[DisposalRule],
         events: &mut Events,
     ) -> Result<String, Stop> {
         let s = &self.settings;
         let prompt = upstream::Request {
-            messages: answer_prompt(seen, rule, &request.lang),
+            messages: answer_prompt(seen, rule, related, &request.lang),
             model: None,
             max_tokens: s.max_tokens,
             temperature: Some(0.3),
@@ -117,6 +118,7 @@ impl ScanWorker {
 pub(super) fn answer_prompt(
     seen: &Classification,
     rule: &DisposalRule,
+    related: &[DisposalRule],
     lang: &str,
 ) -> Vec<ChatMessage> {
     let language = if lang == "ko" { "Korean" } else { "English" };
@@ -135,7 +137,7 @@ pub(super) fn answer_prompt(
          tell the user how to dispose of the item and why, following the rule given. \
          If the category is unknown, say that the item was not recognised and what to check."
     );
-    let user = format!(
+    let mut user = format!(
         "Category: {} ({:.0} % confidence). The image model saw: {}.\nBin: {}\nSteps:\n{}\nWhy: {}",
         localized(&rule.name, lang),
         seen.confidence * 100.0,
@@ -148,6 +150,14 @@ pub(super) fn answer_prompt(
         steps.join("\n"),
         localized(&rule.why, lang),
     );
+    if !related.is_empty() {
+        user.push_str(
+            "\nThe image model's labels also match these rules; use one if it fits the item's material better:\n",
+        );
+        for (i, r) in related.iter().enumerate() {
+            user.push_str(&crate::grounding::render(i + 2, r, lang));
+        }
+    }
     vec![
         ChatMessage {
             role: "system".into(),

@@ -79,7 +79,17 @@ impl ScanWorker {
             .progress(ScanStage::Vision, 50, "Looking at the item.".into())
             .await?;
         let seen = self.classify(&prepared, events).await?;
-        let rule = self.rules.for_category(&seen.category).clone();
+        let rule = self.grounding.rules().for_category(&seen.category).clone();
+        // What the labels retrieve beyond the category's own rule: a cup
+        // seen as general waste may be paper or plastic by material.
+        let labels: Vec<&str> = seen.labels.iter().map(|l| l.label.as_str()).collect();
+        let related: Vec<DisposalRule> = self
+            .grounding
+            .scan(&seen.category, &labels)
+            .into_iter()
+            .skip(1)
+            .cloned()
+            .collect();
         events
             .progress(
                 ScanStage::Vision,
@@ -99,7 +109,9 @@ impl ScanWorker {
             )
             .await?;
 
-        let answer = self.explain(request, &seen, &rule, events).await?;
+        let answer = self
+            .explain(request, &seen, &rule, &related, events)
+            .await?;
         events
             .progress(ScanStage::Answer, 90, "Explanation written.".into())
             .await?;

@@ -140,6 +140,7 @@ fn record(conversation_id: &str, n: i64) -> TurnRecord {
         assistant_text: format!("answer {n}"),
         finish_reason: FinishReason::Stop,
         usage: Usage::default(),
+        sources: Vec::new(),
         error: None,
         created_at: at,
         first_token_at: None,

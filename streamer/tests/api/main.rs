@@ -1,6 +1,7 @@
 //! Streamer integration tests against a real nats-server and an LLM server.
 
 mod context;
+mod grounding;
 mod guarantees;
 mod helpers;
 

@@ -1,19 +1,21 @@
 //! The disposal rules: which bin a waste category goes to, how to prepare
-//! it and why, in Korean and English. Loaded once at startup from the
-//! built-in `streamer/rules/disposal_rules.json` (or `SCAN_RULES`) and
-//! validated, so a broken rules file stops the streamer instead of a scan.
+//! it and why, and the everyday names of its items, in Korean and English.
+//! Loaded once at startup from the built-in `nats/rules/disposal_rules.json`
+//! (or `SCAN_RULES`) and validated, so a broken rules file stops the service
+//! instead of a scan. Here, not in the streamer, because the gateway's guide
+//! serves the same rules the streamer answers from: one file, one loader.
 
 use std::collections::HashMap;
 
+use crate::wire::{DisposalRule, Localized};
 use anyhow::Context as _;
-use bus::wire::{DisposalRule, Localized};
 use serde::Deserialize;
 
 /// The categories the vision providers produce; each needs a rule.
-pub const CATEGORIES: &[&str] = bus::wire::WASTE_CATEGORIES;
+pub const CATEGORIES: &[&str] = crate::wire::WASTE_CATEGORIES;
 
 /// The category for "cannot tell".
-pub const UNKNOWN: &str = bus::wire::UNKNOWN_CATEGORY;
+pub const UNKNOWN: &str = crate::wire::UNKNOWN_CATEGORY;
 
 const BUILT_IN: &str = include_str!("../rules/disposal_rules.json");
 
@@ -30,6 +32,8 @@ struct File {
 #[derive(Debug, Clone)]
 pub struct Rules {
     by_category: HashMap<String, DisposalRule>,
+    /// The categories in file order: the guide lists them so.
+    order: Vec<String>,
 }
 
 impl Rules {
@@ -70,6 +74,7 @@ impl Rules {
             file.version
         );
         let mut by_category = HashMap::new();
+        let mut order = Vec::new();
         for rule in file.rules {
             let category = rule.category.clone();
             let texts = [&rule.name, &rule.bin, &rule.why]
@@ -79,6 +84,13 @@ impl Rules {
                 check(text).with_context(|| format!("rule {category:?}, text {i}"))?;
             }
             anyhow::ensure!(!rule.steps.is_empty(), "rule {category:?} has no steps");
+            // Retrieval finds a rule by its everyday names: a category
+            // without them would only be found by its formal name.
+            anyhow::ensure!(
+                category == UNKNOWN || (!rule.items.ko.is_empty() && !rule.items.en.is_empty()),
+                "rule {category:?} has no items in Korean or English"
+            );
+            order.push(category.clone());
             anyhow::ensure!(
                 by_category.insert(category.clone(), rule).is_none(),
                 "category {category:?} appears twice"
@@ -90,7 +102,7 @@ impl Rules {
                 "no rule for category {category:?}"
             );
         }
-        Ok(Self { by_category })
+        Ok(Self { by_category, order })
     }
 
     /// The rule for `category`; an unknown category gets the `unknown` rule.
@@ -99,6 +111,16 @@ impl Rules {
             .get(category)
             .or_else(|| self.by_category.get(UNKNOWN))
             .expect("validated: the unknown rule exists")
+    }
+
+    /// The rule for `category`, if it has one of its own.
+    pub fn get(&self, category: &str) -> Option<&DisposalRule> {
+        self.by_category.get(category)
+    }
+
+    /// Every rule, in the file's order.
+    pub fn iter(&self) -> impl Iterator<Item = &DisposalRule> {
+        self.order.iter().map(|c| &self.by_category[c])
     }
 
     /// True when `category` has a rule of its own.
@@ -140,6 +162,11 @@ mod tests {
         doc["rules"][0]["why"]["ko"] = "".into();
         let e = Rules::parse(&doc.to_string()).unwrap_err();
         assert!(format!("{e:#}").contains("Korean"), "{e:#}");
+
+        let mut doc: serde_json::Value = serde_json::from_str(BUILT_IN).unwrap();
+        doc["rules"][0]["items"]["en"] = serde_json::json!([]);
+        let e = Rules::parse(&doc.to_string()).unwrap_err();
+        assert!(format!("{e:#}").contains("items"), "{e:#}");
 
         let mut doc: serde_json::Value = serde_json::from_str(BUILT_IN).unwrap();
         let first = doc["rules"][0].clone();
