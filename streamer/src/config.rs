@@ -86,7 +86,8 @@ pub struct Config {
     /// Scan jobs run at once by this process (vision is CPU-bound).
     #[arg(long, env = "SCAN_CONCURRENCY", default_value_t = 4)]
     pub scan_concurrency: usize,
-    /// A disposal-rules JSON file replacing the built-in one (streamer/rules).
+    /// A disposal-rules JSON file replacing the built-in one
+    /// (nats/rules/disposal_rules.json); give the gateway the same file.
     #[arg(long, env = "SCAN_RULES")]
     pub scan_rules: Option<std::path::PathBuf>,
     /// A character catalogue JSON file replacing the built-in one

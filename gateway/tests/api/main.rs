@@ -5,6 +5,7 @@ mod batches;
 mod characters;
 mod edge;
 mod guarantees;
+mod grounding;
 mod helpers;
 mod refused_uploads;
 mod rewards;

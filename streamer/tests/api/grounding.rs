@@ -98,7 +98,12 @@ async fn a_follow_up_keeps_the_rule_of_the_conversation() {
         .unwrap();
     let app = TestStreamer::start(llm.base_url()).await;
 
-    let first = app.send("conv-follow", "생수병은 어떻게 버려요?").await;
+    // A new conversation: its context entry starts with this turn, and the
+    // next turn's prompt (and query) reads it from there.
+    let mut first = crate::helpers::request("conv-follow", "생수병은 어떻게 버려요?");
+    first.new_conversation = true;
+    app.publish(&first).await;
+    let first = first.turn_id;
     app.frames_until_done(&first).await;
     app.turn_record("conv-follow", &first).await;
     let second = app.send("conv-follow", "라벨은요?").await;
