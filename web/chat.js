@@ -64,6 +64,21 @@ function addAssistant(turnId, text = "") {
   return li;
 }
 
+// Category -> its name in the guide, per language (GET /v1/guide is public
+// and cacheable); a link shows the category id until the names arrive.
+const guideNames = {};
+async function nameSources() {
+  const lang = currentLang();
+  if (!guideNames[lang]) {
+    guideNames[lang] = fetch(`/v1/guide?lang=${lang}`)
+      .then((r) => (r.ok ? r.json() : { categories: [] }))
+      .then((g) => Object.fromEntries(g.categories.map((c) => [c.category, c.name])))
+      .catch(() => { delete guideNames[lang]; return {}; });
+  }
+  const names = await guideNames[lang];
+  for (const a of $("log").querySelectorAll(".sources a")) a.textContent = names[a.dataset.category] || a.dataset.category;
+}
+
 /** Under an answer: the guide pages of the rules it was grounded in. */
 function showSources(li, sources) {
   li.querySelector(".sources")?.remove();
@@ -74,6 +89,7 @@ function showSources(li, sources) {
       i ? ", " : "",
       el("a", { href: `guide.html#${encodeURIComponent(category)}`, dataset: { category } }, category),
     ])));
+  nameSources();
 }
 
 function bubbleFor(turnId) {
@@ -457,6 +473,7 @@ window.addEventListener("offline", () => setStatus("status.offline", "warn"));
 onLangChange(() => {
   for (const note of $("log").querySelectorAll(".note")) if (note.dataset.key) note.textContent = t(note.dataset.key);
   for (const who of $("log").querySelectorAll(".who, .sources [data-i18n]")) who.textContent = t(who.dataset.i18n);
+  nameSources();
   renderConversations();
 });
 Auth.require(start, stopAll);

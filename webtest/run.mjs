@@ -178,6 +178,10 @@ test("chat: dev login, an answer streams in token by token and lands in the conv
   assert.equal(await finished(page), EXPECTED);
   assert.equal(await page.locator("#log li.user .text").textContent(), question);
   assert.equal(await assistant(page).count(), 1);
+  // The rule the answer was grounded in, linked to its guide page by name.
+  const source = page.locator("#log li.assistant .sources a").first();
+  assert.equal(await source.getAttribute("href"), "guide.html#glass");
+  await page.waitForFunction(() => document.querySelector("#log .sources a")?.textContent === "Glass bottle");
   assert.equal(await page.isEnabled("#send"), true);
   assert.equal(await page.isDisabled("#stop"), true);
   assert.equal(await page.getAttribute("#log", "aria-busy"), "false");
@@ -204,6 +208,27 @@ test("chat: dev login, an answer streams in token by token and lands in the conv
   await page.waitForFunction(() => document.querySelectorAll("#log li.assistant").length === 2);
   assert.deepEqual(await page.locator("#log li.user .text").allTextContents(), [question, "And the cap?"]);
   assert.deepEqual(await page.locator("#log li.assistant .text").allTextContents(), [EXPECTED, EXPECTED]);
+  // History keeps the sources.
+  assert.equal(await page.locator("#log li.assistant").first().locator(".sources a").first().getAttribute("href"), "guide.html#glass");
+});
+
+test("guide: public, searchable in either language, a rule opens from its link", async (t) => {
+  const page = await newPage(t);
+  await page.goto(BASE + "/guide.html#glass");
+  await page.locator("#guide-rule h3").waitFor();
+  await page.selectOption("#lang", "en");
+  await page.waitForFunction(() => document.querySelector("#guide-rule h3")?.textContent === "Glass bottle");
+  assert.match(await page.textContent("#guide-rule .items"), /soju bottle/);
+  await page.fill("#guide-search", "pizza");
+  await page.waitForFunction(() => document.querySelectorAll("#guide-list li").length === 1);
+  assert.equal(await page.getAttribute("#guide-list li", "data-category"), "paper");
+  await page.fill("#guide-search", "건전지");
+  await page.waitForFunction(() => document.querySelector("#guide-list li")?.dataset.category === "battery");
+  await page.click("#guide-list li a");
+  await page.waitForFunction(() => document.getElementById("guide-rule").dataset.category === "battery");
+  await page.fill("#guide-search", "zzz-nothing");
+  await page.waitForFunction(() => document.getElementById("guide-status").textContent !== "");
+  await screenshot(page, "guide");
 });
 
 test("chat: the gateway SIGKILLed mid-answer; the page reconnects, resumes and shows the answer exactly once", async (t) => {
