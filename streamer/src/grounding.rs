@@ -73,10 +73,11 @@ impl Grounding {
             query.add(label, 1.0);
         }
         for hit in self.retriever.search(&query) {
-            if out.len() < retrieval::TOP_K && !out.iter().any(|r| r.category == hit.category) {
-                if let Some(rule) = self.rules.get(&hit.category) {
-                    out.push(rule);
-                }
+            if out.len() < retrieval::TOP_K
+                && !out.iter().any(|r| r.category == hit.category)
+                && let Some(rule) = self.rules.get(&hit.category)
+            {
+                out.push(rule);
             }
         }
         out
@@ -161,7 +162,14 @@ mod tests {
     #[test]
     fn a_scan_gets_its_category_first_then_its_material() {
         let g = Grounding::build(Rules::built_in().unwrap());
-        let rules = g.scan("general", &["coffee mug", "cup"]);
-        assert_eq!(rules[0].category, "general");
+        let rules = g.scan("general", &["cup", "coffee mug", "espresso"]);
+        let categories: Vec<&str> = rules.iter().map(|r| r.category.as_str()).collect();
+        assert_eq!(categories[0], "general");
+        assert!(
+            categories.contains(&"plastic") || categories.contains(&"paper_pack"),
+            "a cup's material rule comes along: {categories:?}"
+        );
+        // A label that retrieves nothing adds nothing.
+        assert_eq!(g.scan("battery", &["zebra"]).len(), 1);
     }
 }

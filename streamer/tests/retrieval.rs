@@ -124,3 +124,68 @@ fn retrieval_takes_well_under_two_milliseconds_at_p99() {
     // number that matters is printed and recorded in BENCHMARKS.md.
     assert!(p(0.99).as_micros() < 2_000, "p99 {:?}", p(0.99));
 }
+
+/// How often the embedded model (SmolLM2-135M) names the retrieved rule's
+/// bin (or its category's name) when given the grounded prompt. Slow (the
+/// real model, one question at a time) and a measurement, not a gate:
+/// `cargo test -p streamer --test retrieval -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "runs the real local model for minutes; a measurement"]
+async fn embedded_model_names_the_retrieved_bin() {
+    let llm = testkit::LocalLlm::start()
+        .await
+        .expect("run scripts/setup.sh");
+    let grounding = streamer::grounding::Grounding::build(Rules::built_in().unwrap());
+    let rules = Rules::built_in().unwrap();
+    let http = reqwest::Client::new();
+    let (mut asked, mut named) = (0, 0);
+    for q in eval().questions {
+        let grounded = grounding.chat(streamer::DEFAULT_SYSTEM_PROMPT, &q.q, &[]);
+        let Some(first) = grounded.sources.first() else {
+            continue;
+        };
+        let rule = rules.get(first).unwrap();
+        let body = serde_json::json!({
+            "messages": [
+                {"role": "system", "content": grounded.system},
+                {"role": "user", "content": q.q},
+            ],
+            "max_tokens": 120,
+            "temperature": 0.3,
+        });
+        let reply: serde_json::Value = http
+            .post(format!("{}/chat/completions", llm.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let answer = reply["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase();
+        // The bin's head ("유리병 수거함", "glass bottle bin"), before any
+        // parenthesis or comma, or the rule's name.
+        let (bin, name) = if q.lang == "ko" {
+            (&rule.bin.ko, &rule.name.ko)
+        } else {
+            (&rule.bin.en, &rule.name.en)
+        };
+        let head = bin
+            .split([' ', '(', ','])
+            .next()
+            .unwrap_or_default()
+            .to_lowercase();
+        let said = answer.contains(&bin.split(['(', ',']).next().unwrap().trim().to_lowercase())
+            || answer.contains(&name.to_lowercase())
+            || (head.chars().count() >= 3 && answer.contains(&head));
+        asked += 1;
+        named += usize::from(said);
+    }
+    println!(
+        "embedded model named the retrieved bin or category in {named} of {asked} answers ({:.0} %)",
+        100.0 * named as f64 / asked.max(1) as f64
+    );
+}

@@ -48,8 +48,10 @@ async fn sources_reach_the_websocket_and_the_openai_extension_field() {
         .http
         .post(app.url("/v1/chat/completions"))
         .bearer_auth(&token)
-        .json(&json!({"messages": [{"role": "user", "content": "What's the weather like today?"}],
-                      "stream": true}))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "What's the weather like today?"}],
+                      "stream": true}),
+        )
         .send()
         .await
         .unwrap()

@@ -179,12 +179,10 @@ fn doc(rule: &DisposalRule) -> Doc {
             len += weight;
         }
     };
-    for l in [&rule.name] {
-        add(&l.ko, NAME);
-        add(&l.en, NAME);
-        // The category's own id ("pet_bottle", "paper_pack") is a name too.
-        add(&rule.category.replace('_', " "), NAME);
-    }
+    add(&rule.name.ko, NAME);
+    add(&rule.name.en, NAME);
+    // The category's own id ("pet_bottle", "paper_pack") is a name too.
+    add(&rule.category.replace('_', " "), NAME);
     for item in rule.items.ko.iter().chain(&rule.items.en) {
         add(item, ITEMS);
     }
