@@ -354,10 +354,12 @@ test("scan: upload a photo, progress reaches 100 %, the explanation streams and 
     return true;
   });
   assert.ok(seen);
-  const upload = page.waitForResponse((r) => r.url().endsWith("/v1/scans") && r.request().method() === "POST");
+  const upload = page.waitForResponse((r) => new URL(r.url()).pathname === "/v1/scans" && r.request().method() === "POST");
   await page.setInputFiles("#file", process.env.SCAN_IMAGE);
   const response = await upload;
   assert.equal(response.status(), 202, `POST /v1/scans answered ${response.status()}: ${await response.text()}`);
+  // The explanation is asked for in the language the page shows.
+  assert.equal(new URL(response.url()).searchParams.get("lang"), await page.evaluate(() => currentLang()));
   const { scan_id: scanId } = await response.json();
   await page.locator("#result").waitFor({ state: "visible", timeout: 120000 });
   assert.equal(await page.locator("#scan-error").textContent(), "");
@@ -389,7 +391,7 @@ test("scan: upload a photo, progress reaches 100 %, the explanation streams and 
 
 /** Uploads `file` on the scan page and returns the new scan's id. */
 async function uploadScan(page, file) {
-  const upload = page.waitForResponse((r) => r.url().endsWith("/v1/scans") && r.request().method() === "POST");
+  const upload = page.waitForResponse((r) => new URL(r.url()).pathname === "/v1/scans" && r.request().method() === "POST");
   await page.setInputFiles("#file", file);
   const response = await upload;
   assert.equal(response.status(), 202, `POST /v1/scans answered ${response.status()}`);
@@ -493,7 +495,7 @@ test("scan: a file that is not an image is refused in plain words", async (t) =>
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const file = join(dir, "notes.png");
   writeFileSync(file, "these are notes, not a picture\n");
-  const upload = page.waitForResponse((r) => r.url().endsWith("/v1/scans") && r.request().method() === "POST");
+  const upload = page.waitForResponse((r) => new URL(r.url()).pathname === "/v1/scans" && r.request().method() === "POST");
   await page.setInputFiles("#file", file);
   const response = await upload;
   assert.ok([400, 415].includes(response.status()), `refused: ${response.status()}`);

@@ -111,3 +111,51 @@ async fn the_guide_is_public_cacheable_and_refuses_unknowns() {
         assert_eq!(body["error"]["code"], code, "{path}");
     }
 }
+
+/// A small valid PNG.
+fn png() -> Vec<u8> {
+    let mut out = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut out),
+        &[200u8; 8 * 8 * 3],
+        8,
+        8,
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn a_scan_without_lang_is_explained_in_the_accept_language() {
+    // No streamer: the scan requests stay in SCAN_REQ to be read.
+    let app = crate::helpers::GatewayOnly::start(&[]).await;
+    let http = reqwest::Client::new();
+    let token = token_for("dana", 600);
+    let requests = app.js.get_stream(bus::streams::SCAN_REQ).await.unwrap();
+    for (query, accept, expected) in [
+        ("", Some("ko-KR,ko;q=0.9,en-US;q=0.8"), "ko"),
+        ("?lang=en", Some("ko-KR,ko;q=0.9"), "en"),
+        ("", Some("fr-FR, de;q=0.5"), "en"),
+        ("", None, "en"),
+    ] {
+        let mut request = http
+            .post(format!("http://{}/v1/scans{query}", app.addr))
+            .bearer_auth(&token)
+            .header("content-type", "image/png")
+            .body(png());
+        if let Some(accept) = accept {
+            request = request.header("accept-language", accept);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 202, "{query} {accept:?}");
+        let body: Value = response.json().await.unwrap();
+        let scan_id = body["scan_id"].as_str().unwrap();
+        let message = requests
+            .get_last_raw_message_by_subject(&bus::subject::scan_req(scan_id).unwrap())
+            .await
+            .unwrap();
+        let job: bus::wire::ScanRequest = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(job.lang, expected, "{query} {accept:?}");
+    }
+}

@@ -37,6 +37,9 @@ pub const EARLIER_WEIGHT: f32 = 0.4;
 /// one-syllable name ("캔") match, but a few shared syllables ("날" in
 /// "날씨" and "흩날리지") must not add up to a rule.
 const SYLLABLE_WEIGHT: f32 = 0.3;
+/// Characters of one message a query reads: a question names its subject
+/// in far fewer, and a 64 KiB paste must not cost the turn milliseconds.
+pub const MAX_QUERY_CHARS: usize = 2_000;
 
 const K1: f32 = 1.2;
 const B: f32 = 0.75;
@@ -70,9 +73,14 @@ impl Query {
     }
 
     /// Adds the terms of `text` at `weight` (a term repeated counts once:
-    /// what a question is about is not how often it says it).
+    /// what a question is about is not how often it says it), of its first
+    /// [`MAX_QUERY_CHARS`] characters.
     pub fn add(&mut self, text: &str, weight: f32) -> &mut Self {
-        for term in tokenize::terms(text) {
+        let end = text
+            .char_indices()
+            .nth(MAX_QUERY_CHARS)
+            .map_or(text.len(), |(i, _)| i);
+        for term in tokenize::terms(&text[..end]) {
             let single = term.chars().count() == 1 && term.chars().all(is_hangul);
             let weight = if single {
                 weight * SYLLABLE_WEIGHT
