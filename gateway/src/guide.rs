@@ -158,7 +158,6 @@ fn serve(
             header::CACHE_CONTROL,
             HeaderValue::from_static(CACHE_CONTROL),
         ),
-        (header::VARY, HeaderValue::from_static("Accept-Encoding")),
     ];
     if matches(headers, &page.etag) {
         return Ok((StatusCode::NOT_MODIFIED, cache).into_response());
