@@ -164,10 +164,10 @@ mod tests {
         let g = Grounding::build(Rules::built_in().unwrap());
         let rules = g.scan("general", &["cup", "coffee mug", "espresso"]);
         let categories: Vec<&str> = rules.iter().map(|r| r.category.as_str()).collect();
-        assert_eq!(categories[0], "general");
-        assert!(
-            categories.contains(&"plastic") || categories.contains(&"paper_pack"),
-            "a cup's material rule comes along: {categories:?}"
+        assert_eq!(
+            categories,
+            ["general", "plastic"],
+            "a takeout cup's rule comes along"
         );
         // A label that retrieves nothing adds nothing.
         assert_eq!(g.scan("battery", &["zebra"]).len(), 1);

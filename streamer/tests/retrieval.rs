@@ -138,7 +138,8 @@ async fn embedded_model_names_the_retrieved_bin() {
     let grounding = streamer::grounding::Grounding::build(Rules::built_in().unwrap());
     let rules = Rules::built_in().unwrap();
     let http = reqwest::Client::new();
-    let (mut asked, mut named) = (0, 0);
+    // Per language: (asked, named).
+    let mut counts = std::collections::BTreeMap::<String, (usize, usize)>::new();
     for q in eval().questions {
         let grounded = grounding.chat(streamer::DEFAULT_SYSTEM_PROMPT, &q.q, &[]);
         let Some(first) = grounded.sources.first() else {
@@ -181,11 +182,17 @@ async fn embedded_model_names_the_retrieved_bin() {
         let said = answer.contains(&bin.split(['(', ',']).next().unwrap().trim().to_lowercase())
             || answer.contains(&name.to_lowercase())
             || (head.chars().count() >= 3 && answer.contains(&head));
-        asked += 1;
-        named += usize::from(said);
+        let count = counts.entry(q.lang.clone()).or_default();
+        count.0 += 1;
+        count.1 += usize::from(said);
+        if !said && count.0 - count.1 <= 2 {
+            println!("not named ({}): {:?} -> {answer:?}", rule.category, q.q);
+        }
     }
-    println!(
-        "embedded model named the retrieved bin or category in {named} of {asked} answers ({:.0} %)",
-        100.0 * named as f64 / asked.max(1) as f64
-    );
+    for (lang, (asked, named)) in &counts {
+        println!(
+            "embedded model named the retrieved bin or category in {named} of {asked} {lang} answers ({:.0} %)",
+            100.0 * *named as f64 / (*asked).max(1) as f64
+        );
+    }
 }
