@@ -6,6 +6,7 @@ mod characters;
 mod edge;
 mod guarantees;
 mod helpers;
+mod openapi;
 mod refused_uploads;
 mod rewards;
 mod scan_providers;
