@@ -63,6 +63,8 @@ async fn schemathesis_finds_nothing_wrong_with_the_described_api() {
             .args(["--workers", "1", "--request-timeout", "30", "--no-color"])
             .arg("--report-dir")
             .arg(report.path())
+            // Its cache of crashes goes to the working directory.
+            .current_dir(report.path())
             .env("SCHEMATHESIS_TELEMETRY", "false")
             .output()
             .expect("schemathesis runs")
