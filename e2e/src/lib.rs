@@ -230,10 +230,19 @@ impl Drop for Service {
 
 /// A signed token for `user`, valid for an hour.
 pub fn token_for(user: &str) -> String {
-    let exp = chrono::Utc::now().timestamp() + 3600;
+    sign(serde_json::json!({"sub": user}))
+}
+
+/// A signed token for `user` with the admin role, valid for an hour.
+pub fn admin_token_for(user: &str) -> String {
+    sign(serde_json::json!({"sub": user, "role": "admin"}))
+}
+
+fn sign(mut claims: serde_json::Value) -> String {
+    claims["exp"] = (chrono::Utc::now().timestamp() + 3600).into();
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &serde_json::json!({"sub": user, "exp": exp}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("token encodes")

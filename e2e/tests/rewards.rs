@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{Bed, SECRET, sse_until_terminal, start_scan, token_for};
+use e2e::{Bed, admin_token_for, sse_until_terminal, start_scan, token_for};
 use serde_json::{Value, json};
 use testkit::Script;
 
@@ -19,16 +19,6 @@ async fn metric(addr: &str, series: &str) -> Option<f64> {
         .ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-fn admin_token() -> String {
-    let exp = chrono::Utc::now().timestamp() + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "ops", "exp": exp, "role": "admin"}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
 }
 
 async fn scan_reward(gateway: &str, user: &str) -> Value {
@@ -100,7 +90,7 @@ async fn an_admin_change_reaches_two_streamer_processes_within_a_second_and_ever
     });
     let response = reqwest::Client::new()
         .put(format!("http://{}/v1/admin/characters/star", gateway.addr))
-        .bearer_auth(admin_token())
+        .bearer_auth(admin_token_for("ops"))
         .json(&star)
         .send()
         .await

@@ -19,12 +19,13 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
+use bus::wire::ErrorBody;
 use bus::wire::{
     Character, HistoryCharactersRequest, HistoryReply, Localized, OwnedCharacters,
     valid_character_id,
 };
 use futures::TryStreamExt as _;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::{
     AppState,
@@ -69,10 +70,48 @@ async fn catalogue(bucket: &kv::Store) -> Result<Vec<Character>, ApiError> {
     Ok(characters)
 }
 
+/// `GET /v1/characters`'s body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CharacterList {
+    /// Highest priority first.
+    characters: Vec<Character>,
+}
+
+/// One character of the caller's collection.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct MyCharacter {
+    /// The character.
+    character_id: String,
+    /// Its name; a character since deleted from the catalogue keeps its id.
+    name: Localized,
+    /// When the caller first earned it.
+    first_earned_at: chrono::DateTime<chrono::Utc>,
+    /// The scan that first earned it.
+    scan_id: String,
+    /// How many scans earned it.
+    times_earned: u32,
+}
+
+/// `GET /v1/me/characters`'s body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct MyCharacterList {
+    /// First earned first.
+    characters: Vec<MyCharacter>,
+}
+
 /// `GET /v1/characters`: the catalogue, `{"characters":[...]}`.
-pub async fn list(State(state): State<AppState>, User(_): User) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/v1/characters", operation_id = "listCharacters", tag = "characters",
+    responses(
+        (status = 200, description = "The catalogue, highest priority first", body = CharacterList),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
+pub async fn list(
+    State(state): State<AppState>,
+    User(_): User,
+) -> Result<Json<CharacterList>, ApiError> {
     let characters = catalogue(&state.characters).await?;
-    Ok(Json(json!({ "characters": characters })).into_response())
+    Ok(Json(CharacterList { characters }))
 }
 
 /// Asks every persister for the collection and takes the first answer that
@@ -106,7 +145,16 @@ async fn ask_persisters(client: &async_nats::Client, body: Vec<u8>) -> Option<Ow
 }
 
 /// `GET /v1/me/characters`: the caller's collection, first earned first.
-pub async fn mine(State(state): State<AppState>, User(user): User) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/v1/me/characters", operation_id = "listMyCharacters", tag = "characters",
+    responses(
+        (status = 200, description = "The caller's characters, first earned first", body = MyCharacterList),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: no persister answered", body = ErrorBody),
+    ))]
+pub async fn mine(
+    State(state): State<AppState>,
+    User(user): User,
+) -> Result<Json<MyCharacterList>, ApiError> {
     let request = HistoryCharactersRequest { user_id: user };
     let body = serde_json::to_vec(&request).expect("a request serialises");
     let unavailable =
@@ -127,15 +175,82 @@ pub async fn mine(State(state): State<AppState>, User(user): User) -> Result<Res
             ko: item.character_id.clone(),
             en: item.character_id.clone(),
         });
-        characters.push(json!({
-            "character_id": item.character_id,
-            "name": name,
-            "first_earned_at": item.first_earned_at,
-            "scan_id": item.scan_id,
-            "times_earned": item.times_earned,
-        }));
+        characters.push(MyCharacter {
+            character_id: item.character_id,
+            name,
+            first_earned_at: item.first_earned_at,
+            scan_id: item.scan_id,
+            times_earned: item.times_earned,
+        });
     }
-    Ok(Json(json!({ "characters": characters })).into_response())
+    Ok(Json(MyCharacterList { characters }))
+}
+
+/// The body of `PUT /v1/admin/characters/{id}`: a [`Character`] whose
+/// `character_id` may be left out (the path names it). Checked field by
+/// field by [`Character::from_json`]; this type only describes it.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct CharacterUpdate {
+    /// Must equal the path's id when given.
+    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
+    character_id: Option<String>,
+    /// The name in Korean and English.
+    #[schema(inline)]
+    name: Name,
+    /// A short description in Korean and English.
+    #[schema(inline)]
+    description: Description,
+    /// Waste categories it can be earned from, each once (a repeat is refused).
+    #[schema(min_items = 1, inline)]
+    categories: Vec<EarnedFrom>,
+    /// Among the characters matching a scan's category, the highest wins.
+    priority: i32,
+}
+
+/// A character's name in both languages.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Name {
+    #[schema(min_length = 1, max_length = 80)]
+    ko: String,
+    #[schema(min_length = 1, max_length = 80)]
+    en: String,
+}
+
+/// A character's description in both languages.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Description {
+    #[schema(min_length = 1, max_length = 500)]
+    ko: String,
+    #[schema(min_length = 1, max_length = 500)]
+    en: String,
+}
+
+/// The disposal categories a character can be earned from
+/// ([`bus::wire::WASTE_CATEGORIES`] less `unknown`; a unit test keeps
+/// them equal).
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum EarnedFrom {
+    PetBottle,
+    Plastic,
+    Glass,
+    Paper,
+    PaperPack,
+    MetalCan,
+    Vinyl,
+    Styrofoam,
+    FoodWaste,
+    Clothing,
+    Battery,
+    Electronics,
+    General,
 }
 
 fn bad(message: String) -> ApiError {
@@ -148,6 +263,17 @@ fn bad(message: String) -> ApiError {
 /// `PUT /v1/admin/characters/{id}`: creates or replaces a character. The
 /// body has the catalogue's fields; `character_id` may be left out, and
 /// must equal the path's when given.
+#[utoipa::path(put, path = "/v1/admin/characters/{id}", operation_id = "putCharacter", tag = "characters",
+    params(("id" = String, Path, description = "1-64 of a-z, 0-9, `_`, `-`", pattern = "^[a-z0-9_-]{1,64}$")),
+    request_body(content = CharacterUpdate, description = "The character; `character_id` may be left out"),
+    responses(
+        (status = 200, description = "Replaced", body = Character),
+        (status = 201, description = "Created", body = Character),
+        (status = 400, description = "`invalid_character` (the message names the field), `invalid_json`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the admin role", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
 pub async fn put(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -198,6 +324,16 @@ pub async fn put(
 
 /// `DELETE /v1/admin/characters/{id}`: removes a character from the
 /// catalogue (owners keep it in their collections); 404 when there is none.
+#[utoipa::path(delete, path = "/v1/admin/characters/{id}", operation_id = "deleteCharacter", tag = "characters",
+    params(("id" = String, Path, description = "1-64 of a-z, 0-9, `_`, `-`", pattern = "^[a-z0-9_-]{1,64}$")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_character`: a malformed id", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks the admin role", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
 pub async fn delete(
     State(state): State<AppState>,
     Admin(admin): Admin,
@@ -225,4 +361,26 @@ pub async fn delete(
     metrics::counter!("gateway_character_changes_total", "op" => "delete").increment(1);
     tracing::info!(character = %id, %admin, "Character deleted.");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::PartialSchema as _;
+
+    #[test]
+    fn the_documented_categories_are_the_earnable_ones() {
+        let schema = serde_json::to_value(super::EarnedFrom::schema()).unwrap();
+        let documented: Vec<&str> = schema["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let earnable: Vec<&str> = bus::wire::WASTE_CATEGORIES
+            .iter()
+            .copied()
+            .filter(|c| *c != bus::wire::UNKNOWN_CATEGORY)
+            .collect();
+        assert_eq!(documented, earnable);
+    }
 }

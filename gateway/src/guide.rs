@@ -3,20 +3,19 @@
 //! items). Public and read-only: the same rules file the streamer answers
 //! from ([`bus::rules`]), rendered once at startup into bodies with a
 //! strong `ETag`, so a request is a map lookup and a revalidation is a 304.
-//! The chat's `sources` link here.
+//! The chat's `sources` link here. The handlers take the guide by
+//! `FromRef`, so the API router (state `AppState`) and a test's bare router
+//! serve the same handlers.
 
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    Router,
-    extract::{Path, Query, State},
+    extract::{Path, Query, State, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
 };
-use bus::{rules::Rules, wire::DisposalRule};
-use serde::Deserialize;
-use serde_json::json;
+use bus::{rules::Rules, wire::ErrorBody};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::ApiError;
@@ -27,6 +26,47 @@ const CACHE_CONTROL: &str = "public, max-age=300";
 
 /// The languages a guide page comes in.
 const LANGS: [&str; 2] = ["ko", "en"];
+
+/// `GET /v1/guide`'s body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GuideList {
+    /// `ko` or `en`.
+    lang: &'static str,
+    /// Every category, in the rules file's order.
+    categories: Vec<GuideEntry>,
+}
+
+/// One category of [`GuideList`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GuideEntry {
+    /// The category (`glass`, `pet_bottle`, ...): `GET /v1/guide/{category}`.
+    category: String,
+    /// Its name.
+    name: String,
+    /// Which bin or collection it goes to.
+    bin: String,
+    /// Everyday names of its items in both languages, for search.
+    items: Vec<String>,
+}
+
+/// `GET /v1/guide/{category}`'s body: one rule in one language.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GuideRule {
+    /// `ko` or `en`.
+    lang: &'static str,
+    /// The category.
+    category: String,
+    /// Its name.
+    name: String,
+    /// Which bin or collection it goes to.
+    bin: String,
+    /// How to prepare it, step by step.
+    steps: Vec<String>,
+    /// Why it is separated this way.
+    why: String,
+    /// Everyday names of its items in this language.
+    items: Vec<String>,
+}
 
 /// The rendered guide: `(lang, category or "" for the list)` -> page.
 #[derive(Debug)]
@@ -45,32 +85,45 @@ impl Guide {
     /// saw nothing; it names no waste, so the guide leaves it out.
     pub fn build(rules: &Rules) -> Self {
         let mut pages = HashMap::new();
-        let shown: Vec<&DisposalRule> = rules
+        let shown: Vec<_> = rules
             .iter()
             .filter(|r| r.category != bus::rules::UNKNOWN)
             .collect();
         for lang in LANGS {
-            let list = json!({
-                "lang": lang,
-                "categories": shown.iter().map(|r| json!({
-                    "category": r.category,
-                    "name": pick(&r.name, lang),
-                    "bin": pick(&r.bin, lang),
-                    // For the page's search: everyday names in both languages.
-                    "items": ([&r.items.ko[..], &r.items.en[..]].concat()),
-                })).collect::<Vec<_>>(),
-            });
+            let pick = |l: &bus::wire::Localized| {
+                if lang == "ko" {
+                    l.ko.clone()
+                } else {
+                    l.en.clone()
+                }
+            };
+            let list = GuideList {
+                lang,
+                categories: shown
+                    .iter()
+                    .map(|r| GuideEntry {
+                        category: r.category.clone(),
+                        name: pick(&r.name),
+                        bin: pick(&r.bin),
+                        items: [&r.items.ko[..], &r.items.en[..]].concat(),
+                    })
+                    .collect(),
+            };
             pages.insert((lang, String::new()), Page::new(&list));
             for r in &shown {
-                let rule = json!({
-                    "lang": lang,
-                    "category": r.category,
-                    "name": pick(&r.name, lang),
-                    "bin": pick(&r.bin, lang),
-                    "steps": r.steps.iter().map(|s| pick(s, lang)).collect::<Vec<_>>(),
-                    "why": pick(&r.why, lang),
-                    "items": if lang == "ko" { &r.items.ko } else { &r.items.en },
-                });
+                let rule = GuideRule {
+                    lang,
+                    category: r.category.clone(),
+                    name: pick(&r.name),
+                    bin: pick(&r.bin),
+                    steps: r.steps.iter().map(pick).collect(),
+                    why: pick(&r.why),
+                    items: if lang == "ko" {
+                        r.items.ko.clone()
+                    } else {
+                        r.items.en.clone()
+                    },
+                };
                 pages.insert((lang, r.category.clone()), Page::new(&rule));
             }
         }
@@ -79,8 +132,8 @@ impl Guide {
 }
 
 impl Page {
-    fn new(value: &serde_json::Value) -> Self {
-        let body = serde_json::to_vec(value).expect("JSON values serialize");
+    fn new(value: &impl Serialize) -> Self {
+        let body = serde_json::to_vec(value).expect("guide pages serialize");
         let hash = Sha256::digest(&body);
         let hex: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
         Self {
@@ -90,64 +143,67 @@ impl Page {
     }
 }
 
-fn pick(text: &bus::wire::Localized, lang: &str) -> String {
-    if lang == "ko" {
-        text.ko.clone()
-    } else {
-        text.en.clone()
-    }
-}
-
-/// The guide's routes, with their own state (they need nothing else).
-pub fn router(guide: Arc<Guide>) -> Router {
-    Router::new()
-        .route("/v1/guide", get(list))
-        .route("/v1/guide/{category}", get(rule))
-        .with_state(guide)
-}
-
-#[derive(Debug, Deserialize)]
-struct LangQuery {
+/// Query of the guide's routes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LangQuery {
+    /// `ko` (default) or `en`.
+    #[param(pattern = "^(ko|en)$")]
     lang: Option<String>,
 }
 
 /// `GET /v1/guide?lang=`: the categories with their bins.
-async fn list(
+#[utoipa::path(get, path = "/v1/guide", operation_id = "listGuide", tag = "guide", security(()),
+    params(LangQuery, ("If-None-Match" = Option<String>, Header, description = "A tag from an earlier answer: 304 while it is current")),
+    responses(
+        (status = 200, description = "Every category with its bin; `ETag` and `Cache-Control` set", body = GuideList),
+        (status = 304, description = "The `If-None-Match` tag is current"),
+        (status = 400, description = "`invalid_lang`", body = ErrorBody),
+    ))]
+pub async fn list(
     State(guide): State<Arc<Guide>>,
-    Query(q): Query<LangQuery>,
+    query: Result<Query<LangQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    serve(&guide, &q, String::new(), &headers)
+    serve(&guide, query, String::new(), &headers)
 }
 
 /// `GET /v1/guide/{category}?lang=`: one rule.
-async fn rule(
+#[utoipa::path(get, path = "/v1/guide/{category}", operation_id = "getGuideRule", tag = "guide", security(()),
+    params(("category" = String, Path, description = "A category `GET /v1/guide` lists"), LangQuery,
+        ("If-None-Match" = Option<String>, Header, description = "A tag from an earlier answer: 304 while it is current")),
+    responses(
+        (status = 200, description = "The rule: bin, steps, why, items; `ETag` and `Cache-Control` set", body = GuideRule),
+        (status = 304, description = "The `If-None-Match` tag is current"),
+        (status = 400, description = "`invalid_lang`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such category", body = ErrorBody),
+    ))]
+pub async fn rule(
     State(guide): State<Arc<Guide>>,
     Path(category): Path<String>,
-    Query(q): Query<LangQuery>,
+    query: Result<Query<LangQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    serve(&guide, &q, category, &headers)
+    serve(&guide, query, category, &headers)
 }
 
 fn serve(
     guide: &Guide,
-    q: &LangQuery,
+    query: Result<Query<LangQuery>, QueryRejection>,
     category: String,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let lang = match q.lang.as_deref() {
+    let bad = || ApiError::BadRequest {
+        code: "invalid_lang",
+        message: "lang must be ko or en, at most once".into(),
+    };
+    let Ok(Query(query)) = query else {
+        return Err(bad());
+    };
+    let lang = match query.lang.as_deref() {
         // Korean is the product's first language (the rules are Korea's).
         None => "ko",
-        Some(lang) => {
-            LANGS
-                .into_iter()
-                .find(|l| *l == lang)
-                .ok_or_else(|| ApiError::BadRequest {
-                    code: "invalid_lang",
-                    message: "lang must be ko or en".into(),
-                })?
-        }
+        Some(lang) => LANGS.into_iter().find(|l| *l == lang).ok_or_else(bad)?,
     };
     let page = guide.pages.get(&(lang, category)).ok_or_else(|| {
         ApiError::NotFound("no such category in the guide; GET /v1/guide lists them".into())
@@ -188,11 +244,18 @@ mod tests {
     use axum::body::Body;
     use tower::ServiceExt as _;
 
-    fn app() -> Router {
-        router(Arc::new(Guide::build(&Rules::built_in().unwrap())))
+    fn app() -> axum::Router {
+        axum::Router::new()
+            .route("/v1/guide", axum::routing::get(list))
+            .route("/v1/guide/{category}", axum::routing::get(rule))
+            .with_state(Arc::new(Guide::build(&Rules::built_in().unwrap())))
     }
 
-    async fn get(app: &Router, uri: &str, etag: Option<&str>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    async fn get(
+        app: &axum::Router,
+        uri: &str,
+        etag: Option<&str>,
+    ) -> (StatusCode, HeaderMap, Vec<u8>) {
         let mut request = axum::http::Request::get(uri);
         if let Some(etag) = etag {
             request = request.header(header::IF_NONE_MATCH, etag);

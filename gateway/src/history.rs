@@ -7,13 +7,17 @@
 
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::{
     Json,
     extract::{Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use bus::wire::{HistoryGetRequest, HistoryListRequest, HistoryReply};
+use bus::wire::{
+    ConversationDetail, ConversationList, ErrorBody, HistoryGetRequest, HistoryListRequest,
+    HistoryReply,
+};
 use serde::Deserialize;
 
 use crate::{AppState, auth::User, error::ApiError};
@@ -23,10 +27,14 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Query of `GET /v1/conversations/{id}`: kept as text, so a bad value gets
 /// the API's JSON error rather than the extractor's plain-text one.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Turns per page, 1 to 200 (default 50).
     #[serde(default)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     limit: Option<String>,
+    /// A `next_cursor` from an earlier page: continue with older turns.
     #[serde(default)]
     cursor: Option<String>,
 }
@@ -61,9 +69,12 @@ impl PageQuery {
 }
 
 /// Query of `GET /v1/conversations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// At most this many conversations, 1 to 200 (default 50).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<u32>,
 }
 
@@ -100,14 +111,32 @@ fn respond<A: serde::Serialize>(reply: anyhow::Result<Option<HistoryReply<A>>>) 
 }
 
 /// `GET /v1/conversations?limit=N`: the caller's conversations, newest first.
+#[utoipa::path(get, path = "/v1/conversations", operation_id = "listConversations", tag = "history", params(ListQuery),
+    responses(
+        (status = 200, description = "The caller's conversations, newest first", body = ConversationList),
+        (status = 400, description = "`invalid_limit`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: no persister answered in time", body = ErrorBody),
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     User(user): User,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
+    let max = bus::history::MAX_CONVERSATIONS;
+    let limit = match query {
+        Ok(Query(ListQuery { limit })) if limit.is_none_or(|n| (1..=max).contains(&n)) => limit,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_limit",
+                format!("limit must be a number from 1 to {max}"),
+            );
+        }
+    };
     let request = HistoryListRequest {
         user_id: user,
-        limit: query.limit,
+        limit,
     };
     respond(state.history.list(&request, TIMEOUT).await)
 }
@@ -115,12 +144,29 @@ pub async fn list(
 /// `GET /v1/conversations/{id}?limit=N&cursor=C`: one page of one of the
 /// caller's conversations: its newest turns (oldest first), then, with
 /// `cursor` = the page's `next_cursor`, older ones while `has_more`.
+#[utoipa::path(get, path = "/v1/conversations/{id}", operation_id = "getConversation", tag = "history",
+    params(("id" = String, Path, description = "The conversation id"), PageQuery),
+    responses(
+        (status = 200, description = "One page of the conversation's turns, oldest first", body = ConversationDetail),
+        (status = 400, description = "`invalid_query`, `invalid_limit`, `invalid_cursor`, `invalid_conversation_id`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another user's conversation", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
 pub async fn get(
     State(state): State<AppState>,
     User(user): User,
     Path(conversation_id): Path<String>,
-    Query(page): Query<PageQuery>,
+    page: Result<Query<PageQuery>, QueryRejection>,
 ) -> Response {
+    let Ok(Query(page)) = page else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "the query string must be limit=N and/or cursor=C, each at most once",
+        );
+    };
     let (limit, before) = match page.parse() {
         Ok(page) => page,
         Err(refused) => return refused.into_response(),

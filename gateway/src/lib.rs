@@ -4,11 +4,13 @@
 //! ([`error`]), the WebSocket chat sessions ([`ws`]), scan uploads and their
 //! SSE streams ([`scans`]), what models clients may ask for ([`models`]),
 //! the character catalogue, its admin routes and the caller's collection
-//! (`characters`), the public disposal guide (`guide`), and serving `web/`.
+//! (`characters`), the public disposal guide (`guide`), the API's OpenAPI
+//! description ([`apidoc`]), and serving `web/`.
 //! It keeps no durable state: turns go to JetStream (`chat.req.*`), live
 //! frames come back on core NATS subscriptions (`chat.tok.*`), and replays
 //! come from the `CHAT_TOK` stream, so any gateway node serves any client.
 
+pub mod apidoc;
 pub mod auth;
 mod characters;
 mod config;
@@ -37,12 +39,14 @@ use axum::{
     Json, Router,
     extract::{FromRef, State},
     handler::HandlerWithoutStateExt as _,
-    routing::{get, post},
+    routing::get,
 };
-use serde::Deserialize;
-use serde_json::json;
+use bus::wire::ErrorBody;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tower_http::{services::ServeDir, trace::TraceLayer};
+use utoipa::OpenApi as _;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub use config::Config;
 use error::ApiError;
@@ -96,8 +100,17 @@ pub struct Shared {
     completion_timeout: std::time::Duration,
     /// Turns one WebSocket may follow at once.
     ws_max_streams: usize,
+    /// The disposal guide, rendered at startup from the rules the
+    /// streamer answers from (`SCAN_RULES` or the built-in file).
+    guide: Arc<guide::Guide>,
     /// Cancelled on shutdown; long-lived sockets watch it so the drain ends.
     shutdown: CancellationToken,
+}
+
+impl FromRef<AppState> for Arc<guide::Guide> {
+    fn from_ref(state: &AppState) -> Self {
+        state.guide.clone()
+    }
 }
 
 impl FromRef<AppState> for Arc<auth::Authenticator> {
@@ -212,6 +225,9 @@ impl Gateway {
                 config.completion_timeout_ms.max(1_000),
             ),
             ws_max_streams: config.ws_max_streams.max(1),
+            guide: Arc::new(guide::Guide::build(&bus::rules::Rules::load(
+                config.scan_rules.as_deref(),
+            )?)),
             shutdown,
         }));
         let ready = bus::ops::ReadyState::start(
@@ -220,13 +236,8 @@ impl Gateway {
             state.shutdown.clone(),
         )
         .await;
-        // The rules the streamer answers from, rendered for the guide.
-        let guide = Arc::new(guide::Guide::build(&bus::rules::Rules::load(
-            config.scan_rules.as_deref(),
-        )?));
-        let public = ops_routes(ready.clone(), admin.is_some()).merge(guide::router(guide));
         Ok(Self {
-            router: router(state, &config, public),
+            router: router(state, &config, ops_routes(ready.clone(), admin.is_some())),
             listener,
             admin,
             ready,
@@ -306,33 +317,41 @@ fn ops_routes(ready: bus::ops::ReadyState, admin_apart: bool) -> Router {
         .route("/metrics", axum::routing::any(bus::ops::not_found))
 }
 
-fn router(state: AppState, config: &Config, ops: Router) -> Router {
-    let web = ServeDir::new(&config.web_dir).fallback(bus::ops::not_found.into_service());
-    let api = Router::new()
-        .route("/v1/dev/token", post(dev_token))
-        .route("/v1/chat/ws", get(ws::upgrade))
-        .route("/v1/chat/completions", post(openai::completions))
-        .route("/v1/models", get(models::list))
-        .route("/v1/models/{id}", get(models::get))
-        .route("/v1/conversations", get(history::list))
-        .route("/v1/conversations/{id}", get(history::get))
-        .route(
-            "/v1/scans",
-            post(scans::upload)
-                .get(scans::list)
+/// Every API route, each registered from its handler's `#[utoipa::path]`,
+/// so the OpenAPI document lists exactly the routes that exist.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(apidoc::ApiDoc::openapi())
+        .routes(routes!(dev_token))
+        .routes(routes!(ws::upgrade))
+        .routes(routes!(openai::completions))
+        .routes(routes!(models::list))
+        .routes(routes!(models::get))
+        .routes(routes!(history::list))
+        .routes(routes!(history::get))
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(scans::upload::upload, scans::list::list))
                 // The multipart parser otherwise stops at axum's 2 MB default;
                 // the handler enforces the real limit itself.
                 .layer(axum::extract::DefaultBodyLimit::max(scans::MAX_BODY)),
         )
-        .route("/v1/scans/{id}", get(scans::status))
-        .route("/v1/scans/{id}/events", get(scan_events::events))
-        .route("/v1/characters", get(characters::list))
-        .route("/v1/me/characters", get(characters::mine))
-        .route(
-            "/v1/admin/characters/{id}",
-            axum::routing::put(characters::put).delete(characters::delete),
-        )
-        .with_state(state);
+        .routes(routes!(scans::status::status))
+        .routes(routes!(scan_events::events))
+        .routes(routes!(characters::list))
+        .routes(routes!(characters::mine))
+        .routes(routes!(characters::put, characters::delete))
+        .routes(routes!(guide::list))
+        .routes(routes!(guide::rule))
+}
+
+fn router(state: AppState, config: &Config, ops: Router) -> Router {
+    let web = ServeDir::new(&config.web_dir).fallback(bus::ops::not_found.into_service());
+    let (api, openapi) = api_routes().with_state(state).split_for_parts();
+    let document = apidoc::Document::new(&openapi);
+    let api = api.route(
+        "/openapi.json",
+        get(move || async move { document.response() }),
+    );
     ops.merge(api)
         .fallback_service(web)
         .layer(axum::middleware::from_fn(drain::unread_bodies))
@@ -344,28 +363,78 @@ fn router(state: AppState, config: &Config, ops: Router) -> Router {
         )
 }
 
-#[derive(Debug, Deserialize)]
+/// Longest-lived dev token: 30 days.
+const MAX_DEV_TOKEN_TTL: u64 = 30 * 24 * 3600;
+
+/// Body of `POST /v1/dev/token`; both fields may be left out.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct DevTokenRequest {
+    /// The token's `sub` (default `dev-user`); any non-empty string.
     #[serde(default)]
+    #[schema(min_length = 1)]
     user_id: Option<String>,
+    /// Lifetime in seconds, 1 to 30 days' worth (default one day).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 2_592_000)]
     ttl_seconds: Option<u64>,
 }
 
-/// `POST /v1/dev/token {"user_id"?, "ttl_seconds"?}`: only with dev login on.
+/// A token from `POST /v1/dev/token`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct DevToken {
+    /// The JWT, for `Authorization: Bearer` or `?access_token=`.
+    access_token: String,
+    /// Always `Bearer`.
+    token_type: &'static str,
+    /// Seconds until it expires.
+    expires_in: u64,
+    /// Its `sub`.
+    user_id: String,
+}
+
+/// Issues a token for any user id: development only, 404 unless
+/// `GATEWAY_DEV_LOGIN` is on.
+#[utoipa::path(post, path = "/v1/dev/token", operation_id = "createDevToken", tag = "auth", security(()),
+    request_body(content = Option<DevTokenRequest>, description = "Optional; an empty body takes the defaults"),
+    responses(
+        (status = 200, description = "A signed token", body = DevToken),
+        (status = 400, description = "`invalid_user_id`, `invalid_ttl`, `invalid_json`, `invalid_request` (a field of the wrong type)", body = ErrorBody),
+        (status = 404, description = "Dev login is off", body = ErrorBody),
+    ))]
 async fn dev_token(
     State(state): State<AppState>,
-    body: Option<Json<DevTokenRequest>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    body: axum::body::Bytes,
+) -> Result<Json<DevToken>, ApiError> {
     if !state.auth.dev_login() {
         return Err(ApiError::NotFound(
             "dev login is not enabled (GATEWAY_DEV_LOGIN)".into(),
         ));
     }
-    let request = body.map(|Json(b)| b).unwrap_or(DevTokenRequest {
-        user_id: None,
-        ttl_seconds: None,
-    });
+    // Read by hand: axum's Json extractor answers a wrong type with a
+    // plain-text 422, where every other refusal here is a JSON 400.
+    let request = if body.iter().all(u8::is_ascii_whitespace) {
+        DevTokenRequest {
+            user_id: None,
+            ttl_seconds: None,
+        }
+    } else {
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest {
+                code: "invalid_json",
+                message: format!("body: not JSON ({e})"),
+            })?;
+        // serde would also read a struct from an array (`[null, null]`).
+        if !value.is_object() {
+            return Err(ApiError::BadRequest {
+                code: "invalid_request",
+                message: "body: must be a JSON object".into(),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| ApiError::BadRequest {
+            code: "invalid_request",
+            message: format!("body: {e}"),
+        })?
+    };
     let user_id = request.user_id.unwrap_or_else(|| "dev-user".into());
     // Any non-empty id, like the subs real identity providers issue.
     if user_id.is_empty() {
@@ -374,15 +443,18 @@ async fn dev_token(
             message: "user_id must not be empty".into(),
         });
     }
-    let ttl = request
-        .ttl_seconds
-        .unwrap_or(24 * 3600)
-        .clamp(1, 30 * 24 * 3600);
+    let ttl = request.ttl_seconds.unwrap_or(24 * 3600);
+    if !(1..=MAX_DEV_TOKEN_TTL).contains(&ttl) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_ttl",
+            message: format!("ttl_seconds must be from 1 to {MAX_DEV_TOKEN_TTL}"),
+        });
+    }
     let token = state.auth.issue(&user_id, ttl)?;
-    Ok(Json(json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": ttl,
-        "user_id": user_id,
-    })))
+    Ok(Json(DevToken {
+        access_token: token,
+        token_type: "Bearer",
+        expires_in: ttl,
+        user_id,
+    }))
 }

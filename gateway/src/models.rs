@@ -14,7 +14,7 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use bus::wire::ServerFrame;
+use bus::wire::{ErrorBody, ServerFrame};
 use serde_json::json;
 
 use crate::{AppState, Config, auth::User};
@@ -140,19 +140,60 @@ impl Models {
         }
     }
 
-    fn entry(&self, id: &str) -> serde_json::Value {
-        json!({"id": id, "object": "model", "created": self.created, "owned_by": "system"})
+    fn entry(&self, id: &str) -> Model {
+        Model {
+            id: id.to_owned(),
+            object: "model",
+            created: self.created,
+            owned_by: "system",
+        }
     }
 }
 
+/// One model, in OpenAI's format.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Model {
+    /// The id to put in a request's `model`.
+    id: String,
+    /// Always `model`.
+    object: &'static str,
+    /// Unix seconds (when this gateway started).
+    created: i64,
+    /// Always `system`.
+    owned_by: &'static str,
+}
+
+/// `GET /v1/models`'s body, in OpenAI's list format.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    object: &'static str,
+    /// The allowed models, in the operator's order.
+    data: Vec<Model>,
+}
+
 /// `GET /v1/models`: the allowed models, in OpenAI's list format.
-pub async fn list(State(state): State<AppState>, _user: User) -> Json<serde_json::Value> {
+#[utoipa::path(get, path = "/v1/models", operation_id = "listModels", tag = "chat",
+    responses(
+        (status = 200, description = "The models a request may name", body = ModelList),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+    ))]
+pub async fn list(State(state): State<AppState>, _user: User) -> Json<ModelList> {
     let models = &state.models;
-    let data: Vec<_> = models.ids.iter().map(|id| models.entry(id)).collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(ModelList {
+        object: "list",
+        data: models.ids.iter().map(|id| models.entry(id)).collect(),
+    })
 }
 
 /// `GET /v1/models/{id}`: one allowed model, or 404 `model_not_found`.
+#[utoipa::path(get, path = "/v1/models/{id}", operation_id = "getModel", tag = "chat",
+    params(("id" = String, Path, description = "A model id")),
+    responses(
+        (status = 200, description = "The model", body = Model),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 404, description = "`model_not_found`, in OpenAI's error shape (with `type` and `param`)", body = ErrorBody),
+    ))]
 pub async fn get(State(state): State<AppState>, _user: User, Path(id): Path<String>) -> Response {
     match state.models.check(Some(&id), None) {
         Ok(()) => Json(state.models.entry(&id)).into_response(),

@@ -18,13 +18,15 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
+use bus::wire::ErrorBody;
 use bus::wire::{ChatMessage, FinishReason, ServerFrame, Usage};
 use futures::StreamExt as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{
     AppState,
+    apidoc::CompletionSseEvent,
     auth::User,
     turns::{Accepted, NewTurn},
 };
@@ -32,49 +34,133 @@ use crate::{
 /// Frames buffered for one HTTP response before the client counts as too slow.
 const BUFFER: usize = 4096;
 
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/chat/completions`: OpenAI's, of which these
+/// fields are read (others are ignored).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct CompletionRequest {
+    /// One of `GET /v1/models`; the default model when left out.
     #[serde(default)]
     model: Option<String>,
+    /// The conversation; the last must have role `user`.
+    #[schema(min_items = 1)]
     messages: Vec<InMessage>,
+    /// Server-sent chunks (`text/event-stream`) instead of one JSON body.
     #[serde(default)]
     stream: bool,
+    /// With `include_usage`, a last chunk carries the usage.
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// Most tokens in the answer, 1 to the operator's cap.
     #[serde(default)]
+    #[schema(minimum = 1)]
     max_tokens: Option<u32>,
+    /// Newer name of `max_tokens`; wins when both are set.
     #[serde(default)]
+    #[schema(minimum = 1)]
     max_completion_tokens: Option<u32>,
+    /// Sampling temperature, passed on.
     #[serde(default)]
     temperature: Option<f32>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `stream_options` of a completion request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct StreamOptions {
+    /// Send a last chunk with `usage` and no choices.
     #[serde(default)]
     include_usage: bool,
 }
 
-#[derive(Debug, Deserialize)]
+/// One message of a completion request.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct InMessage {
+    /// `system`, `developer`, `user` or `assistant`.
+    #[schema(pattern = "^(system|developer|user|assistant)$")]
     role: String,
+    /// Text, or parts of type `text`.
     #[serde(default)]
     content: Option<Content>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A message's content.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum Content {
+    /// Plain text.
     Text(String),
+    /// Parts; only `text` parts are supported.
     Parts(Vec<Part>),
 }
 
-#[derive(Debug, Deserialize)]
+/// One part of a message's content.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 struct Part {
+    /// `text` (other types are refused with `unsupported_content`).
     #[serde(rename = "type")]
     kind: String,
+    /// The text of a `text` part.
     #[serde(default)]
     text: Option<String>,
+}
+
+/// A non-streamed answer of `POST /v1/chat/completions`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Completion {
+    /// `chatcmpl-<turn_id>`.
+    id: String,
+    /// Always `chat.completion`.
+    object: &'static str,
+    /// Unix seconds.
+    created: i64,
+    /// The model asked for (`gateway` when none was).
+    model: String,
+    /// Exactly one choice.
+    choices: Vec<Choice>,
+    /// Token usage as the provider reported it.
+    usage: CompletionUsage,
+    /// The gateway's own finish reason: `stop`, `length`, `cancelled`, `error`.
+    x_finish_reason: &'static str,
+    /// Extension: the disposal-rule categories the answer was grounded in,
+    /// most relevant first (empty when no rule applied).
+    sources: Vec<String>,
+}
+
+/// The one choice of a [`Completion`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct Choice {
+    /// Always 0.
+    index: u32,
+    /// The answer.
+    message: AnswerMessage,
+    /// `stop` or `length`, OpenAI's spelling.
+    finish_reason: &'static str,
+}
+
+/// The assistant's message in a [`Choice`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct AnswerMessage {
+    /// Always `assistant`.
+    role: &'static str,
+    /// The whole answer.
+    content: String,
+}
+
+/// OpenAI's usage object.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct CompletionUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl From<Usage> for CompletionUsage {
+    fn from(usage: Usage) -> Self {
+        Self {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.prompt_tokens + usage.completion_tokens,
+        }
+    }
 }
 
 impl Content {
@@ -120,7 +206,24 @@ fn frame_error(frame: ServerFrame) -> Response {
     }
 }
 
-/// `POST /v1/chat/completions`, stream or not.
+/// `POST /v1/chat/completions`, stream or not: one turn, as OpenAI's API
+/// answers it. `Idempotency-Key` makes a retry follow the same turn.
+#[utoipa::path(post, path = "/v1/chat/completions", operation_id = "createChatCompletion", tag = "chat",
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key follows the same turn instead of starting another")),
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The answer: JSON, or with `stream: true` server-sent \
+            `chat.completion.chunk` events ending in `data: [DONE]` (an error mid-stream comes as a chunk \
+            `{\"error\":{\"code\",\"message\"}}` before `[DONE]`). Headers `x-conversation-id` and `x-turn-id` name the turn.",
+            content((Completion = "application/json"), (CompletionSseEvent = "text/event-stream"))),
+        (status = 400, description = "`invalid_json`, `invalid_request`, `unsupported_content`, `model_not_found`, `max_tokens_too_large`, `invalid_max_tokens`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 413, description = "`too_large`: the last message is over 64 KiB", body = ErrorBody),
+        (status = 429, description = "`too_many_turns`: the caller has too many turns in flight", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 504, description = "`timeout`: retry with the same Idempotency-Key", body = ErrorBody),
+    ))]
 pub async fn completions(
     State(state): State<AppState>,
     User(user): User,
@@ -282,21 +385,23 @@ async fn complete(
                 sources,
                 ..
             } => {
-                let body = json!({
-                    "id": id,
-                    "object": "chat.completion",
-                    "created": chrono::Utc::now().timestamp(),
-                    "model": model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish_reason(reason),
+                let body = Completion {
+                    id,
+                    object: "chat.completion",
+                    created: chrono::Utc::now().timestamp(),
+                    model,
+                    choices: vec![Choice {
+                        index: 0,
+                        message: AnswerMessage {
+                            role: "assistant",
+                            content: text,
+                        },
+                        finish_reason: finish_reason(reason),
                     }],
-                    "usage": usage_json(usage),
-                    "x_finish_reason": reason.as_str(),
-                    // Extension: the disposal-rule categories the answer used.
-                    "sources": sources,
-                });
+                    usage: usage.into(),
+                    x_finish_reason: reason.as_str(),
+                    sources,
+                };
                 return (headers, Json(body)).into_response();
             }
             _ => {}
@@ -310,11 +415,7 @@ async fn complete(
 }
 
 fn usage_json(usage: Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-    })
+    serde_json::to_value(CompletionUsage::from(usage)).expect("usage serialises")
 }
 
 fn stream(

@@ -17,39 +17,52 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use bus::{subject, wire::ScanEvent};
+use bus::{
+    subject,
+    wire::{ErrorBody, ScanEvent},
+};
 use futures::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
     AppState,
+    apidoc::ScanSseEvent,
     auth::StreamUser,
     relay::RelayTiming,
     scans::{Refusal, owned, refuse, unavailable},
 };
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// For `EventSource`, which cannot set headers on its first request:
+    /// the same as the `Last-Event-ID` header.
     #[serde(default)]
+    #[param(value_type = Option<u64>, minimum = 0)]
     last_event_id: Option<String>,
 }
 
 fn parse_last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<u64, Refusal> {
-    let raw = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .or(query);
-    match raw.map(str::trim) {
-        None | Some("") => Ok(0),
-        Some(v) => v.parse::<u64>().map_err(|_| {
+    let parse = |raw: Option<&str>| match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
             Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_last_event_id",
                 "Last-Event-ID must be a non-negative integer event id",
             )
         }),
-    }
+    };
+    let header = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => parse(Some(v.to_str().unwrap_or("invalid")))?,
+    };
+    // Both are checked: a bad one is the client's mistake even when the
+    // other would do. The header wins, since an EventSource reconnecting
+    // sends the newest id there while its URL keeps the first one.
+    let query = parse(query)?;
+    Ok(header.or(query).unwrap_or(0))
 }
 
 /// Turns a bus event into an SSE event: same id, name and data.
@@ -66,6 +79,23 @@ fn sse_event(event: &ScanEvent) -> Event {
 
 /// `GET /v1/scans/{id}/events`: every event after `Last-Event-ID` (or
 /// `?last_event_id=`), then the live ones; closes after `result` or `error`.
+#[utoipa::path(get, path = "/v1/scans/{id}/events", operation_id = "followScanEvents", tag = "scans",
+    params(
+        ("id" = String, Path, description = "The scan id"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id"),
+        EventsQuery,
+    ),
+    security(("bearer" = []), ("access_token" = [])),
+    responses(
+        (status = 200, description = "Server-sent events, each `id:` (contiguous from 1), `event:` \
+            (`progress`, `token`, `result`, `error`) and `data:` (a `ScanEvent`'s `data`); the stream \
+            closes after `result` or `error`", body = ScanSseEvent, content_type = "text/event-stream"),
+        (status = 400, description = "`invalid_last_event_id`, `invalid_scan_id`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another user's scan", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
 pub async fn events(
     State(state): State<AppState>,
     StreamUser(user): StreamUser,

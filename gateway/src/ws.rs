@@ -24,7 +24,7 @@ use axum::{
 };
 use bus::{
     batch::RawFrame,
-    wire::{ClientFrame, ServerFrame},
+    wire::{ClientFrame, ErrorBody, ServerFrame},
 };
 use futures::{SinkExt as _, StreamExt as _};
 use tokio::sync::mpsc;
@@ -54,6 +54,14 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const CLOSE_SLOW: u16 = 4008;
 /// Authenticates (header or `?access_token=`) before upgrading: a bad token
 /// gets `401` JSON and no socket.
+#[utoipa::path(get, path = "/v1/chat/ws", operation_id = "openChatSocket", tag = "chat",
+    security(("bearer" = []), ("access_token" = [])),
+    responses(
+        (status = 101, description = "A WebSocket: the client sends `ClientFrame`s and receives \
+            `ServerFrame`s, one JSON text message each (see the components)"),
+        (status = 400, description = "Not a WebSocket upgrade request", body = String, content_type = "text/plain"),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+    ))]
 pub async fn upgrade(
     State(state): State<AppState>,
     StreamUser(user): StreamUser,

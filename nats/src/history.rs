@@ -41,6 +41,10 @@ pub const HEARTBEAT_STALE: Duration = Duration::from_secs(15);
 pub const SCAN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most scans one `history.scans` answer holds; larger limits are capped.
 pub const MAX_SCANS: u32 = 100;
+/// Conversations in a `history.list` answer when the request sets no limit.
+pub const DEFAULT_CONVERSATIONS: u32 = 50;
+/// Most conversations one `history.list` answer holds.
+pub const MAX_CONVERSATIONS: u32 = 200;
 /// Turns in a `history.get` page when the request sets no limit.
 pub const DEFAULT_TURNS: u32 = 50;
 /// Most turns one `history.get` page holds; larger limits are capped.

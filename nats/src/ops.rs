@@ -30,13 +30,14 @@ use tokio_util::sync::CancellationToken;
 use crate::wire::{ErrorBody, ErrorDetail};
 
 /// What `/readyz` reports: ready or not, and the individual checks.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Readiness {
     /// 200 when true, 503 when false.
     pub ready: bool,
     /// `"ok"`, `"degraded"` (ready but impaired) or `"unavailable"`.
     pub status: &'static str,
     /// Named checks and what they found.
+    #[schema(value_type = Object)]
     pub checks: serde_json::Map<String, serde_json::Value>,
 }
 

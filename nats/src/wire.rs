@@ -18,7 +18,7 @@ pub use scan::*;
 pub const MAX_CONTENT_BYTES: usize = 64 * 1024;
 
 /// A frame the client sends over `GET /v1/chat/ws`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
     /// Starts a turn; `conversation_id: null` opens a new conversation.
@@ -55,7 +55,7 @@ pub enum ClientFrame {
 }
 
 /// Why a turn ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// The model finished its answer.
@@ -81,7 +81,7 @@ impl FinishReason {
 }
 
 /// Token usage as the provider reported it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
@@ -90,7 +90,7 @@ pub struct Usage {
 }
 
 /// A frame the server sends over the WebSocket (and publishes on `chat.tok.*`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     /// The turn was accepted and has an id.
@@ -234,7 +234,7 @@ pub struct ChatRequest {
 }
 
 /// `chat.done.<conv>`: a completed turn, stored by the persister.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TurnRecord {
     /// The turn (primary key; also the `Nats-Msg-Id`).
     pub turn_id: String,
@@ -350,7 +350,7 @@ pub struct HistoryListRequest {
 }
 
 /// One conversation in a listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConversationSummary {
     /// The conversation.
     pub conversation_id: String,
@@ -401,14 +401,14 @@ pub enum HistoryReply<T> {
 }
 
 /// The `history.list` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConversationList {
     /// Newest first.
     pub conversations: Vec<ConversationSummary>,
 }
 
 /// The `history.get` answer (and `GET /v1/conversations/{id}`'s body): one page.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConversationDetail {
     /// The conversation.
     pub conversation_id: String,
@@ -424,14 +424,14 @@ pub struct ConversationDetail {
 }
 
 /// An HTTP error body: `{"error":{"code","message"}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// The inside of [`ErrorBody`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// A stable machine-readable code.
     pub code: String,

@@ -37,10 +37,6 @@ use crate::{
     wal::{Wal, parse_finish_reason},
 };
 
-/// Conversations listed when the request sets no limit.
-pub const DEFAULT_LIMIT: u32 = 50;
-/// Most conversations one listing returns.
-pub const MAX_LIMIT: u32 = 200;
 /// Longest a title is, in characters.
 pub const TITLE_CHARS: usize = 60;
 /// How long a history read waits for Postgres before answering from SQLite.
@@ -209,7 +205,10 @@ impl History {
         if request.user_id.is_empty() {
             return Err(HistoryError::Invalid("user_id is empty".into()));
         }
-        let limit = request.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as usize;
+        let limit = request
+            .limit
+            .unwrap_or(bus::history::DEFAULT_CONVERSATIONS)
+            .clamp(1, bus::history::MAX_CONVERSATIONS) as usize;
         let user = request.user_id.as_str();
         let mut summaries: HashMap<String, Summary> = HashMap::new();
         let from_postgres = self

@@ -10,10 +10,10 @@
 //! who may see a scan and how a refusal is answered.
 
 mod inspect;
-mod list;
-mod status;
+pub(crate) mod list;
+pub(crate) mod status;
 mod store;
-mod upload;
+pub(crate) mod upload;
 
 use axum::{http::StatusCode, response::Response};
 use bus::{subject, wire::ScanOwner};

@@ -9,14 +9,42 @@ use axum::{
 };
 use bus::{
     subject,
-    wire::{ScanEvent, ScanEventData, ScanStage, ScanStatus},
+    wire::{ErrorBody, ErrorDetail, ScanEvent, ScanEventData, ScanRecord, ScanStage, ScanStatus},
 };
-use serde_json::{Value, json};
 
 use super::{owned, unavailable};
 use crate::{AppState, auth::User};
 
+/// `GET /v1/scans/{id}`'s body: where the scan is.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ScanStatusBody {
+    /// The scan.
+    scan_id: String,
+    /// `queued`, `running`, `completed`, `failed`.
+    status: ScanStatus,
+    /// The stage of the latest event, `null` while queued.
+    stage: Option<ScanStage>,
+    /// 0 to 100.
+    percent: u8,
+    /// The finished scan, once it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<ScanRecord>,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorDetail>,
+}
+
 /// `GET /v1/scans/{id}`: the status from the latest event.
+#[utoipa::path(get, path = "/v1/scans/{id}", operation_id = "getScan", tag = "scans",
+    params(("id" = String, Path, description = "The scan id `POST /v1/scans` returned")),
+    responses(
+        (status = 200, description = "The scan's status", body = ScanStatusBody),
+        (status = 400, description = "`invalid_scan_id`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: another user's scan", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
 pub async fn status(
     State(state): State<AppState>,
     User(user): User,
@@ -51,7 +79,7 @@ pub async fn status(
 }
 
 /// The status document for a scan whose latest event is `event`.
-fn status_of(scan_id: &str, event: Option<&ScanEvent>) -> Value {
+fn status_of(scan_id: &str, event: Option<&ScanEvent>) -> ScanStatusBody {
     let (status, stage, percent, result) = match event.map(|e| &e.data) {
         None => (ScanStatus::Queued, None, 0, None),
         Some(ScanEventData::Progress(p)) => (ScanStatus::Running, Some(p.stage), p.percent, None),
@@ -59,27 +87,26 @@ fn status_of(scan_id: &str, event: Option<&ScanEvent>) -> Value {
         Some(ScanEventData::Token { .. }) => {
             (ScanStatus::Running, Some(ScanStage::Answer), 80, None)
         }
-        Some(ScanEventData::Result(r)) => (
-            r.status,
-            Some(ScanStage::Done),
-            100,
-            Some(serde_json::to_value(r).expect("record serialises")),
-        ),
+        Some(ScanEventData::Result(r)) => {
+            (r.status, Some(ScanStage::Done), 100, Some((**r).clone()))
+        }
         Some(ScanEventData::Error(e)) => (ScanStatus::Failed, e.stage, 100, None),
     };
-    let mut body = json!({
-        "scan_id": scan_id,
-        "status": status,
-        "stage": stage,
-        "percent": percent,
-    });
-    if let Some(result) = result {
-        body["result"] = result;
+    let error = match event.map(|e| &e.data) {
+        Some(ScanEventData::Error(e)) => Some(ErrorDetail {
+            code: e.code.clone(),
+            message: e.message.clone(),
+        }),
+        _ => None,
+    };
+    ScanStatusBody {
+        scan_id: scan_id.to_owned(),
+        status,
+        stage,
+        percent,
+        result,
+        error,
     }
-    if let Some(ScanEventData::Error(e)) = event.map(|e| &e.data) {
-        body["error"] = json!({"code": e.code, "message": e.message});
-    }
-    body
 }
 
 #[cfg(test)]
@@ -88,6 +115,7 @@ mod tests {
 
     #[test]
     fn status_follows_the_latest_event() {
+        let status_of = |id, event| serde_json::to_value(status_of(id, event)).unwrap();
         assert_eq!(status_of("s", None)["status"], "queued");
         let token = ScanEvent {
             id: 9,

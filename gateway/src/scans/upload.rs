@@ -35,6 +35,7 @@ use axum::{
     http::{HeaderMap, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
+use bus::wire::ErrorBody;
 use bus::{
     subject,
     wire::{MAX_UPLOAD_BYTES, ScanOwner, ScanRequest},
@@ -42,7 +43,6 @@ use bus::{
 use chrono::Utc;
 use futures::{Stream, StreamExt as _};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::{
     Inspected, Refusal, error,
@@ -59,15 +59,54 @@ const MULTIPART_OVERHEAD: usize = 64 * 1024;
 pub const MAX_BODY: usize = MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD;
 
 /// Query of `POST /v1/scans`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
     /// Language of the explanation: `en` or `ko`; without it, the better
     /// of the two by `Accept-Language`, else `en`.
     #[serde(default)]
+    #[param(pattern = "^(en|ko)$")]
     lang: Option<String>,
 }
 
+/// `POST /v1/scans`'s answer: where to follow the scan.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ScanAccepted {
+    /// The new scan.
+    scan_id: String,
+    /// Its live events (SSE).
+    events_url: String,
+    /// Its status (also the `Location` header).
+    status_url: String,
+}
+
+/// A multipart upload: the image in a part named `image` (or the first
+/// file part).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct UploadForm {
+    /// The photo: JPEG, PNG or WebP, at most 20 MiB.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+}
+
 /// `POST /v1/scans[?lang=en|ko]`: stores the image and queues the scan.
+#[utoipa::path(post, path = "/v1/scans", operation_id = "uploadScan", tag = "scans", params(UploadQuery),
+    request_body(description = "The photo, as the raw body or a multipart form",
+        content(
+            (String = "image/jpeg"), (String = "image/png"), (String = "image/webp"),
+            (UploadForm = "multipart/form-data"),
+        )),
+    responses(
+        (status = 202, description = "Stored and queued; `Location` is the status URL", body = ScanAccepted,
+            headers(("Location" = String, description = "`/v1/scans/{id}`"))),
+        (status = 400, description = "`invalid_lang`, `empty_upload`, `missing_image`, `malformed_multipart`, \
+            `corrupt_image`, `truncated_image`, `upload_interrupted`", body = ErrorBody),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 413, description = "`too_large` (over 20 MiB), `too_many_pixels`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`, `unsupported_image_type`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ))]
 pub async fn upload(
     State(state): State<AppState>,
     User(user): User,
@@ -129,11 +168,11 @@ pub async fn upload(
     }
     metrics::counter!("gateway_scans_accepted_total").increment(1);
     let status_url = format!("/v1/scans/{scan_id}");
-    let body = json!({
-        "scan_id": scan_id,
-        "events_url": format!("{status_url}/events"),
-        "status_url": status_url,
-    });
+    let body = ScanAccepted {
+        scan_id,
+        events_url: format!("{status_url}/events"),
+        status_url: status_url.clone(),
+    };
     (
         StatusCode::ACCEPTED,
         [(header::LOCATION, status_url)],

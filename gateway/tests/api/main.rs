@@ -7,6 +7,7 @@ mod edge;
 mod grounding;
 mod guarantees;
 mod helpers;
+mod openapi;
 mod refused_uploads;
 mod rewards;
 mod scan_providers;

@@ -37,7 +37,7 @@ pub const MAX_DESCRIPTION_CHARS: usize = 500;
 
 /// One character of the catalogue: the `characters` KV value, an element of
 /// `GET /v1/characters`, the body of `PUT /v1/admin/characters/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Character {
     /// Lower-case letters, digits, `_` and `-`, at most 64 (a KV key and subject token).
@@ -229,7 +229,7 @@ pub fn best_match<'a>(
 }
 
 /// The reward a scan's `result` carries (`null` when no character matches).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reward {
     /// The character earned.
     pub character_id: String,
@@ -266,7 +266,7 @@ pub struct HistoryCharactersRequest {
 
 /// One character a user owns, as the persisters store it (the gateway adds
 /// the catalogue's `name`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OwnedCharacter {
     /// The character.
     pub character_id: String,
@@ -281,7 +281,7 @@ pub struct OwnedCharacter {
 }
 
 /// The `history.characters` answer: first earned first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OwnedCharacters {
     /// The user's characters.
     pub characters: Vec<OwnedCharacter>,

@@ -53,7 +53,7 @@ pub struct ScanOwner {
 }
 
 /// The stages of a scan's `progress` events, in pipeline order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScanStage {
     /// The pipeline has the uploaded image (10 %).
@@ -94,7 +94,7 @@ impl ScanStage {
 }
 
 /// A scan's status, as `GET /v1/scans/{id}` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScanStatus {
     /// Stored, no stage started yet.
@@ -120,7 +120,7 @@ impl ScanStatus {
 }
 
 /// A `progress` event's data.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanProgress {
     /// The stage.
     pub stage: ScanStage,
@@ -135,7 +135,7 @@ pub struct ScanProgress {
 }
 
 /// One of the model's top classes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanLabel {
     /// The model's class name (an ImageNet class for the local model).
     pub label: String,
@@ -144,7 +144,7 @@ pub struct ScanLabel {
 }
 
 /// The disposal rule a scan matched, as in the rules file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DisposalRule {
     /// The waste category (`plastic`, `glass`, ..., `unknown`).
     pub category: String,
@@ -164,7 +164,7 @@ pub struct DisposalRule {
 }
 
 /// Lists of names in Korean and English (each language has its own count).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Items {
     /// Korean names.
     #[serde(default)]
@@ -182,7 +182,7 @@ impl Items {
 }
 
 /// A text in Korean and English.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Localized {
     /// Korean.
     pub ko: String,
@@ -192,7 +192,7 @@ pub struct Localized {
 
 /// The final scan record: the SSE `result` event's data, the payload of
 /// `scan.done.<scan>` and the row of the `scans` table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanRecord {
     /// The scan.
     pub scan_id: String,
@@ -261,7 +261,7 @@ pub fn scan_order(status: ScanStatus, completed_at: Option<DateTime<Utc>>) -> im
 }
 
 /// An `error` event's data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanError {
     /// A stable machine-readable code.
     pub code: String,
@@ -273,7 +273,7 @@ pub struct ScanError {
 }
 
 /// The data of one scan event, tagged with its SSE `event:` name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "event", content = "data", rename_all = "snake_case")]
 pub enum ScanEventData {
     /// A stage started or finished.
@@ -308,7 +308,7 @@ impl ScanEventData {
 
 /// One event on `scan.evt.<scan>`: `{"id":N,"event":"...","data":{...}}`.
 /// The SSE stream carries the same `id`, `event` and `data`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanEvent {
     /// Contiguous per scan from 1.
     pub id: u64,
@@ -328,7 +328,7 @@ pub struct HistoryScansRequest {
 }
 
 /// The `history.scans` answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScanList {
     /// Newest first.
     pub scans: Vec<ScanRecord>,
