@@ -15,6 +15,7 @@ pub mod auth;
 mod characters;
 mod config;
 mod drain;
+mod erase;
 pub mod error;
 mod history;
 mod inflight;
@@ -216,6 +217,7 @@ impl Gateway {
             ws_max_streams: config.ws_max_streams.max(1),
             shutdown,
         }));
+        erase::follow_notices(&state);
         let ready = bus::ops::ReadyState::start(
             bus::ops::nats_ready(state.client.clone(), state.js.clone()),
             std::time::Duration::from_millis(config.ready_refresh_ms.max(100)),
@@ -325,6 +327,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(scan_events::events))
         .routes(routes!(characters::list))
         .routes(routes!(characters::mine))
+        .routes(routes!(erase::erase_me))
         .routes(routes!(characters::put, characters::delete))
 }
 
