@@ -4,6 +4,7 @@ mod accept;
 mod batches;
 mod characters;
 mod edge;
+mod erase;
 mod guarantees;
 mod helpers;
 mod openapi;

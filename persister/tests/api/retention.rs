@@ -35,13 +35,15 @@ async fn insert_everywhere(pool: &PgPool, user: &str, tag: &str, at: DateTime<Ut
     .execute(pool)
     .await
     .unwrap();
-    sqlx::query("INSERT INTO scans (scan_id, user_id, status, created_at) VALUES ($1, $2, 'done', $3)")
-        .bind(format!("scan-{tag}"))
-        .bind(user)
-        .bind(at)
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO scans (scan_id, user_id, status, created_at) VALUES ($1, $2, 'done', $3)",
+    )
+    .bind(format!("scan-{tag}"))
+    .bind(user)
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
     sqlx::query(
         "INSERT INTO reward_grants (scan_id, user_id, character_id, category, new, granted_at)
          VALUES ($1, $2, $3, 'glass', true, $4)",
@@ -109,14 +111,32 @@ async fn old_rows_lose_their_user_id_to_a_keyed_hash_once_and_young_rows_keep_it
     let pool = PgPool::connect(&app.servers.database_url).await.unwrap();
     let key = SecretString::from("retention-test-key");
     let now = Utc::now();
-    insert_everywhere(&pool, "auth0|alice@example.com", "old", now - Duration::days(400)).await;
-    insert_everywhere(&pool, "auth0|alice@example.com", "young", now - Duration::days(10)).await;
+    insert_everywhere(
+        &pool,
+        "auth0|alice@example.com",
+        "old",
+        now - Duration::days(400),
+    )
+    .await;
+    insert_everywhere(
+        &pool,
+        "auth0|alice@example.com",
+        "young",
+        now - Duration::days(10),
+    )
+    .await;
     insert_everywhere(&pool, "bob", "bobold", now - Duration::days(366)).await;
 
     let cutoff = now - Duration::days(365);
-    let report = run_once(&pool, &key, cutoff).await.unwrap().expect("lock taken");
+    let report = run_once(&pool, &key, cutoff)
+        .await
+        .unwrap()
+        .expect("lock taken");
     for (table, _) in TABLES {
-        assert_eq!(report.rows[*table], 2, "{table}: alice's and bob's old rows");
+        assert_eq!(
+            report.rows[*table], 2,
+            "{table}: alice's and bob's old rows"
+        );
     }
     let alice = keyed_hash(&key, "auth0|alice@example.com");
     assert_eq!(alice.len(), 64);
@@ -127,7 +147,11 @@ async fn old_rows_lose_their_user_id_to_a_keyed_hash_once_and_young_rows_keep_it
         assert_eq!((user, anon), (keyed_hash(&key, "bob"), true), "{table}");
     }
     for (table, user, anon) in owners(&pool, "young").await {
-        assert_eq!((user.as_str(), anon), ("auth0|alice@example.com", false), "{table}");
+        assert_eq!(
+            (user.as_str(), anon),
+            ("auth0|alice@example.com", false),
+            "{table}"
+        );
     }
     let audit: Vec<(DateTime<Utc>, serde_json::Value)> =
         sqlx::query_as("SELECT cutoff, rows FROM retention_runs ORDER BY run_id")
@@ -141,7 +165,10 @@ async fn old_rows_lose_their_user_id_to_a_keyed_hash_once_and_young_rows_keep_it
 
     // Again, even with a later cutoff reaching nothing new: an anonymised
     // row is never hashed a second time.
-    let again = run_once(&pool, &key, cutoff + Duration::days(1)).await.unwrap().unwrap();
+    let again = run_once(&pool, &key, cutoff + Duration::days(1))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(again.rows.values().all(|n| *n == 0), "{again:?}");
     for (table, user, _) in owners(&pool, "old").await {
         assert_eq!(user, alice, "{table}");
