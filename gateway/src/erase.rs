@@ -13,7 +13,9 @@
 //!    it survives a Postgres outage: a persister erases it when Postgres
 //!    answers. The answer waits [`POSTGRES_WAIT`] for the report on
 //!    `erase.done.<erase id>`, and says `"postgres":"pending"` without it.
-//! 3. The bus's KV entries and images ([`stores`]).
+//! 3. The bus's KV entries and images: the gateway's own buckets
+//!    ([`stores`]), then the streamer's (`erase.streamer`; the gateway may
+//!    not write them). A streamer that does not answer makes it a 503.
 //! 4. `erase.notice`: every gateway forgets the user's remembered
 //!    conversation owners, this one included.
 //!
@@ -30,7 +32,7 @@ use async_nats::jetstream;
 use axum::{Json, extract::State};
 use bus::{
     subject,
-    wire::{EraseNotice, EraseRequest, PostgresErased},
+    wire::{EraseNotice, EraseRequest, HistoryReply, PostgresErased, StreamerErased},
 };
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -39,6 +41,8 @@ use crate::{AppState, auth::User, error::ApiError};
 
 /// How long the answer waits for the Postgres part before saying `pending`.
 pub const POSTGRES_WAIT: Duration = Duration::from_secs(5);
+/// How long a streamer may take to purge its buckets.
+const STREAMER_WAIT: Duration = Duration::from_secs(10);
 
 /// `DELETE /v1/me`.
 pub async fn erase_me(
@@ -88,9 +92,18 @@ pub async fn erase_me(
         .await
         .map_err(|e| unavailable("Queueing the Postgres erasure", &e))?;
 
-    let bus = stores::erase(&state.js, &state.scan_images, &user)
+    let mut bus = stores::erase(&state.js, &state.scan_images, &user)
         .await
         .map_err(|e| unavailable("Erasing the bus's stores", &format!("{e:#}")))?;
+    let streamer = ask_streamer(&state.client, &request)
+        .await
+        .map_err(|e| unavailable("Erasing the streamer's buckets", &format!("{e:#}")))?;
+    bus.kv
+        .insert(bus::streams::KV_CONTEXT, streamer.chat_context);
+    bus.kv
+        .insert(bus::streams::KV_SCAN_CACHE, streamer.scan_cache);
+    bus.kv
+        .insert(bus::streams::KV_CHARACTER_OWNERS, streamer.character_owners);
 
     state.owners.forget_user(&user);
     let notice = serde_json::to_vec(&EraseNotice {
@@ -131,6 +144,24 @@ pub async fn erase_me(
         "kv": bus.kv,
         "object_store": { "scan_images": bus.scan_images },
     })))
+}
+
+/// Asks one streamer to purge the user from the buckets only streamers write.
+async fn ask_streamer(
+    client: &async_nats::Client,
+    request: &EraseRequest,
+) -> anyhow::Result<StreamerErased> {
+    let body = serde_json::to_vec(request)?;
+    let answer = tokio::time::timeout(
+        STREAMER_WAIT,
+        client.request(subject::ERASE_STREAMER, body.into()),
+    )
+    .await
+    .context("no streamer answered in time")??;
+    match serde_json::from_slice::<HistoryReply<StreamerErased>>(&answer.payload)? {
+        HistoryReply::Ok(erased) => Ok(erased),
+        HistoryReply::Err(body) => anyhow::bail!("{} ({})", body.error.message, body.error.code),
+    }
 }
 
 /// Follows `erase.notice` until `state`'s shutdown: forgets the erased

@@ -169,6 +169,10 @@ pub const HISTORY_CHARACTERS: &str = "history.characters";
 /// `DELETE /v1/me`, part one: every live persister erases the user's rows
 /// from its own SQLite file (core NATS request to all, like history).
 pub const ERASE_LOCAL: &str = "erase.local";
+/// `DELETE /v1/me`, the streamer's buckets: one streamer (queue group
+/// `streamer`) purges the user's `chat_context`, `scan_cache` and
+/// `character_owners` entries, which only streamers may write.
+pub const ERASE_STREAMER: &str = "erase.streamer";
 /// Wildcard of the `ERASE` stream: the Postgres parts of erasures.
 pub const ERASE_PG_ALL: &str = "erase.pg.>";
 /// Every gateway drops the conversation owners it remembers for an erased

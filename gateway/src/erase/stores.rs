@@ -1,39 +1,26 @@
-//! A user's entries in the bus's own stores: the KV buckets that name a
-//! user (in a key or a value) and the uploaded images.
+//! A user's entries in the bus stores the gateway writes: the KV buckets
+//! that name a user (in a key or a value) and the uploaded images. The
+//! streamer's own buckets (`chat_context`, `scan_cache`,
+//! `character_owners`) are the streamer's to purge (`erase.streamer`):
+//! the gateway may not write them.
 //!
 //! | bucket | key | found by |
 //! |---|---|---|
 //! | `conversations` | conversation | value = the user id |
 //! | `chat_turns` | turn | `TurnIndex.user_id` |
-//! | `chat_context` | conversation | `ConversationContext.user_id` |
 //! | `user_turns` | user key | the key |
 //! | `scans` | scan | `ScanOwner.user_id`; the scan's image in `scan_images` goes too |
-//! | `scan_cache` | perceptual hash | the cached `ScanRecord.user_id` |
-//! | `character_owners` | `<user key>.<character>` | the key's first token |
-//!
-//! Buckets keyed by something else are read whole, newest value per key,
-//! through one ordered consumer each (not one request per key). Keys are
-//! purged, not deleted: a purge drops every revision of the key, leaving a
-//! marker without a value.
 
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{
-    self,
-    consumer::{DeliverPolicy, pull::OrderedConfig},
-    kv,
-};
+use async_nats::jetstream::{self, kv};
 use bus::{
+    erase::{keys_where, purge_keys},
     streams,
     subject::user_key,
-    wire::{ConversationContext, ScanOwner, ScanRecord, TurnIndex},
+    wire::{ScanOwner, TurnIndex},
 };
-use futures::StreamExt as _;
-
-/// How long reading a bucket may go without a message before it counts as
-/// read (a key that expired between the count and the read never comes).
-const READ_IDLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// What was purged, per bucket (every bucket listed, zeros included), and
 /// how many images were deleted.
@@ -45,8 +32,8 @@ pub struct BusErased {
     pub scan_images: u64,
 }
 
-/// Purges every entry of `user` from the KV buckets and deletes their
-/// images. Erasing twice purges nothing the second time.
+/// Purges every entry of `user` from the gateway's KV buckets and deletes
+/// their images. Erasing twice purges nothing the second time.
 ///
 /// # Errors
 /// When a bucket cannot be read or written; what was purged before stays purged.
@@ -56,43 +43,30 @@ pub async fn erase(
     user: &str,
 ) -> anyhow::Result<BusErased> {
     let mut out = BusErased::default();
-    let owned_by = |id: &str| id == user;
 
     let conversations = bucket(js, streams::KV_CONVERSATIONS).await?;
-    let keys = keys_where(&conversations, ">", |_, v| {
-        owned_by(&String::from_utf8_lossy(v))
-    })
-    .await?;
+    let keys = keys_where(&conversations, ">", |v| v == user.as_bytes()).await?;
     out.kv.insert(
         streams::KV_CONVERSATIONS,
-        purge(&conversations, &keys).await?,
+        purge_keys(&conversations, &keys).await?,
     );
 
     let turns = bucket(js, streams::KV_TURNS).await?;
-    let keys = keys_where(&turns, ">", |_, v| {
-        serde_json::from_slice::<TurnIndex>(v).is_ok_and(|t| owned_by(&t.user_id))
+    let keys = keys_where(&turns, ">", |v| {
+        serde_json::from_slice::<TurnIndex>(v).is_ok_and(|t| t.user_id == user)
     })
     .await?;
     out.kv
-        .insert(streams::KV_TURNS, purge(&turns, &keys).await?);
-
-    let context = bucket(js, streams::KV_CONTEXT).await?;
-    let keys = keys_where(&context, ">", |_, v| {
-        serde_json::from_slice::<ConversationContext>(v).is_ok_and(|c| owned_by(&c.user_id))
-    })
-    .await?;
-    out.kv
-        .insert(streams::KV_CONTEXT, purge(&context, &keys).await?);
+        .insert(streams::KV_TURNS, purge_keys(&turns, &keys).await?);
 
     let in_flight = bucket(js, streams::KV_USER_TURNS).await?;
-    let key = user_key(user);
-    let keys = keys_where(&in_flight, &key, |_, _| true).await?;
+    let keys = keys_where(&in_flight, &user_key(user), |_| true).await?;
     out.kv
-        .insert(streams::KV_USER_TURNS, purge(&in_flight, &keys).await?);
+        .insert(streams::KV_USER_TURNS, purge_keys(&in_flight, &keys).await?);
 
     let scans = bucket(js, streams::KV_SCANS).await?;
-    let scan_ids = keys_where(&scans, ">", |_, v| {
-        serde_json::from_slice::<ScanOwner>(v).is_ok_and(|s| owned_by(&s.user_id))
+    let scan_ids = keys_where(&scans, ">", |v| {
+        serde_json::from_slice::<ScanOwner>(v).is_ok_and(|s| s.user_id == user)
     })
     .await?;
     // The image first: once the owner entry is gone, nothing names it.
@@ -104,20 +78,7 @@ pub async fn erase(
         }
     }
     out.kv
-        .insert(streams::KV_SCANS, purge(&scans, &scan_ids).await?);
-
-    let cache = bucket(js, streams::KV_SCAN_CACHE).await?;
-    let keys = keys_where(&cache, ">", |_, v| {
-        serde_json::from_slice::<ScanRecord>(v).is_ok_and(|r| owned_by(&r.user_id))
-    })
-    .await?;
-    out.kv
-        .insert(streams::KV_SCAN_CACHE, purge(&cache, &keys).await?);
-
-    let owners = bucket(js, streams::KV_CHARACTER_OWNERS).await?;
-    let keys = keys_where(&owners, &format!("{key}.>"), |_, _| true).await?;
-    out.kv
-        .insert(streams::KV_CHARACTER_OWNERS, purge(&owners, &keys).await?);
+        .insert(streams::KV_SCANS, purge_keys(&scans, &scan_ids).await?);
     Ok(out)
 }
 
@@ -125,60 +86,4 @@ async fn bucket(js: &jetstream::Context, name: &str) -> anyhow::Result<kv::Store
     js.get_key_value(name)
         .await
         .with_context(|| format!("KV bucket {name} is missing"))
-}
-
-/// The keys matching `filter` whose newest value passes `keep` (purged and
-/// deleted keys are skipped).
-async fn keys_where(
-    kv: &kv::Store,
-    filter: &str,
-    keep: impl Fn(&str, &[u8]) -> bool,
-) -> anyhow::Result<Vec<String>> {
-    let consumer = kv
-        .stream
-        .create_consumer(OrderedConfig {
-            filter_subject: format!("{}{filter}", kv.prefix),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("cannot read KV bucket {}", kv.name))?;
-    // The newest value of each key at this moment; what is written after
-    // it is not this erasure's to find.
-    let mut left = consumer.cached_info().num_pending;
-    let mut messages = consumer
-        .messages()
-        .await
-        .with_context(|| format!("cannot read KV bucket {}", kv.name))?;
-    let mut keys = Vec::new();
-    while left > 0 {
-        let message = match tokio::time::timeout(READ_IDLE, messages.next()).await {
-            Err(_) | Ok(None) => break,
-            Ok(Some(message)) => {
-                message.with_context(|| format!("cannot read KV bucket {}", kv.name))?
-            }
-        };
-        left -= 1;
-        let removed = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-        let Some(key) = message.subject.as_str().strip_prefix(kv.prefix.as_str()) else {
-            continue;
-        };
-        if !removed && keep(key, &message.payload) {
-            keys.push(key.to_owned());
-        }
-    }
-    Ok(keys)
-}
-
-async fn purge(kv: &kv::Store, keys: &[String]) -> anyhow::Result<u64> {
-    for key in keys {
-        kv.purge(key)
-            .await
-            .with_context(|| format!("cannot purge a key of KV bucket {}", kv.name))?;
-    }
-    Ok(keys.len() as u64)
 }

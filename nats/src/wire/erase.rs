@@ -48,6 +48,18 @@ pub struct PostgresErased {
     pub my_characters: u64,
 }
 
+/// What a streamer purged from the buckets only streamers write (the
+/// `erase.streamer` answer, inside a `HistoryReply`): keys per bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamerErased {
+    /// `chat_context` keys (the user's conversations' prompt context).
+    pub chat_context: u64,
+    /// `scan_cache` keys (cached results of the user's scans).
+    pub scan_cache: u64,
+    /// `character_owners` keys (`<user key>.<character>`).
+    pub character_owners: u64,
+}
+
 /// `erase.notice`: every gateway forgets the conversation owners it
 /// remembers for this user, so no node keeps accepting turns for an erased
 /// conversation under a remembered owner.
