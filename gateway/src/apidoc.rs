@@ -49,6 +49,7 @@ const QUERY_TOKEN: &str = "access_token";
         (name = "history", description = "Stored conversations"),
         (name = "scans", description = "Waste scans: upload, status, live events"),
         (name = "characters", description = "The character catalogue and collections"),
+        (name = "account", description = "The caller's data: erasure"),
         (name = "auth", description = "Development login"),
         (name = "ops", description = "Health, readiness and metrics"),
     )

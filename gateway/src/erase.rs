@@ -25,17 +25,17 @@
 
 mod stores;
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
 use axum::{Json, extract::State};
 use bus::{
     subject,
-    wire::{EraseNotice, EraseRequest, HistoryReply, PostgresErased, StreamerErased},
+    wire::{EraseNotice, EraseRequest, ErrorBody, HistoryReply, PostgresErased, StreamerErased},
 };
 use futures::StreamExt as _;
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::{AppState, auth::User, error::ApiError};
 
@@ -44,11 +44,69 @@ pub const POSTGRES_WAIT: Duration = Duration::from_secs(5);
 /// How long a streamer may take to purge its buckets.
 const STREAMER_WAIT: Duration = Duration::from_secs(10);
 
+/// `DELETE /v1/me`'s answer: what was erased, per store.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Erasure {
+    /// Names this erasure; the Postgres audit row (`erasures`) carries it.
+    erase_id: String,
+    /// Every live persister's SQLite file, summed.
+    sqlite: SqliteReport,
+    /// Rows deleted per Postgres table, or `"pending"`: queued, and done
+    /// when Postgres answers.
+    postgres: PostgresPart,
+    /// Keys purged per KV bucket (every bucket that can name a user).
+    kv: BTreeMap<String, u64>,
+    /// Objects deleted per object store.
+    object_store: ObjectStoreReport,
+}
+
+/// The SQLite part of an [`Erasure`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct SqliteReport {
+    /// Persisters that erased their file (every live one).
+    persisters: usize,
+    /// Turn rows deleted.
+    turns: u64,
+    /// Scan rows deleted.
+    scans: u64,
+}
+
+/// The Postgres part of an [`Erasure`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum PostgresPart {
+    /// Rows deleted per table.
+    Done(PostgresErased),
+    /// Queued; done when Postgres answers.
+    Pending(Pending),
+}
+
+/// `"pending"`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum Pending {
+    /// Queued in `ERASE`.
+    Pending,
+}
+
+/// The object-store part of an [`Erasure`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ObjectStoreReport {
+    /// Uploaded images deleted.
+    scan_images: u64,
+}
+
 /// `DELETE /v1/me`.
+#[utoipa::path(delete, path = "/v1/me", operation_id = "eraseMe", tag = "account",
+    responses(
+        (status = 200, description = "Erased; `postgres` is `\"pending\"` while Postgres is down (it completes when Postgres returns). Twice is fine: zeros", body = Erasure),
+        (status = 401, description = "`missing_token`, `invalid_token`, `token_expired`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: a persister or the streamer did not answer, or the bus failed; retrying is safe", body = ErrorBody),
+    ))]
 pub async fn erase_me(
     State(state): State<AppState>,
     User(user): User,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Erasure>, ApiError> {
     let request = EraseRequest {
         erase_id: uuid::Uuid::new_v4().to_string(),
         user_id: user.clone(),
@@ -122,28 +180,28 @@ pub async fn erase_me(
 
     let postgres = match tokio::time::timeout(POSTGRES_WAIT, done.next()).await {
         Ok(Some(message)) => serde_json::from_slice::<PostgresErased>(&message.payload)
-            .map(|erased| serde_json::to_value(erased).unwrap_or_default())
-            .unwrap_or_else(|_| json!("pending")),
-        _ => json!("pending"),
+            .map_or(PostgresPart::Pending(Pending::Pending), PostgresPart::Done),
+        _ => PostgresPart::Pending(Pending::Pending),
     };
-    let outcome = if postgres.is_string() {
-        "pending"
-    } else {
-        "done"
+    let outcome = match postgres {
+        PostgresPart::Done(_) => "done",
+        PostgresPart::Pending(_) => "pending",
     };
     metrics::counter!("gateway_erasures_total", "postgres" => outcome).increment(1);
     tracing::info!(erase_id = %request.erase_id, postgres = outcome, "Erased a user.");
-    Ok(Json(json!({
-        "erase_id": request.erase_id,
-        "sqlite": {
-            "persisters": local.answered,
-            "turns": local.erased.turns,
-            "scans": local.erased.scans,
+    Ok(Json(Erasure {
+        erase_id: request.erase_id,
+        sqlite: SqliteReport {
+            persisters: local.answered,
+            turns: local.erased.turns,
+            scans: local.erased.scans,
         },
-        "postgres": postgres,
-        "kv": bus.kv,
-        "object_store": { "scan_images": bus.scan_images },
-    })))
+        postgres,
+        kv: bus.kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        object_store: ObjectStoreReport {
+            scan_images: bus.scan_images,
+        },
+    }))
 }
 
 /// Asks one streamer to purge the user from the buckets only streamers write.

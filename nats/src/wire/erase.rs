@@ -22,7 +22,7 @@ pub struct EraseRequest {
 
 /// What one persister erased from its SQLite file (the `erase.local`
 /// answer, inside a `HistoryReply`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SqliteErased {
     /// Turn rows deleted (synced or still waiting for Postgres).
     pub turns: u64,
@@ -32,7 +32,7 @@ pub struct SqliteErased {
 
 /// What the Postgres part of an erasure deleted, per table (the
 /// `erase.done.<erase_id>` report).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PostgresErased {
     /// `conversations` rows.
     pub conversations: u64,
@@ -50,7 +50,7 @@ pub struct PostgresErased {
 
 /// What a streamer purged from the buckets only streamers write (the
 /// `erase.streamer` answer, inside a `HistoryReply`): keys per bucket.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamerErased {
     /// `chat_context` keys (the user's conversations' prompt context).
     pub chat_context: u64,
