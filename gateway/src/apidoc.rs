@@ -50,6 +50,7 @@ const QUERY_TOKEN: &str = "access_token";
         (name = "scans", description = "Waste scans: upload, status, live events"),
         (name = "characters", description = "The character catalogue and collections"),
         (name = "guide", description = "The disposal guide: public, read-only, cacheable"),
+        (name = "account", description = "The caller's data: erasure"),
         (name = "auth", description = "Development login"),
         (name = "ops", description = "Health, readiness and metrics"),
     )

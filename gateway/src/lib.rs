@@ -15,6 +15,7 @@ pub mod auth;
 mod characters;
 mod config;
 mod drain;
+mod erase;
 pub mod error;
 mod guide;
 mod history;
@@ -230,6 +231,7 @@ impl Gateway {
             )?)),
             shutdown,
         }));
+        erase::follow_notices(&state);
         let ready = bus::ops::ReadyState::start(
             bus::ops::nats_ready(state.client.clone(), state.js.clone()),
             std::time::Duration::from_millis(config.ready_refresh_ms.max(100)),
@@ -339,6 +341,7 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(scan_events::events))
         .routes(routes!(characters::list))
         .routes(routes!(characters::mine))
+        .routes(routes!(erase::erase_me))
         .routes(routes!(characters::put, characters::delete))
         .routes(routes!(guide::list))
         .routes(routes!(guide::rule))

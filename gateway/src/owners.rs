@@ -2,6 +2,8 @@
 //! owners this node has already read or written kept in memory. An owner
 //! never changes once claimed, so a remembered answer is never stale, and
 //! a conversation this node has seen costs no bus round trip to check.
+//! The one exception is an erasure (`DELETE /v1/me`): every node forgets
+//! the erased user's conversations when the `erase.notice` arrives.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -76,6 +78,15 @@ impl Owners {
         let owner = String::from_utf8_lossy(&owner).into_owned();
         self.remember(conversation_id, &owner);
         Ok(Some(owner))
+    }
+
+    /// Forgets every remembered conversation of `user` (erased: the
+    /// bucket no longer has them, and a new claim must reach it).
+    pub fn forget_user(&self, user: &str) -> usize {
+        let mut known = self.known.lock().expect("owners lock");
+        let before = known.len();
+        known.retain(|_, owner| owner != user);
+        before - known.len()
     }
 
     fn whose(owner: &str, user: &str) -> Claim {

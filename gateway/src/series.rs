@@ -115,6 +115,12 @@ pub const SERIES: &[Series] = &[
         help: "Changes an admin made to the character catalogue, by operation.",
         labels: &[&[("op", "put")], &[("op", "delete")]],
     },
+    Series {
+        name: "gateway_erasures_total",
+        kind: Kind::Counter,
+        help: "DELETE /v1/me erasures answered, by whether Postgres was erased in time (done) or queued (pending).",
+        labels: &[&[("postgres", "done")], &[("postgres", "pending")]],
+    },
 ];
 
 /// Describes and registers [`SERIES`] at zero.

@@ -99,13 +99,13 @@ impl HistoryClient {
     }
 
     /// How many persisters should answer.
-    fn expected(&self) -> usize {
+    pub(crate) fn expected(&self) -> usize {
         let mut live = self.live.lock().expect("live lock");
         live.retain(|_, seen| seen.elapsed() < HEARTBEAT_STALE);
         live.len().max(1)
     }
 
-    async fn ask(
+    pub(crate) async fn ask(
         &self,
         subject: &'static str,
         body: Vec<u8>,

@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod batch;
 pub mod connect;
 pub mod dlq;
+pub mod erase;
 pub mod fence;
 pub mod history;
 pub mod lease;

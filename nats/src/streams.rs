@@ -27,6 +27,8 @@ pub const DLQ: &str = "DLQ";
 pub const MAX_DELIVERIES: &str = "MAX_DELIVERIES";
 /// Stream of character grants (`reward.grant.<scan>`).
 pub const REWARDS: &str = "REWARDS";
+/// Work queue of the Postgres parts of erasures (`erase.pg.<user key>`).
+pub const ERASE: &str = "ERASE";
 
 const STREAM_FILES: &[(&str, &str)] = &[
     (CHAT_REQ, include_str!("../streams/CHAT_REQ.json")),
@@ -41,6 +43,7 @@ const STREAM_FILES: &[(&str, &str)] = &[
         include_str!("../streams/MAX_DELIVERIES.json"),
     ),
     (REWARDS, include_str!("../streams/REWARDS.json")),
+    (ERASE, include_str!("../streams/ERASE.json")),
 ];
 
 /// A durable consumer: the stream it reads and its definition file.
@@ -77,6 +80,12 @@ pub const PERSISTER_SCANS: ConsumerDef = ConsumerDef {
 pub const PERSISTER_REWARDS: ConsumerDef = ConsumerDef {
     stream: REWARDS,
     json: include_str!("../consumers/REWARDS.persister-rewards.json"),
+};
+
+/// The persisters' eraser of a user's Postgres rows (`DELETE /v1/me`).
+pub const PERSISTER_ERASE: ConsumerDef = ConsumerDef {
+    stream: ERASE,
+    json: include_str!("../consumers/ERASE.persister-erase.json"),
 };
 
 /// The streamer's closer of turns and scans whose deliveries ran out.

@@ -166,6 +166,34 @@ pub const HISTORY_SCAN: &str = "history.scan";
 /// answered by the persister.
 pub const HISTORY_CHARACTERS: &str = "history.characters";
 
+/// `DELETE /v1/me`, part one: every live persister erases the user's rows
+/// from its own SQLite file (core NATS request to all, like history).
+pub const ERASE_LOCAL: &str = "erase.local";
+/// `DELETE /v1/me`, the streamer's buckets: one streamer (queue group
+/// `streamer`) purges the user's `chat_context`, `scan_cache` and
+/// `character_owners` entries, which only streamers may write.
+pub const ERASE_STREAMER: &str = "erase.streamer";
+/// Wildcard of the `ERASE` stream: the Postgres parts of erasures.
+pub const ERASE_PG_ALL: &str = "erase.pg.>";
+/// Every gateway drops the conversation owners it remembers for an erased
+/// user (core NATS broadcast, `EraseNotice`).
+pub const ERASE_NOTICE: &str = "erase.notice";
+
+/// `erase.pg.<user key>`: the Postgres part of one erasure, in the `ERASE`
+/// work queue until a persister erased it.
+pub fn erase_pg(user_id: &str) -> String {
+    format!("erase.pg.{}", user_key(user_id))
+}
+
+/// `erase.done.<erase id>`: a persister's report of the Postgres part it
+/// erased (core NATS; the gateway that asked waits on it for a while).
+///
+/// # Errors
+/// [`BadId`] for an id that is not a single subject token.
+pub fn erase_done(erase_id: &str) -> Result<String, BadId> {
+    Ok(format!("erase.done.{}", token(erase_id)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

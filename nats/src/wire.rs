@@ -5,12 +5,14 @@
 //! the WebSocket carries, several to a message ([`crate::batch`]), so the
 //! gateway relays them without re-encoding.
 
+mod erase;
 mod reward;
 mod scan;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub use erase::*;
 pub use reward::*;
 pub use scan::*;
 

@@ -62,6 +62,26 @@ pub struct Config {
     /// Hours a row is kept in SQLite after it reached Postgres.
     #[arg(long, env = "PERSISTER_RETENTION_HOURS", default_value_t = 168)]
     pub retention_hours: u64,
+    /// Days a Postgres row keeps its user id; older rows get a keyed hash
+    /// of it instead (see PERSISTER_ANON_KEY).
+    #[arg(long, env = "PERSISTER_PG_RETENTION_DAYS", default_value_t = 365)]
+    pub pg_retention_days: u32,
+    /// The HMAC-SHA256 key that anonymises user ids of rows older than the
+    /// retention. Unset: rows keep their user ids (a warning at startup).
+    #[arg(
+        long,
+        env = "PERSISTER_ANON_KEY",
+        value_parser = bus::parse_secret,
+        hide_env_values = true
+    )]
+    pub anon_key: Option<SecretString>,
+    /// Seconds between two retention runs (the first runs at startup).
+    #[arg(
+        long,
+        env = "PERSISTER_PG_RETENTION_INTERVAL_S",
+        default_value_t = 3_600
+    )]
+    pub pg_retention_interval_s: u64,
     /// Log JSON lines instead of human-readable text.
     #[arg(long, env = "LOG_JSON")]
     pub log_json: bool,
@@ -93,6 +113,16 @@ impl Config {
         Duration::from_secs(self.retention_hours.saturating_mul(3600))
     }
 
+    /// How long a Postgres row keeps its user id.
+    pub fn pg_retention(&self) -> Duration {
+        Duration::from_secs(u64::from(self.pg_retention_days).saturating_mul(24 * 3600))
+    }
+
+    /// Time between two retention runs.
+    pub fn pg_retention_interval(&self) -> Duration {
+        Duration::from_secs(self.pg_retention_interval_s.max(1))
+    }
+
     /// Checks the numeric settings.
     ///
     /// # Errors
@@ -109,6 +139,12 @@ impl Config {
         anyhow::ensure!(
             (1..=MAX_SYNC_BATCH).contains(&self.sync_batch),
             "PERSISTER_SYNC_BATCH must be between 1 and {MAX_SYNC_BATCH}"
+        );
+        anyhow::ensure!(
+            self.anon_key
+                .as_ref()
+                .is_none_or(|k| !secrecy::ExposeSecret::expose_secret(k).is_empty()),
+            "PERSISTER_ANON_KEY must not be empty (leave it unset to keep user ids)"
         );
         Ok(())
     }
@@ -130,6 +166,8 @@ mod tests {
         assert_eq!(config.sync_batch, MAX_SYNC_BATCH);
         assert_eq!(config.reward_batch, 50);
         assert_eq!(config.reward_flush(), Duration::from_secs(5));
+        assert_eq!(config.pg_retention(), Duration::from_secs(365 * 24 * 3600));
+        assert!(config.anon_key.is_none());
         config.validate().unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
     }

@@ -12,13 +12,17 @@
 //! Completed scans (`scan.done.>`) are drained the same way, into a `scans`
 //! table where a later record of the same scan replaces an earlier one.
 //! Character grants (`reward.grant.>`) go straight to Postgres in batches
-//! ([`rewards`]), which also answers `history.characters`.
+//! ([`rewards`]), which also answers `history.characters`. The data
+//! lifecycle: old Postgres rows lose their user id ([`retention`]), and a
+//! user's erasure (`DELETE /v1/me`) reaches SQLite and Postgres ([`erase`]).
 
 pub mod admin;
 pub mod config;
+pub mod erase;
 pub mod error;
 pub mod history;
 pub mod ingest;
+pub mod retention;
 pub mod rewards;
 mod series;
 pub mod sync;
@@ -58,6 +62,7 @@ pub struct Persister {
     scan_consumer: async_nats::jetstream::consumer::PullConsumer,
     scan_max_deliver: i64,
     reward_consumer: async_nats::jetstream::consumer::PullConsumer,
+    erase_consumer: async_nats::jetstream::consumer::PullConsumer,
     /// The buffer; ingest, sync and readiness each hold a clone.
     wal: Wal,
     postgres: sync::Postgres,
@@ -85,6 +90,12 @@ impl Persister {
         let scan_consumer = bus::streams::PERSISTER_SCANS.ensure(&js).await?;
         let scan_max_deliver = bus::streams::PERSISTER_SCANS.config()?.max_deliver;
         let reward_consumer = bus::streams::PERSISTER_REWARDS.ensure(&js).await?;
+        let erase_consumer = bus::streams::PERSISTER_ERASE.ensure(&js).await?;
+        if config.anon_key.is_none() {
+            tracing::warn!(
+                "PERSISTER_ANON_KEY is unset: Postgres rows keep their user ids past the retention."
+            );
+        }
         tracing::info!(sqlite = %config.sqlite_path.display(), "Persister configured.");
         Ok(Self {
             config,
@@ -96,6 +107,7 @@ impl Persister {
             scan_consumer,
             scan_max_deliver,
             reward_consumer,
+            erase_consumer,
             wal,
             postgres,
         })
@@ -193,9 +205,28 @@ impl Persister {
         let mut rewards_task = tokio::spawn(rewards.run(self.reward_consumer, stop.clone()));
         let mut collection_task = tokio::spawn(rewards::collection::run(
             self.client.clone(),
-            syncer_pool,
+            syncer_pool.clone(),
             stop.clone(),
         ));
+        let mut erase_local_task = tokio::spawn(erase::serve_local(
+            self.client.clone(),
+            ingest.wal.clone(),
+            stop.clone(),
+        ));
+        let eraser = erase::PostgresEraser {
+            client: self.client.clone(),
+            pool: syncer_pool.clone(),
+        };
+        let mut erase_pg_task = tokio::spawn(eraser.run(self.erase_consumer, stop.clone()));
+        let retention_task = self.config.anon_key.clone().map(|key| {
+            let retention = retention::Retention {
+                pool: syncer_pool.clone(),
+                key,
+                keep: self.config.pg_retention(),
+                every: self.config.pg_retention_interval(),
+            };
+            tokio::spawn(retention.run(stop.clone()))
+        });
         let heartbeat_task = tokio::spawn(history::heartbeat(
             self.js.clone(),
             self.config.bus.bus_replicas,
@@ -213,6 +244,8 @@ impl Persister {
             result = &mut history_task => Some(format!("the history responder stopped unexpectedly: {result:?}")),
             result = &mut rewards_task => Some(format!("the grant writer stopped unexpectedly: {result:?}")),
             result = &mut collection_task => Some(format!("the characters responder stopped unexpectedly: {result:?}")),
+            result = &mut erase_local_task => Some(format!("the erase.local responder stopped unexpectedly: {result:?}")),
+            result = &mut erase_pg_task => Some(format!("the Postgres eraser stopped unexpectedly: {result:?}")),
         };
         stop.cancel();
         let drained = tokio::time::timeout(bus::shutdown::DRAIN, async {
@@ -234,6 +267,15 @@ impl Persister {
             if !collection_task.is_finished() {
                 let _ = (&mut collection_task).await;
             }
+            if !erase_local_task.is_finished() {
+                let _ = (&mut erase_local_task).await;
+            }
+            if !erase_pg_task.is_finished() {
+                let _ = (&mut erase_pg_task).await;
+            }
+            if let Some(task) = retention_task {
+                let _ = task.await;
+            }
         })
         .await;
         if drained.is_err() {
@@ -244,6 +286,8 @@ impl Persister {
             history_task.abort();
             rewards_task.abort();
             collection_task.abort();
+            erase_local_task.abort();
+            erase_pg_task.abort();
         }
         // Withdraw from the persisters bucket so askers stop waiting for us.
         let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat_task).await;

@@ -241,6 +241,37 @@ pub const SERIES: &[Series] = &[
         help: "Grants sent to dlq.rewards: undecodable or invalid, or refused by Postgres for good.",
         labels: &[&[("reason", "undecodable")], &[("reason", "refused")]],
     },
+    Series {
+        name: "persister_erasures_total",
+        kind: Kind::Counter,
+        help: "User erasures (DELETE /v1/me) done, by store: sqlite (this persister's file) or postgres.",
+        labels: &[&[("store", "sqlite")], &[("store", "postgres")]],
+    },
+    Series {
+        name: "persister_anonymised_rows_total",
+        kind: Kind::Counter,
+        help: "Postgres rows whose user id retention replaced with a keyed hash, by table.",
+        labels: &[
+            &[("table", "conversations")],
+            &[("table", "turns")],
+            &[("table", "scans")],
+            &[("table", "reward_grants")],
+            &[("table", "character_ownership")],
+            &[("table", "my_characters")],
+        ],
+    },
+    Series {
+        name: "persister_retention_runs_total",
+        kind: Kind::Counter,
+        help: "Retention runs this persister did (held the lock and committed).",
+        labels: &[],
+    },
+    Series {
+        name: "persister_retention_failures_total",
+        kind: Kind::Counter,
+        help: "Retention runs that failed (Postgres down or refusing); tried again at the next interval.",
+        labels: &[],
+    },
 ];
 
 /// Describes and registers [`SERIES`] at zero.

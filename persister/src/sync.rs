@@ -240,6 +240,9 @@ impl Syncer {
             self.postgres.migrated = true;
             tracing::info!("Postgres migrations applied.");
         }
+        // An erasure waits for this pass: rows it read must reach Postgres
+        // before the erasure deletes them there, not after.
+        let _erasing = self.wal.sync_lock().await;
         let turns = self.sync_turns().await?;
         let scans = self.sync_scans().await?;
         if turns == 0 && scans == 0 {

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::WalError;
 
+mod erase;
 mod scans;
 
 pub(crate) use scans::parse_status as parse_scan_status;
@@ -31,9 +32,11 @@ pub use scans::{PendingScan, ScanKey, ScanStored};
 
 /// Version of the schema below, kept in `PRAGMA user_version`. 2 added the
 /// `scans` table: an older persister would leave its unsynced rows behind.
-/// 3 added `scans.reward`, 4 `turns.sources` (each added to an older file
-/// at open).
-const SCHEMA_VERSION: i64 = 4;
+/// 3 added `scans.reward` (added to an older file at open). 4 added the
+/// erasure tombstones (`erased_users`) and their triggers: an older
+/// persister would store records of erased users again. 5 added
+/// `turns.sources` (added to an older file at open).
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS turns (
@@ -88,6 +91,8 @@ pub struct Wal {
     /// The last failed write's error, cleared by the next successful one.
     /// Readiness reports it: a full disk must be loud.
     write_error: Arc<Mutex<Option<String>>>,
+    /// Held by a Postgres sync pass and by an erasure ([`Wal::erase_user`]).
+    sync_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What one [`Wal::insert_turns`] call stored.
@@ -155,6 +160,7 @@ impl Wal {
             jobs,
             path: path.to_owned(),
             write_error: Arc::default(),
+            sync_lock: Arc::default(),
         })
     }
 
@@ -536,6 +542,7 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     );
     conn.execute_batch(SCHEMA).with_context(hint)?;
     conn.execute_batch(scans::SCHEMA).with_context(hint)?;
+    conn.execute_batch(erase::SCHEMA).with_context(hint)?;
     let has_reward: bool = conn
         .query_row(
             "SELECT count(*) FROM pragma_table_info('scans') WHERE name = 'reward'",

@@ -11,7 +11,8 @@
 //! perceptual hash ([`phash`]), the disposal rules ([`rules`]), the
 //! character catalogue and its match cache ([`catalogue`]), the reward
 //! stage that grants characters on `reward.grant.<scan>`, and the DLQ
-//! reprocessing of failed scans.
+//! reprocessing of failed scans. It purges a user's entries from the
+//! buckets only it writes when the user is erased (`erase`).
 //! It keeps no state of its own: everything it knows is in JetStream, so any
 //! number of streamers share the work and a killed one loses nothing.
 
@@ -19,6 +20,7 @@ pub mod catalogue;
 pub mod chat;
 mod config;
 pub mod context;
+mod erase;
 mod exhausted;
 pub mod frames;
 pub mod grounding;
@@ -196,6 +198,11 @@ impl Streamer {
             shutdown.clone(),
         );
 
+        tokio::spawn(erase::serve(
+            self.client.clone(),
+            self.js.clone(),
+            shutdown.clone(),
+        ));
         let tracker = TaskTracker::new();
         let chat = bus::streams::STREAMER_CHAT
             .ensure_with(&self.js, self.consumer.clone())

@@ -4,6 +4,7 @@ mod accept;
 mod batches;
 mod characters;
 mod edge;
+mod erase;
 mod grounding;
 mod guarantees;
 mod helpers;

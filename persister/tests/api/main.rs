@@ -2,6 +2,7 @@
 //! cluster and a fresh SQLite file each.
 
 mod helpers;
+mod retention;
 mod rewards;
 mod scans;
 
