@@ -402,6 +402,18 @@ pub enum HistoryReply<T> {
     Err(ErrorBody),
 }
 
+impl<T> HistoryReply<T> {
+    /// An error reply with `code` and `message`.
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self::Err(ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        })
+    }
+}
+
 /// The `history.list` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConversationList {

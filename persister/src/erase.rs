@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use bus::wire::{EraseRequest, ErrorBody, ErrorDetail, HistoryReply, PostgresErased};
+use bus::wire::{EraseRequest, HistoryReply, PostgresErased};
 use futures::StreamExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -62,11 +62,16 @@ pub async fn serve_local(
                     }
                     Err(error) => {
                         tracing::error!(erase_id = %request.erase_id, %error, "Erasing a user from SQLite failed.");
-                        serde_json::to_vec(&error_reply("unavailable", error.to_string()))
+                        serde_json::to_vec(&HistoryReply::<()>::error(
+                            "unavailable",
+                            error.to_string(),
+                        ))
                     }
                 }
             }
-            Err(error) => serde_json::to_vec(&error_reply("bad_request", error.to_string())),
+            Err(error) => {
+                serde_json::to_vec(&HistoryReply::<()>::error("bad_request", error.to_string()))
+            }
         };
         if let Ok(answer) = answer
             && let Err(error) = client.publish(reply, answer.into()).await
@@ -74,15 +79,6 @@ pub async fn serve_local(
             tracing::warn!(%error, "Answering erase.local failed.");
         }
     }
-}
-
-fn error_reply(code: &str, message: String) -> HistoryReply<()> {
-    HistoryReply::Err(ErrorBody {
-        error: ErrorDetail {
-            code: code.into(),
-            message,
-        },
-    })
 }
 
 /// The Postgres eraser; `run` owns the consumer.

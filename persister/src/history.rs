@@ -21,8 +21,8 @@ use std::{
 use bus::{
     history::TurnCursor,
     wire::{
-        ConversationDetail, ConversationList, ConversationSummary, ErrorBody, ErrorDetail,
-        HistoryGetRequest, HistoryListRequest, HistoryReply, TurnRecord, Usage,
+        ConversationDetail, ConversationList, ConversationSummary, HistoryGetRequest,
+        HistoryListRequest, HistoryReply, TurnRecord, Usage,
     },
 };
 use chrono::{DateTime, Utc};
@@ -376,12 +376,7 @@ fn encode<T: serde::Serialize>(result: Result<T, HistoryError>) -> Vec<u8> {
             if let HistoryError::Unavailable(cause) = &error {
                 tracing::warn!(error = %cause, "History read from SQLite failed.");
             }
-            HistoryReply::Err(ErrorBody {
-                error: ErrorDetail {
-                    code: error.code().to_owned(),
-                    message: error.to_string(),
-                },
-            })
+            HistoryReply::error(error.code(), error.to_string())
         }
     };
     serde_json::to_vec(&reply).expect("history replies serialize")

@@ -13,10 +13,7 @@ use bus::{
     erase::{keys_where, purge_keys},
     streams,
     subject::{self, user_key},
-    wire::{
-        ConversationContext, EraseRequest, ErrorBody, ErrorDetail, HistoryReply, ScanRecord,
-        StreamerErased,
-    },
+    wire::{ConversationContext, EraseRequest, HistoryReply, ScanRecord, StreamerErased},
 };
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -56,10 +53,10 @@ pub async fn serve(
                 }
                 Err(error) => {
                     tracing::warn!(erase_id = %request.erase_id, error = %format!("{error:#}"), "Purging a user's streamer buckets failed.");
-                    failed("unavailable", format!("{error:#}"))
+                    HistoryReply::error("unavailable", format!("{error:#}"))
                 }
             },
-            Err(error) => failed("bad_request", error.to_string()),
+            Err(error) => HistoryReply::error("bad_request", error.to_string()),
         };
         if let Ok(body) = serde_json::to_vec(&answer)
             && let Err(error) = client.publish(reply, body.into()).await
@@ -67,15 +64,6 @@ pub async fn serve(
             tracing::warn!(%error, "Answering erase.streamer failed.");
         }
     }
-}
-
-fn failed(code: &str, message: String) -> HistoryReply<StreamerErased> {
-    HistoryReply::Err(ErrorBody {
-        error: ErrorDetail {
-            code: code.into(),
-            message,
-        },
-    })
 }
 
 /// Purges `user`'s entries from the three buckets.

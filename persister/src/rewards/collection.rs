@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use bus::wire::{
-    ErrorBody, ErrorDetail, HistoryCharactersRequest, HistoryReply, OwnedCharacter, OwnedCharacters,
-};
+use bus::wire::{HistoryCharactersRequest, HistoryReply, OwnedCharacter, OwnedCharacters};
 use futures::StreamExt as _;
 use sqlx::{PgPool, Row as _};
 use tokio_util::sync::CancellationToken;
@@ -48,41 +46,26 @@ pub async fn run(
     }
 }
 
-fn error(code: &str, message: String) -> HistoryReply<OwnedCharacters> {
-    HistoryReply::Err(ErrorBody {
-        error: ErrorDetail {
-            code: code.into(),
-            message,
-        },
-    })
-}
-
 async fn answer(pool: &PgPool, payload: &[u8]) -> HistoryReply<OwnedCharacters> {
     let request: HistoryCharactersRequest = match serde_json::from_slice(payload) {
         Ok(r) => r,
         Err(e) => {
-            return error(
+            return HistoryReply::error(
                 "invalid_request",
                 format!("not a history.characters request: {e}"),
             );
         }
     };
     if request.user_id.is_empty() {
-        return error("invalid_request", "user_id is empty".into());
+        return HistoryReply::error("invalid_request", "user_id is empty");
     }
     match tokio::time::timeout(READ_TIMEOUT, read(pool, &request.user_id)).await {
         Ok(Ok(characters)) => HistoryReply::Ok(OwnedCharacters { characters }),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "Reading a collection from Postgres failed.");
-            error(
-                "unavailable",
-                "the collection cannot be read right now".into(),
-            )
+            HistoryReply::error("unavailable", "the collection cannot be read right now")
         }
-        Err(_) => error(
-            "unavailable",
-            "the collection cannot be read right now".into(),
-        ),
+        Err(_) => HistoryReply::error("unavailable", "the collection cannot be read right now"),
     }
 }
 
