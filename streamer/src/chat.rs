@@ -79,6 +79,9 @@ pub struct Worker {
     /// Asks the persisters for a conversation's earlier turns when its
     /// context entry cannot answer.
     pub history: bus::history::HistoryClient,
+    /// How long a turn's token deltas after its first wait for company
+    /// before they are published (`STREAMER_TOKEN_LINGER_MS`).
+    pub token_linger: Duration,
     /// Each conversation's newest turns: the prompt's context in one read.
     pub context: Contexts,
 }
@@ -250,7 +253,7 @@ impl Worker {
             .await
             .context("subscribing to cancels")?;
         let mut turn = Turn::new(request, self.upstream.model());
-        let pipe = TokenPipe::start(writer);
+        let pipe = TokenPipe::start(writer, self.token_linger);
         let started = tokio::time::Instant::now();
         let opened = tokio::select! {
             opened = self.upstream.stream(prompt) => Some(opened),

@@ -102,6 +102,7 @@ impl Streamer {
             system_prompt: config.system_prompt.clone(),
             max_tokens: config.max_tokens,
             lease: consumer.ack_wait,
+            token_linger: Duration::from_millis(config.token_linger_ms),
             history: bus::history::HistoryClient::start(client.clone(), &js).await?,
             context: context::Contexts::open(&js).await?,
         };

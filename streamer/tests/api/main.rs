@@ -520,6 +520,33 @@ async fn deltas_that_queue_behind_a_publish_travel_batched_each_its_own_frame() 
 }
 
 #[tokio::test]
+async fn with_a_linger_the_first_token_goes_alone_and_at_once_and_later_ones_travel_together() {
+    // 20 tokens 5 ms apart: without a linger each would be its own message.
+    let words: Vec<String> = (0..20).map(|i| format!("w{i} ")).collect();
+    let llm = StandInLlm::start(Script::new(words.clone(), Duration::from_millis(5)))
+        .await
+        .unwrap();
+    let app = TestStreamer::start_with(llm.base_url(), &["--token-linger-ms", "40"]).await;
+    let turn = app.send("conv-linger", "count").await;
+    let frames = app.frames_until_done(&turn).await;
+    assert_eq!(text_of(&frames), words.concat());
+    let messages = messages_of(&app, "conv-linger", &turn).await;
+    assert_eq!(messages[0], vec![1], "the first token travels alone");
+    assert_eq!(
+        messages.concat(),
+        (1..=21).collect::<Vec<_>>(),
+        "contiguous, each its own frame"
+    );
+    // About 95 ms of tokens after the first, in 40 ms waits: a handful of
+    // messages, not 20 (the end of the turn ends the last wait).
+    assert!(
+        messages.len() <= 8,
+        "{} messages for 21 frames: the linger did not gather deltas",
+        messages.len()
+    );
+}
+
+#[tokio::test]
 async fn many_long_turns_at_once_do_not_exhaust_the_publish_ack_window() {
     // 200 turns x 200 tokens in flight at once: far more publishes than the
     // 5,000 un-awaited ones a JetStream context allows.
