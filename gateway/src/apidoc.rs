@@ -39,7 +39,7 @@ const QUERY_TOKEN: &str = "access_token";
             `{\"error\":{\"code\",\"message\"}}` with a stable `code`.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
-    paths(healthz, readyz, metrics),
+    paths(healthz, readyz, metrics, openapi_json),
     components(schemas(ClientFrame, ServerFrame, ScanEvent, ScanEventData, ErrorBody)),
     modifiers(&Security),
     // Every operation needs a token unless it says otherwise.
@@ -165,6 +165,12 @@ fn healthz() {}
 ))]
 #[allow(dead_code)]
 fn readyz() {}
+
+/// This document (OpenAPI 3.1, JSON).
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "ops", security(()),
+    responses((status = 200, description = "The OpenAPI description of this API", body = Object)))]
+#[allow(dead_code)]
+fn openapi_json() {}
 
 /// Prometheus metrics in the text exposition format. 404 on this port when
 /// `GATEWAY_ADMIN_LISTEN` serves it apart.
