@@ -13,6 +13,13 @@
 //!
 //! The bus's own per-user data (KV buckets, the image store) is the
 //! gateway's to erase.
+//!
+//! Before both, the gateway records the erasure in the register (KV bucket
+//! `erasures`, [`bus::register`]). A persister applies the register to its
+//! file at startup, before its sync loop starts ([`apply_register`]: a
+//! persister that was not running during an erasure never syncs the user's
+//! older rows), and then follows it ([`follow_register`]); its ingest and
+//! its grant writer check it too.
 
 use std::time::Duration;
 
@@ -77,6 +84,81 @@ pub async fn serve_local(
             && let Err(error) = client.publish(reply, answer.into()).await
         {
             tracing::warn!(%error, "Answering erase.local failed.");
+        }
+    }
+}
+
+/// Erases from `wal` the rows every mark of `register` covers (see
+/// [`Wal::erase_registered`]), holding the sync lock.
+///
+/// # Errors
+/// When SQLite fails; nothing changed.
+pub async fn apply_register(
+    wal: &Wal,
+    marks: std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>,
+) -> Result<bus::wire::SqliteErased, crate::error::WalError> {
+    let _sync = wal.sync_lock().await;
+    let erased = wal.erase_registered(marks).await?;
+    if erased.turns + erased.scans > 0 {
+        metrics::counter!("persister_erasures_total", "store" => "register").increment(1);
+        tracing::info!(
+            turns = erased.turns,
+            scans = erased.scans,
+            "Erased rows of registered erasures from SQLite."
+        );
+    }
+    Ok(erased)
+}
+
+/// Follows the erasure register until `shutdown` fires: keeps `register`
+/// current for ingest and the grant writer, and erases each newly
+/// registered user's older rows from `wal` (a live persister also gets
+/// `erase.local`; this covers one that was starting meanwhile). A watch
+/// that ends (NATS restarted) is opened again from every current mark;
+/// marks already known change nothing.
+pub async fn follow_register(
+    wal: Wal,
+    kv: async_nats::jetstream::kv::Store,
+    register: bus::register::Register,
+    mut updates: async_nats::jetstream::kv::Watch,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let entry = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = updates.next() => next,
+        };
+        let entry = match entry {
+            Some(Ok(entry)) => entry,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "Reading the erasure register failed.");
+                continue;
+            }
+            None => {
+                tracing::warn!("The erasure register's watch ended; watching it again.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if let Ok(again) = kv.watch_with_history(">").await {
+                    updates = again;
+                }
+                continue;
+            }
+        };
+        let Some((key, at)) = register.apply(&entry) else {
+            continue;
+        };
+        let marks = std::collections::HashMap::from([(key, at)]);
+        let mut attempt = 0;
+        // A failure here leaves rows a sync could copy: keep trying.
+        while let Err(error) = apply_register(&wal, marks.clone()).await {
+            tracing::error!(%error, "Applying an erasure to SQLite failed; retrying.");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(bus::backoff::delay(Duration::from_millis(250), attempt, MAX_RETRY_DELAY)) => {}
+            }
+            attempt += 1;
         }
     }
 }
