@@ -227,9 +227,11 @@ impl Persister {
             syncer_pool.clone(),
             stop.clone(),
         ));
+        let swept = erase::Swept::default();
         let mut erase_local_task = tokio::spawn(erase::serve_local(
             self.client.clone(),
             ingest.wal.clone(),
+            swept.clone(),
             stop.clone(),
         ));
         let eraser = erase::PostgresEraser {
@@ -239,6 +241,7 @@ impl Persister {
         let mut erase_pg_task = tokio::spawn(eraser.run(self.erase_consumer, stop.clone()));
         let mut register_task = tokio::spawn(erase::follow_register(
             ingest.wal.clone(),
+            swept,
             self.erasures,
             self.register,
             self.register_updates,
