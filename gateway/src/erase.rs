@@ -2,6 +2,12 @@
 //! rewards and images everywhere they live, and says what went.
 //!
 //! The order matters:
+//! 0. The erasure register (KV bucket `erasures`, [`bus::register`]): the
+//!    user's key and when. First, because it is what reaches whatever the
+//!    steps below cannot: a persister that is down (it checks its file
+//!    against the register before it syncs), a grant still queued in
+//!    `REWARDS`, a turn still being generated (its conversation's context).
+//!    When it cannot be written, 503 and nothing was erased.
 //! 1. Every live persister's SQLite file (`erase.local`, scatter-gather like
 //!    history). First, because a persister copies its SQLite rows to
 //!    Postgres: rows left there would come back after Postgres was erased.
@@ -116,6 +122,10 @@ pub async fn erase_me(
         tracing::warn!(erase_id = %request.erase_id, error = %e, "{what} failed.");
         ApiError::Unavailable(format!("{what} failed; nothing was lost, try again"))
     };
+
+    bus::register::record(&state.js, &user, request.requested_at)
+        .await
+        .map_err(|e| unavailable("Recording the erasure", &format!("{e:#}")))?;
 
     let local = state
         .history

@@ -19,6 +19,7 @@ pub mod fence;
 pub mod history;
 pub mod lease;
 pub mod ops;
+pub mod register;
 pub mod replay;
 pub mod rules;
 pub mod series;

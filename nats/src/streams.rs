@@ -144,6 +144,18 @@ pub const KV_CHARACTERS: &str = "characters";
 /// creates the key earned the character first (`new: true`).
 pub const KV_CHARACTER_OWNERS: &str = "character_owners";
 
+/// KV bucket: user key (`subject::user_key`) -> `ErasureMark`, the erasure
+/// register: when each user was erased (`DELETE /v1/me`), written by the
+/// gateway before anything else is erased. Persisters and streamers read it
+/// so that nothing the user made before the erasure is stored again later
+/// (a persister that was down, a turn in flight, a grant still queued).
+pub const KV_ERASURES: &str = "erasures";
+/// How long the register remembers an erasure: longer than anything that
+/// can still bring the user's older data back (`CHAT_DONE`, `SCAN_DONE`
+/// and `REWARDS` keep records 7 days; a persister down for weeks).
+pub const ERASURE_REGISTER_KEEP: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+
 /// The KV buckets of the contract. Kept in code rather than JSON because
 /// the JetStream CLI's `nats kv add` takes flags, not a config file.
 pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
@@ -218,6 +230,15 @@ pub fn key_value_buckets() -> Vec<jetstream::kv::Config> {
             bucket: KV_CHARACTER_OWNERS.into(),
             description: "<user key>.<character id> -> the scan that first earned it (create-only; decides `new`).".into(),
             history: 1,
+            max_value_size: 1024,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+        jetstream::kv::Config {
+            bucket: KV_ERASURES.into(),
+            description: "User key -> when the user was erased (the erasure register).".into(),
+            history: 1,
+            max_age: ERASURE_REGISTER_KEEP,
             max_value_size: 1024,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()

@@ -182,3 +182,56 @@ async fn only_the_streamer_grants_characters_and_records_owners_and_only_it_and_
     }
     assert_eq!(stored(&admin, streams::REWARDS).await, 1);
 }
+
+#[tokio::test]
+async fn only_the_gateway_writes_the_erasure_register_and_the_others_read_and_watch_it() {
+    let nats = testkit::NatsServer::start_secured().await.unwrap();
+    let admin = jetstream::new(nats.client().await.unwrap());
+    streams::ensure_all(&admin, 1).await.unwrap();
+    let js_of = |user: &'static str| {
+        let nats = &nats;
+        async move { jetstream::new(nats.client_as(user).await.unwrap()) }
+    };
+    let (gateway, streamer, persister) = (
+        js_of("gateway").await,
+        js_of("streamer").await,
+        js_of("persister").await,
+    );
+
+    // The persister watches before the gateway writes: it sees the mark.
+    let kv = bus::register::open(&persister).await.unwrap();
+    let (_, mut updates) = bus::register::Register::load(&kv).await.unwrap();
+    let at = chrono::Utc::now();
+    bus::register::record(&gateway, "erin", at).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), updates.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.key, bus::subject::user_key("erin"));
+    for js in [&streamer, &persister] {
+        let kv = bus::register::open(js).await.unwrap();
+        assert_eq!(
+            bus::register::erased_at(&kv, "erin").await.unwrap(),
+            Some(at)
+        );
+    }
+
+    let key = format!(
+        "$KV.{}.{}",
+        streams::KV_ERASURES,
+        bus::subject::user_key("olga")
+    );
+    let (by_streamer, by_persister) =
+        tokio::join!(js_publish(&streamer, &key), js_publish(&persister, &key));
+    assert!(!by_streamer && !by_persister);
+    let stream = format!("KV_{}", streams::KV_ERASURES);
+    assert_eq!(stored(&admin, &stream).await, 1);
+    let mut purges = Vec::new();
+    for js in [&gateway, &streamer, &persister] {
+        let stream = stream.clone();
+        purges.push(async move { js.get_stream(&stream).await.unwrap().purge().await.is_ok() });
+    }
+    assert_eq!(futures::future::join_all(purges).await, [false; 3]);
+    assert_eq!(stored(&admin, &stream).await, 1);
+}

@@ -13,11 +13,22 @@
 //!
 //! The bus's own per-user data (KV buckets, the image store) is the
 //! gateway's to erase.
+//!
+//! Before both, the gateway records the erasure in the register (KV bucket
+//! `erasures`, [`bus::register`]). A persister applies the register to its
+//! file at startup, before its sync loop starts ([`apply_register`]: a
+//! persister that was not running during an erasure never syncs the user's
+//! older rows), and then follows it ([`follow_register`]); its ingest and
+//! its grant writer check it too.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use bus::wire::{EraseRequest, HistoryReply, PostgresErased};
+use bus::wire::{EraseRequest, HistoryReply, PostgresErased, SqliteErased};
 use futures::StreamExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -27,14 +38,21 @@ use crate::Wal;
 /// Longest delay before a failed Postgres erasure is tried again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
+/// Rows the register follower erased before the user's `erase.local`
+/// arrived (user key -> counts): the register is written first, so the
+/// follower often gets there first, and `erase.local` reports them too.
+pub type Swept = Arc<Mutex<HashMap<String, SqliteErased>>>;
+
 /// Answers `erase.local` until `shutdown` fires: erases the user from this
-/// persister's SQLite file and replies with the counts.
+/// persister's SQLite file and replies with the counts (with what the
+/// register follower already erased of theirs).
 ///
 /// # Errors
 /// When the subject cannot be subscribed to.
 pub async fn serve_local(
     client: async_nats::Client,
     wal: Wal,
+    swept: Swept,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // No queue group: every persister erases its own file.
@@ -54,7 +72,12 @@ pub async fn serve_local(
             Ok(request) => {
                 let _sync = wal.sync_lock().await;
                 match wal.erase_user(&request).await {
-                    Ok(erased) => {
+                    Ok(mut erased) => {
+                        let key = bus::subject::user_key(&request.user_id);
+                        if let Some(before) = lock(&swept).remove(&key) {
+                            erased.turns += before.turns;
+                            erased.scans += before.scans;
+                        }
                         metrics::counter!("persister_erasures_total", "store" => "sqlite")
                             .increment(1);
                         tracing::info!(erase_id = %request.erase_id, turns = erased.turns, scans = erased.scans, "Erased a user from SQLite.");
@@ -79,6 +102,109 @@ pub async fn serve_local(
             tracing::warn!(%error, "Answering erase.local failed.");
         }
     }
+}
+
+/// Erases from `wal` the rows every mark of `register` covers (see
+/// [`Wal::erase_registered`]), holding the sync lock.
+///
+/// # Errors
+/// When SQLite fails; nothing changed.
+pub async fn apply_register(
+    wal: &Wal,
+    marks: HashMap<String, chrono::DateTime<chrono::Utc>>,
+) -> Result<SqliteErased, crate::error::WalError> {
+    let _sync = wal.sync_lock().await;
+    let erased = wal.erase_registered(marks).await?;
+    if erased.turns + erased.scans > 0 {
+        metrics::counter!("persister_erasures_total", "store" => "register").increment(1);
+        tracing::info!(
+            turns = erased.turns,
+            scans = erased.scans,
+            "Erased rows of registered erasures from SQLite."
+        );
+    }
+    Ok(erased)
+}
+
+/// Follows the erasure register until `shutdown` fires: keeps `register`
+/// current for ingest and the grant writer, and erases each newly
+/// registered user's older rows from `wal` (a live persister also gets
+/// `erase.local`; this covers one that was starting meanwhile). A watch
+/// that ends (NATS restarted) is opened again from every current mark;
+/// marks already known change nothing.
+pub async fn follow_register(
+    wal: Wal,
+    swept: Swept,
+    kv: async_nats::jetstream::kv::Store,
+    register: bus::register::Register,
+    mut updates: async_nats::jetstream::kv::Watch,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let entry = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            next = updates.next() => next,
+        };
+        let entry = match entry {
+            Some(Ok(entry)) => entry,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "Reading the erasure register failed.");
+                continue;
+            }
+            None => {
+                tracing::warn!("The erasure register's watch ended; watching it again.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if let Ok(again) = kv.watch_with_history(">").await {
+                    updates = again;
+                }
+                continue;
+            }
+        };
+        let Some((key, at)) = register.apply(&entry) else {
+            continue;
+        };
+        let marks = HashMap::from([(key.clone(), at)]);
+        let mut attempt = 0;
+        // A failure here leaves rows a sync could copy: keep trying.
+        loop {
+            // Counted under the sync lock, so erase.local (which takes it)
+            // finds the counts or does the erasing itself.
+            let sync = wal.sync_lock().await;
+            let error = match wal.erase_registered(marks.clone()).await {
+                Ok(erased) => {
+                    if erased.turns + erased.scans > 0 {
+                        metrics::counter!("persister_erasures_total", "store" => "register")
+                            .increment(1);
+                        tracing::info!(
+                            turns = erased.turns,
+                            scans = erased.scans,
+                            "Erased a registered user's rows from SQLite."
+                        );
+                        let mut swept = lock(&swept);
+                        let total = swept.entry(key.clone()).or_default();
+                        total.turns += erased.turns;
+                        total.scans += erased.scans;
+                    }
+                    break;
+                }
+                Err(error) => error,
+            };
+            drop(sync);
+            tracing::error!(%error, "Applying an erasure to SQLite failed; retrying.");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(bus::backoff::delay(Duration::from_millis(250), attempt, MAX_RETRY_DELAY)) => {}
+            }
+            attempt += 1;
+        }
+    }
+}
+
+fn lock(swept: &Swept) -> std::sync::MutexGuard<'_, HashMap<String, SqliteErased>> {
+    swept.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The Postgres eraser; `run` owns the consumer.

@@ -70,6 +70,9 @@ pub trait Record: DeserializeOwned + Send + Sync + 'static {
     /// A one-line reason, kept in the dead letter.
     fn check(&self) -> Result<(), String>;
 
+    /// Whose record it is, and when they started what it records.
+    fn owner(&self) -> (&str, chrono::DateTime<chrono::Utc>);
+
     /// Commits `records` to the buffer in one transaction.
     fn store(
         wal: &Wal,
@@ -100,6 +103,10 @@ impl Record for TurnRecord {
             }
         }
         Ok(())
+    }
+
+    fn owner(&self) -> (&str, chrono::DateTime<chrono::Utc>) {
+        (&self.user_id, self.created_at)
     }
 
     async fn store(wal: &Wal, records: Vec<Self>) -> Result<Stored, WalError> {
@@ -135,6 +142,10 @@ impl Record for ScanRecord {
         Ok(())
     }
 
+    fn owner(&self) -> (&str, chrono::DateTime<chrono::Utc>) {
+        (&self.user_id, self.created_at)
+    }
+
     async fn store(wal: &Wal, records: Vec<Self>) -> Result<Stored, WalError> {
         let stored = wal.insert_scans(records).await?;
         Ok(Stored {
@@ -159,6 +170,8 @@ pub struct Ingest<R> {
     pub max_deliver: i64,
     /// Wakes the sync loop after each commit.
     pub committed: Arc<Notify>,
+    /// The erasure register, kept current by the persister's follower.
+    pub register: bus::register::Register,
     /// The kind of record.
     pub kind: PhantomData<fn() -> R>,
 }
@@ -251,7 +264,11 @@ impl<R: Record> Ingest<R> {
         }
         let rows = records.len();
         let started = Instant::now();
-        match R::store(&self.wal, records).await {
+        let stored = match self.bury_erased(&records).await {
+            Ok(()) => R::store(&self.wal, records).await,
+            Err(error) => Err(error),
+        };
+        match stored {
             Ok(stored) => {
                 metrics::histogram!(names.commit_seconds).record(started.elapsed().as_secs_f64());
                 metrics::counter!(names.commits).increment(1);
@@ -290,6 +307,26 @@ impl<R: Record> Ingest<R> {
                 }
             }
         }
+    }
+}
+
+impl<R: Record> Ingest<R> {
+    /// Leaves a tombstone for each registered user with a record in
+    /// `records` made before their erasure, so the tombstone trigger drops
+    /// it in the commit: this persister may have missed the erasure (it was
+    /// not running) and hold nothing else of theirs.
+    async fn bury_erased(&self, records: &[R]) -> Result<(), WalError> {
+        let mut buried = std::collections::HashSet::new();
+        for record in records {
+            let (user_id, created_at) = record.owner();
+            if let Some(erased_at) = self.register.erased_at(user_id)
+                && created_at <= erased_at
+                && buried.insert(user_id)
+            {
+                self.wal.tombstone(user_id, erased_at).await?;
+            }
+        }
+        Ok(())
     }
 }
 

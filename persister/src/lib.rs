@@ -30,6 +30,7 @@ pub mod wal;
 
 use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +67,11 @@ pub struct Persister {
     /// The buffer; ingest, sync and readiness each hold a clone.
     wal: Wal,
     postgres: sync::Postgres,
+    /// The erasure register bucket, its copy (ingest and the grant writer
+    /// hold clones) and the watch that keeps the copy current.
+    erasures: async_nats::jetstream::kv::Store,
+    register: bus::register::Register,
+    register_updates: async_nats::jetstream::kv::Watch,
 }
 
 impl Persister {
@@ -91,6 +97,13 @@ impl Persister {
         let scan_max_deliver = bus::streams::PERSISTER_SCANS.config()?.max_deliver;
         let reward_consumer = bus::streams::PERSISTER_REWARDS.ensure(&js).await?;
         let erase_consumer = bus::streams::PERSISTER_ERASE.ensure(&js).await?;
+        let erasures = bus::register::open(&js).await?;
+        let (register, register_updates) = bus::register::Register::load(&erasures).await?;
+        // Before anything can sync: the rows of erasures this persister
+        // missed (it was not running) go now, or they would reach Postgres.
+        erase::apply_register(&wal, register.marks())
+            .await
+            .context("cannot apply the erasure register to the SQLite buffer")?;
         if config.anon_key.is_none() {
             tracing::warn!(
                 "PERSISTER_ANON_KEY is unset: Postgres rows keep their user ids past the retention."
@@ -110,6 +123,9 @@ impl Persister {
             erase_consumer,
             wal,
             postgres,
+            erasures,
+            register,
+            register_updates,
         })
     }
 
@@ -176,6 +192,7 @@ impl Persister {
             batch_size: self.config.batch_size,
             max_deliver: self.max_deliver,
             committed: committed.clone(),
+            register: self.register.clone(),
             kind: PhantomData,
         };
         let scan_ingest = ingest::Ingest::<bus::wire::ScanRecord> {
@@ -184,6 +201,7 @@ impl Persister {
             batch_size: self.config.batch_size,
             max_deliver: self.scan_max_deliver,
             committed,
+            register: self.register.clone(),
             kind: PhantomData,
         };
         let syncer_pool = syncer.postgres.pool.clone();
@@ -201,6 +219,7 @@ impl Persister {
             pool: syncer_pool.clone(),
             batch_size: self.config.reward_batch,
             flush_after: self.config.reward_flush(),
+            register: self.register.clone(),
         };
         let mut rewards_task = tokio::spawn(rewards.run(self.reward_consumer, stop.clone()));
         let mut collection_task = tokio::spawn(rewards::collection::run(
@@ -208,9 +227,11 @@ impl Persister {
             syncer_pool.clone(),
             stop.clone(),
         ));
+        let swept = erase::Swept::default();
         let mut erase_local_task = tokio::spawn(erase::serve_local(
             self.client.clone(),
             ingest.wal.clone(),
+            swept.clone(),
             stop.clone(),
         ));
         let eraser = erase::PostgresEraser {
@@ -218,6 +239,14 @@ impl Persister {
             pool: syncer_pool.clone(),
         };
         let mut erase_pg_task = tokio::spawn(eraser.run(self.erase_consumer, stop.clone()));
+        let mut register_task = tokio::spawn(erase::follow_register(
+            ingest.wal.clone(),
+            swept,
+            self.erasures,
+            self.register,
+            self.register_updates,
+            stop.clone(),
+        ));
         let retention_task = self.config.anon_key.clone().map(|key| {
             let retention = retention::Retention {
                 pool: syncer_pool.clone(),
@@ -246,6 +275,7 @@ impl Persister {
             result = &mut collection_task => Some(format!("the characters responder stopped unexpectedly: {result:?}")),
             result = &mut erase_local_task => Some(format!("the erase.local responder stopped unexpectedly: {result:?}")),
             result = &mut erase_pg_task => Some(format!("the Postgres eraser stopped unexpectedly: {result:?}")),
+            result = &mut register_task => Some(format!("the erasure register follower stopped unexpectedly: {result:?}")),
         };
         stop.cancel();
         let drained = tokio::time::timeout(bus::shutdown::DRAIN, async {
@@ -273,6 +303,9 @@ impl Persister {
             if !erase_pg_task.is_finished() {
                 let _ = (&mut erase_pg_task).await;
             }
+            if !register_task.is_finished() {
+                let _ = (&mut register_task).await;
+            }
             if let Some(task) = retention_task {
                 let _ = task.await;
             }
@@ -288,6 +321,7 @@ impl Persister {
             collection_task.abort();
             erase_local_task.abort();
             erase_pg_task.abort();
+            register_task.abort();
         }
         // Withdraw from the persisters bucket so askers stop waiting for us.
         let _ = tokio::time::timeout(Duration::from_secs(2), heartbeat_task).await;

@@ -15,6 +15,12 @@
 //! that Postgres refuses for good (a data or constraint error: the batch is
 //! split to find it), goes to `dlq.rewards` and is terminated.
 //!
+//! A grant of a user in the erasure register (KV bucket `erasures`) granted
+//! up to their erasure is acked and dropped before each commit attempt:
+//! it may have waited in `REWARDS` (or in a batch held through a Postgres
+//! outage) while the user was erased, and writing it afterwards would bring
+//! their rewards back.
+//!
 //! It also answers `history.characters` ([`collection`]).
 
 pub mod collection;
@@ -39,6 +45,8 @@ pub struct RewardWriter {
     pub batch_size: usize,
     /// Longest a grant waits for its batch to fill.
     pub flush_after: Duration,
+    /// The erasure register, kept current by the persister's follower.
+    pub register: bus::register::Register,
 }
 
 /// A decoded message waiting for its batch's commit.
@@ -143,10 +151,15 @@ impl RewardWriter {
 
     /// Writes `batch` and acks it; retries while Postgres is unreachable,
     /// splits it to find a grant Postgres refuses for good.
-    async fn commit(&self, batch: Vec<Pending>, shutdown: &CancellationToken) {
+    async fn commit(&self, mut batch: Vec<Pending>, shutdown: &CancellationToken) {
         let mut attempt = 0;
         let mut kept_alive = Instant::now();
         loop {
+            // Each attempt: the user may have been erased while it waited.
+            batch = self.drop_erased(batch).await;
+            if batch.is_empty() {
+                return;
+            }
             let started = Instant::now();
             let grants: Vec<&RewardGrant> = batch.iter().map(|p| &p.grant).collect();
             match write(&self.pool, &grants).await {
@@ -209,6 +222,29 @@ impl RewardWriter {
                 }
             }
         }
+    }
+}
+
+impl RewardWriter {
+    /// Acks and drops the grants of `batch` whose user was erased at or
+    /// after the grant; the rest.
+    async fn drop_erased(&self, batch: Vec<Pending>) -> Vec<Pending> {
+        let (erased, kept): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| {
+            self.register
+                .erased_since(&p.grant.user_id, p.grant.granted_at)
+        });
+        if erased.is_empty() {
+            return kept;
+        }
+        metrics::counter!("persister_reward_grants_total", "outcome" => "erased")
+            .increment(erased.len() as u64);
+        tracing::info!(grants = erased.len(), "Dropped grants of erased users.");
+        for pending in &erased {
+            if let Err(error) = pending.message.ack().await {
+                tracing::debug!(%error, "Ack of a dropped grant failed; its redelivery is dropped again.");
+            }
+        }
+        kept
     }
 }
 

@@ -210,8 +210,12 @@ pub const SERIES: &[Series] = &[
     Series {
         name: "persister_reward_grants_total",
         kind: Kind::Counter,
-        help: "Character grants committed to Postgres: new to it (stored) or already there (duplicate).",
-        labels: &[&[("outcome", "stored")], &[("outcome", "duplicate")]],
+        help: "Character grants committed to Postgres: new to it (stored) or already there (duplicate); or dropped, their user erased after they were granted (erased).",
+        labels: &[
+            &[("outcome", "stored")],
+            &[("outcome", "duplicate")],
+            &[("outcome", "erased")],
+        ],
     },
     Series {
         name: "persister_reward_batches_total",
@@ -244,8 +248,12 @@ pub const SERIES: &[Series] = &[
     Series {
         name: "persister_erasures_total",
         kind: Kind::Counter,
-        help: "User erasures (DELETE /v1/me) done, by store: sqlite (this persister's file) or postgres.",
-        labels: &[&[("store", "sqlite")], &[("store", "postgres")]],
+        help: "User erasures (DELETE /v1/me) done, by store: sqlite (this persister's file, asked), postgres, or register (this persister's file, from the erasure register: rows it held of an erasure it missed).",
+        labels: &[
+            &[("store", "sqlite")],
+            &[("store", "postgres")],
+            &[("store", "register")],
+        ],
     },
     Series {
         name: "persister_anonymised_rows_total",

@@ -480,6 +480,11 @@ impl Worker {
         // Each compare-and-set attempt is a read and a write.
         let limit = context::KV_TIMEOUT * 4;
         let outcome = match tokio::time::timeout(limit, self.context.add(record, seed)).await {
+            Ok(Ok(context::Added::Erased)) => {
+                metrics::counter!("streamer_context_erased_total").increment(1);
+                tracing::debug!("Turn of an erased user not added to its conversation's context.");
+                return;
+            }
             Ok(Ok(_)) => return,
             Ok(Err(error)) => format!("{error:#}"),
             Err(_) => format!("timed out after {limit:?}"),

@@ -15,6 +15,11 @@
 //! and an entry is only started from a complete view of the conversation's
 //! newest turns (the `seed`), never from one turn alone, so it never hides
 //! turns the persisters would have given.
+//!
+//! A turn of a user erased (`DELETE /v1/me`) after the turn began is not
+//! added: the erasure register (KV bucket `erasures`) is read before the
+//! write, and again after it, purging the entry when the erasure landed in
+//! between (the erasure's own purge may have run before our write).
 
 use std::time::Duration;
 
@@ -48,6 +53,8 @@ const CAS_ATTEMPTS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Contexts {
     kv: jetstream::kv::Store,
+    /// The erasure register, read (never written) before and after a write.
+    erasures: jetstream::kv::Store,
 }
 
 /// What [`Contexts::add`] did.
@@ -61,6 +68,8 @@ pub enum Added {
     /// There is no entry and no seed to start one from; the next turn reads
     /// the persisters.
     NoEntry,
+    /// The user was erased after the turn began: nothing is kept.
+    Erased,
 }
 
 impl Contexts {
@@ -73,7 +82,8 @@ impl Contexts {
             .get_key_value(bus::streams::KV_CONTEXT)
             .await
             .with_context(|| format!("KV bucket {} is missing", bus::streams::KV_CONTEXT))?;
-        Ok(Self { kv })
+        let erasures = bus::register::open(js).await?;
+        Ok(Self { kv, erasures })
     }
 
     /// The turns of `user_id`'s conversation older than `before`, oldest
@@ -124,6 +134,9 @@ impl Contexts {
             assistant_text: record.assistant_text.clone(),
         };
         let key = record.conversation_id.as_str();
+        if self.erased(record).await? {
+            return Ok(Added::Erased);
+        }
         for _ in 0..CAS_ATTEMPTS {
             let (held, revision) = match self.entry(key).await? {
                 Some((held, revision)) => (held, revision),
@@ -157,7 +170,7 @@ impl Contexts {
                 turns,
             })?;
             match self.kv.update(key, value.into(), revision).await {
-                Ok(_) => return Ok(Added::Stored),
+                Ok(_) => return self.unless_erased(record).await,
                 Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
                     tracing::debug!("Conversation context changed under us; merging again.");
                 }
@@ -165,6 +178,26 @@ impl Contexts {
             }
         }
         anyhow::bail!("other turns of the conversation kept landing first ({CAS_ATTEMPTS} tries)")
+    }
+
+    /// True when `record`'s user was erased at or after the turn began.
+    async fn erased(&self, record: &TurnRecord) -> anyhow::Result<bool> {
+        let erased = bus::register::erased_at(&self.erasures, &record.user_id).await?;
+        Ok(erased.is_some_and(|at| record.created_at <= at))
+    }
+
+    /// After a write: `Stored`, or, when the user was erased meanwhile (or
+    /// that cannot be told), the entry purged again.
+    async fn unless_erased(&self, record: &TurnRecord) -> anyhow::Result<Added> {
+        let erased = self.erased(record).await;
+        if matches!(erased, Ok(false)) {
+            return Ok(Added::Stored);
+        }
+        self.kv
+            .purge(&record.conversation_id)
+            .await
+            .context("cannot purge the context of an erased user")?;
+        erased.map(|_| Added::Erased)
     }
 
     /// The entry and its revision (that of a delete marker too, which a

@@ -4,9 +4,10 @@
 //!
 //! One streamer answers each request (queue group `streamer`); the purge is
 //! idempotent, so a retried request does no harm. A turn of the user still
-//! being generated while the erasure runs writes its conversation's
-//! context again when it completes; its record is dropped by the
-//! persisters (their tombstone), the context expires with the bucket.
+//! being generated while the erasure runs does not write its
+//! conversation's context when it completes: the gateway recorded the
+//! erasure in the register first, and the context writer checks it
+//! ([`crate::context`]); its record is dropped by the persisters.
 
 use async_nats::jetstream;
 use bus::{

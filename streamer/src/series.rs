@@ -117,6 +117,12 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "streamer_context_erased_total",
+        kind: Kind::Counter,
+        help: "Concluded turns not kept in their conversation's context because their user was erased after they began.",
+        labels: &[],
+    },
+    Series {
         name: "streamer_records_truncated_total",
         kind: Kind::Counter,
         help: "Turn records cut to fit the bus's message limit.",

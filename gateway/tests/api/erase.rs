@@ -16,19 +16,19 @@ use crate::{
     scans::fixture,
 };
 
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// A directory for the persisters' SQLite files, removed on drop.
-struct TempDir(std::path::PathBuf);
+pub(crate) struct TempDir(std::path::PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("gateway-erase-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
 
-    fn path(&self) -> &std::path::Path {
+    pub(crate) fn path(&self) -> &std::path::Path {
         &self.0
     }
 }
@@ -40,12 +40,24 @@ impl Drop for TempDir {
 }
 
 /// A persister in-process with its own SQLite file under `dir`.
-async fn persister(
+pub(crate) async fn persister(
     nats_url: &str,
     database_url: &str,
     dir: &std::path::Path,
     name: &str,
     stop: &CancellationToken,
+) -> persister::Wal {
+    persister_with(nats_url, database_url, dir, name, stop, "100").await
+}
+
+/// [`persister`] whose grants wait `reward_flush_ms` for their batch.
+pub(crate) async fn persister_with(
+    nats_url: &str,
+    database_url: &str,
+    dir: &std::path::Path,
+    name: &str,
+    stop: &CancellationToken,
+    reward_flush_ms: &str,
 ) -> persister::Wal {
     let app = persister::Persister::build(<persister::Config as clap::Parser>::parse_from([
         "persister".to_owned(),
@@ -62,7 +74,7 @@ async fn persister(
         "--sync-interval-ms".into(),
         "100".into(),
         "--reward-flush-ms".into(),
-        "100".into(),
+        reward_flush_ms.into(),
     ]))
     .await
     .unwrap();
@@ -71,7 +83,7 @@ async fn persister(
     wal
 }
 
-async fn live_persisters(js: &async_nats::jetstream::Context, n: usize) {
+pub(crate) async fn live_persisters(js: &async_nats::jetstream::Context, n: usize) {
     let kv = js.get_key_value(bus::streams::KV_PERSISTERS).await.unwrap();
     testkit::wait_for("the persisters' heartbeats", WAIT, || async {
         let keys: Vec<String> = kv
@@ -88,7 +100,7 @@ async fn live_persisters(js: &async_nats::jetstream::Context, n: usize) {
 }
 
 /// A turn record of `user` as a streamer would publish it.
-fn turn(user: &str, created_at: chrono::DateTime<chrono::Utc>) -> TurnRecord {
+pub(crate) fn turn(user: &str, created_at: chrono::DateTime<chrono::Utc>) -> TurnRecord {
     let id = uuid::Uuid::now_v7().to_string();
     TurnRecord {
         turn_id: id.clone(),
@@ -108,7 +120,7 @@ fn turn(user: &str, created_at: chrono::DateTime<chrono::Utc>) -> TurnRecord {
     }
 }
 
-async fn pg_count(database_url: &str, table: &str, user: &str) -> Option<i64> {
+pub(crate) async fn pg_count(database_url: &str, table: &str, user: &str) -> Option<i64> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(database_url).await.ok()?;
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -120,7 +132,7 @@ async fn pg_count(database_url: &str, table: &str, user: &str) -> Option<i64> {
     .ok()
 }
 
-async fn delete_me(app: &TestApp, user: &str) -> (u16, Value) {
+pub(crate) async fn delete_me(app: &TestApp, user: &str) -> (u16, Value) {
     let response = app
         .http
         .delete(app.url("/v1/me"))

@@ -10,6 +10,7 @@ mod guarantees;
 mod helpers;
 mod openapi;
 mod refused_uploads;
+mod register;
 mod rewards;
 mod scan_providers;
 mod scans;

@@ -68,3 +68,11 @@ pub struct EraseNotice {
     /// The erased user (the JWT `sub`).
     pub user_id: String,
 }
+
+/// A value of the erasure register (KV bucket `erasures`, key = the user
+/// key): when the user was erased. What they made up to then stays erased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureMark {
+    /// The erasure's `requested_at`.
+    pub erased_at: DateTime<Utc>,
+}

@@ -10,10 +10,19 @@
 //! Records started after the erasure are stored as usual: the user may go
 //! on using the service. The tombstone keeps the user id for
 //! [`TOMBSTONE_KEEP`] (as long as those streams keep a record), then goes.
+//!
+//! The same happens from the erasure register (KV bucket `erasures`, keyed
+//! by user key, not user id): [`Wal::erase_registered`] erases the rows of
+//! every registered user made up to their erasure and leaves the same
+//! tombstone, for erasures this persister did not hear about (it was not
+//! running); [`Wal::tombstone`] leaves one for a registered user whose
+//! late record arrives when the file holds nothing else of theirs.
+
+use std::collections::HashMap;
 
 use bus::wire::{EraseRequest, SqliteErased};
-use chrono::Utc;
-use rusqlite::{TransactionBehavior, params};
+use chrono::{DateTime, Utc};
+use rusqlite::{Transaction, TransactionBehavior, params};
 
 use super::{Wal, timestamp};
 use crate::error::WalError;
@@ -57,14 +66,7 @@ impl Wal {
             let now = Utc::now().timestamp_millis();
             let keep = i64::try_from(TOMBSTONE_KEEP.as_millis()).unwrap_or(i64::MAX);
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT INTO erased_users (user_id, erased_at, recorded_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (user_id) DO UPDATE SET
-                     erased_at = CASE WHEN julianday(excluded.erased_at) > julianday(erased_at)
-                                      THEN excluded.erased_at ELSE erased_at END,
-                     recorded_at = excluded.recorded_at",
-                params![user_id, erased_at, now],
-            )?;
+            bury(&tx, &user_id, &erased_at, now)?;
             let turns = tx.execute("DELETE FROM turns WHERE user_id = ?1", params![user_id])?;
             let scans = tx.execute("DELETE FROM scans WHERE user_id = ?1", params![user_id])?;
             tx.execute(
@@ -80,8 +82,83 @@ impl Wal {
         .await
     }
 
+    /// Erases, for every user of the buffer whose key `marks` holds (user
+    /// key -> erased at), their turns and scans created up to that time, and
+    /// leaves their tombstone, in one transaction. What they made afterwards
+    /// stays. Hold [`Wal::sync_lock`] around it, as for [`Wal::erase_user`].
+    ///
+    /// # Errors
+    /// [`WalError`] when the transaction did not commit: nothing changed.
+    pub async fn erase_registered(
+        &self,
+        marks: HashMap<String, DateTime<Utc>>,
+    ) -> Result<SqliteErased, WalError> {
+        if marks.is_empty() {
+            return Ok(SqliteErased::default());
+        }
+        self.call(move |conn| {
+            let now = Utc::now().timestamp_millis();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Rows hold user ids, the register user keys: hash each user once.
+            let users: Vec<String> = tx
+                .prepare("SELECT user_id FROM turns UNION SELECT user_id FROM scans")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut erased = SqliteErased::default();
+            for user_id in users {
+                let Some(at) = marks.get(&bus::subject::user_key(&user_id)) else {
+                    continue;
+                };
+                let at = timestamp(at);
+                bury(&tx, &user_id, &at, now)?;
+                erased.turns += tx.execute(
+                    "DELETE FROM turns WHERE user_id = ?1 AND julianday(created_at) <= julianday(?2)",
+                    params![user_id, at],
+                )? as u64;
+                erased.scans += tx.execute(
+                    "DELETE FROM scans WHERE user_id = ?1 AND julianday(created_at) <= julianday(?2)",
+                    params![user_id, at],
+                )? as u64;
+            }
+            tx.commit()?;
+            Ok(erased)
+        })
+        .await
+    }
+
+    /// Leaves the tombstone of `user_id`, erased at `erased_at`, so their
+    /// records created up to then are dropped on arrival.
+    ///
+    /// # Errors
+    /// [`WalError`] when it did not commit.
+    pub async fn tombstone(&self, user_id: &str, erased_at: DateTime<Utc>) -> Result<(), WalError> {
+        let user_id = user_id.to_owned();
+        let erased_at = timestamp(&erased_at);
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            bury(&tx, &user_id, &erased_at, Utc::now().timestamp_millis())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Serialises Postgres sync passes with erasures (see [`Wal::erase_user`]).
     pub async fn sync_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.sync_lock.lock().await
     }
+}
+
+/// Writes or moves forward the tombstone of `user_id` (`erased_at` in the
+/// stored RFC 3339 form, `now` in unix milliseconds).
+fn bury(tx: &Transaction<'_>, user_id: &str, erased_at: &str, now: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO erased_users (user_id, erased_at, recorded_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user_id) DO UPDATE SET
+             erased_at = CASE WHEN julianday(excluded.erased_at) > julianday(erased_at)
+                              THEN excluded.erased_at ELSE erased_at END,
+             recorded_at = excluded.recorded_at",
+        params![user_id, erased_at, now],
+    )?;
+    Ok(())
 }
