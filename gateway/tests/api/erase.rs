@@ -84,6 +84,14 @@ pub(crate) async fn persister_with(
 }
 
 pub(crate) async fn live_persisters(js: &async_nats::jetstream::Context, n: usize) {
+    persisters_until(js, |live| live >= n).await;
+}
+
+/// Waits until the number of persisters announcing themselves satisfies `enough`.
+pub(crate) async fn persisters_until(
+    js: &async_nats::jetstream::Context,
+    enough: impl Fn(usize) -> bool,
+) {
     let kv = js.get_key_value(bus::streams::KV_PERSISTERS).await.unwrap();
     testkit::wait_for("the persisters' heartbeats", WAIT, || async {
         let keys: Vec<String> = kv
@@ -93,7 +101,7 @@ pub(crate) async fn live_persisters(js: &async_nats::jetstream::Context, n: usiz
             .filter_map(|k| async { k.ok() })
             .collect()
             .await;
-        (keys.len() >= n).then_some(())
+        enough(keys.len()).then_some(())
     })
     .await
     .unwrap();

@@ -7,30 +7,20 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use bus::wire::RewardGrant;
-use futures::StreamExt as _;
 use testkit::Script;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    erase::{TempDir, WAIT, delete_me, live_persisters, persister, persister_with, pg_count, turn},
+    erase::{
+        TempDir, WAIT, delete_me, live_persisters, persister, persister_with, persisters_until,
+        pg_count, turn,
+    },
     helpers::{TestApp, send},
 };
 
 /// Waits until exactly `n` persisters announce themselves.
 async fn persisters_exactly(js: &jetstream::Context, n: usize) {
-    let kv = js.get_key_value(bus::streams::KV_PERSISTERS).await.unwrap();
-    testkit::wait_for("the persisters' heartbeats", WAIT, || async {
-        let keys: Vec<String> = kv
-            .keys()
-            .await
-            .ok()?
-            .filter_map(|k| async { k.ok() })
-            .collect()
-            .await;
-        (keys.len() == n).then_some(())
-    })
-    .await
-    .unwrap();
+    persisters_until(js, |live| live == n).await;
 }
 
 async fn pg_scalar(database_url: &str, sql: &'static str) -> Option<i64> {
