@@ -210,6 +210,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
             settle_ms: args.settle_ms,
             turn_timeout_s: args.turn_timeout_s,
             streamer_concurrency,
+            token_linger_ms: 0,
             workers,
             max_rate_clients: args.max_rate_clients,
             max_rate_rounds: args.max_rate_rounds,
@@ -256,6 +257,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         1,
         streamer_concurrency,
     )?;
+    report.conditions.token_linger_ms = stack.token_linger_ms;
     let persister = client_rt
         .block_on(stack::PersisterProcess::start(
             args.persister_bin.clone(),

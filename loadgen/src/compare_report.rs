@@ -83,6 +83,8 @@ pub struct CompareConditions {
     pub turn_timeout_s: u64,
     /// The streamer's `--concurrency`.
     pub streamer_concurrency: usize,
+    /// The streamer's token linger, ms.
+    pub token_linger_ms: u64,
     /// Worker threads per runtime.
     pub workers: usize,
     /// Clients of the highest-rate phases.
@@ -273,7 +275,7 @@ impl CompareReport {
             c.profile
         )
         .ok();
-        writeln!(out, "- everything on loopback on this one machine, the load tool included: a testkit nats-server (JetStream, file store in a temp dir), the stand-in upstream (testkit `StandInLlm`: {} tokens per turn, {} ms before each), the streamer (`--concurrency {}`) and the gateway in-process on their own Tokio runtimes ({} worker threads each; CPU told apart by thread name), the persister in its own process ({}){}", c.tokens, c.interval_ms, c.streamer_concurrency, c.workers, c.persister, if c.litellm.is_ok() { ", LiteLLM in its own process" } else { "" }).ok();
+        writeln!(out, "- everything on loopback on this one machine, the load tool included: a testkit nats-server (JetStream, file store in a temp dir), the stand-in upstream (testkit `StandInLlm`: {} tokens per turn, {} ms before each), the streamer (`--concurrency {}`, `STREAMER_TOKEN_LINGER_MS={}`) and the gateway in-process on their own Tokio runtimes ({} worker threads each; CPU told apart by thread name), the persister in its own process ({}){}", c.tokens, c.interval_ms, c.streamer_concurrency, c.token_linger_ms, c.workers, c.persister, if c.litellm.is_ok() { ", LiteLLM in its own process" } else { "" }).ok();
         match &c.litellm {
             Ok(how) => writeln!(out, "- LiteLLM: {how}").ok(),
             Err(why) => writeln!(out, "- **LiteLLM was not measured**: {why}").ok(),

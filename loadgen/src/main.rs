@@ -218,6 +218,7 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
         max_rate_rounds: args.max_rate_rounds,
         streamers,
         streamer_concurrency,
+        token_linger_ms: 0,
         workers,
         nats_version: command_line(&nats_binary(), &["--version"]),
         started: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
@@ -271,6 +272,7 @@ fn chat(args: ChatArgs) -> anyhow::Result<()> {
         streamers,
         streamer_concurrency,
     )?;
+    report.conditions.token_linger_ms = stack.token_linger_ms;
     let direct = Target::Direct {
         url: stack.upstream_url(),
     };

@@ -88,6 +88,8 @@ pub struct Conditions {
     pub streamers: usize,
     /// Each streamer's `--concurrency`.
     pub streamer_concurrency: usize,
+    /// The streamers' token linger, ms.
+    pub token_linger_ms: u64,
     /// Worker threads per runtime.
     pub workers: usize,
     /// `nats-server --version`.
@@ -248,7 +250,7 @@ impl Report {
         writeln!(out, "- latency phases: {} tokens per turn, the stand-in pausing {} ms before each token (ideal rate {} tokens/s at {} turns)", c.tokens, c.interval_ms, rate(c.turns as f64 * 1000.0 / c.interval_ms.max(1) as f64), c.turns).ok();
         writeln!(out, "- steady phase: client starts spread over {} ms, then turns back to back; {} warm-up + {} measured turns per client; burst phase: all {} turns sent at the same instant after a warm-up turn", c.stagger_ms, c.warmup, c.rounds, c.turns).ok();
         writeln!(out, "- highest-rate phases: {} clients start together, then run {} turns of {} tokens each back to back", c.turns, c.max_rate_rounds, c.max_rate_tokens).ok();
-        writeln!(out, "- {} streamers in-process sharing the durable chat consumer (as replicas would), each with `--concurrency {}`; `--ack-wait-ms` left at its default", c.streamers, c.streamer_concurrency).ok();
+        writeln!(out, "- {} streamers in-process sharing the durable chat consumer (as replicas would), each with `--concurrency {}` and `STREAMER_TOKEN_LINGER_MS={}`; `--ack-wait-ms` left at its default", c.streamers, c.streamer_concurrency, c.token_linger_ms).ok();
         writeln!(out, "- baseline: the same number of clients read the stand-in directly (HTTP SSE via reqwest, `POST /v1/chat/completions` with `stream: true`, pooled keep-alive connections); gateway clients: tokio-tungstenite, one socket each, opened before the phase; both parse every frame and verify the exact text").ok();
         writeln!(out, "- TTFT is measured from just before the request is written to the arrival of the first token; \"added\" compares the percentiles of the two distributions (gateway p50 − baseline p50, gateway p99 − baseline p99)").ok();
         writeln!(out, "- tokens/s counts the script's tokens as they arrive (one WebSocket frame each: deltas that queue behind a publish travel batched on the bus, and still reach the client one frame per delta); \"all turns streaming\" counts them between the last client's first token and the first client's last token; \"whole phase\" from the first token to the last").ok();

@@ -67,6 +67,8 @@ pub struct Stack {
     pub llm: StandInLlm,
     /// The HS256 key the gateway accepts.
     pub secret: String,
+    /// The streamers' `STREAMER_TOKEN_LINGER_MS` (taken from the environment).
+    pub token_linger_ms: u64,
     shutdown: CancellationToken,
     gateway_task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     streamer_tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -138,6 +140,7 @@ impl Stack {
             gateway_addr,
             llm,
             secret,
+            token_linger_ms: streamer_config.token_linger_ms,
             shutdown,
             gateway_task: Some(gateway_task),
             streamer_tasks,

@@ -79,8 +79,8 @@ pub struct Worker {
     /// Asks the persisters for a conversation's earlier turns when its
     /// context entry cannot answer.
     pub history: bus::history::HistoryClient,
-    /// How long a turn's token deltas after its first wait for company
-    /// before they are published (`STREAMER_TOKEN_LINGER_MS`).
+    /// After a turn's first token, at most one bus message per this long
+    /// (`STREAMER_TOKEN_LINGER_MS`).
     pub token_linger: Duration,
     /// Each conversation's newest turns: the prompt's context in one read.
     pub context: Contexts,

@@ -65,11 +65,12 @@ pub struct Config {
     /// nats/consumers/*.json.
     #[arg(long, env = "STREAMER_ACK_WAIT_MS")]
     pub ack_wait_ms: Option<u64>,
-    /// After a turn's first token, how long (ms) each bus message waits for
-    /// more deltas: fewer messages per token for that much added delay
-    /// between tokens. 0: only deltas that queued behind the previous
-    /// publish travel together.
-    #[arg(long, env = "STREAMER_TOKEN_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    /// After a turn's first token, at most one bus message per this many
+    /// ms: a delta that comes sooner after the previous message waits and
+    /// travels with the ones that join it. Fewer messages per token for at
+    /// most that much added delay between tokens. 0: only deltas that
+    /// queued behind the previous publish travel together.
+    #[arg(long, env = "STREAMER_TOKEN_LINGER_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub token_linger_ms: u64,
     /// OpenAI-compatible vision API base URL; unset = the embedded local
     /// image model (VISION_LOCAL_MODEL).

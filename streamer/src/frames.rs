@@ -15,9 +15,12 @@
 //! frame is a message and nothing waits, at high load the number of bus
 //! messages per token falls instead of queueing behind acks. A turn's
 //! first token always goes alone and at once; with a linger
-//! (`STREAMER_TOKEN_LINGER_MS`) each later message also waits that long
-//! for more deltas, which cuts the bus messages per token at moderate
-//! load too, for that much added delay between tokens.
+//! (`STREAMER_TOKEN_LINGER_MS`) a turn publishes at most one message per
+//! linger: a delta that comes sooner after the previous message waits for
+//! the rest of the linger and travels with the ones that join it. That cuts
+//! the bus messages per token at moderate load too, for at most a linger of
+//! added delay between tokens; a model slower than the linger is not
+//! delayed at all.
 //!
 //! [`Fenced`]: WriteError::Fenced
 
@@ -274,8 +277,8 @@ pub struct TokenPipe {
 }
 
 impl TokenPipe {
-    /// Starts writing through `writer`; after the first message, each waits
-    /// `linger` for more deltas (zero: only for the previous ack).
+    /// Starts writing through `writer`; after the first message, at most one
+    /// message per `linger` (zero: each waits only for the previous ack).
     pub fn start(writer: FrameWriter, linger: std::time::Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stopped = CancellationToken::new();
@@ -311,17 +314,19 @@ async fn pump(
     stopped: CancellationToken,
     linger: std::time::Duration,
 ) -> (FrameWriter, Result<(), WriteError>) {
-    let mut first = true;
+    // When the previous message went out: the first goes at once, and a
+    // delta that comes a linger or more after the last message goes at
+    // once too, so a slow model pays nothing for the linger.
+    let mut last_sent: Option<tokio::time::Instant> = None;
     while let Some(delta) = rx.recv().await {
         let mut deltas = vec![delta];
-        if !first && !linger.is_zero() {
-            let until = tokio::time::Instant::now() + linger;
+        if let Some(sent) = last_sent.filter(|_| !linger.is_zero()) {
             // The end of the turn (the sender dropped) ends the wait.
-            while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+            while let Ok(Some(more)) = tokio::time::timeout_at(sent + linger, rx.recv()).await {
                 deltas.push(more);
             }
         }
-        first = false;
+        last_sent = Some(tokio::time::Instant::now());
         while let Ok(more) = rx.try_recv() {
             deltas.push(more);
         }

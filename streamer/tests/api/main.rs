@@ -547,6 +547,47 @@ async fn with_a_linger_the_first_token_goes_alone_and_at_once_and_later_ones_tra
 }
 
 #[tokio::test]
+async fn a_model_slower_than_the_linger_is_not_delayed_by_it() {
+    // Tokens 400 ms apart with a 300 ms linger: each comes after the linger
+    // since the previous message ended, so each goes at once and alone.
+    // (Waiting a linger from each delta's arrival instead would put 700 ms
+    // between the stored messages.)
+    let words: Vec<String> = (0..4).map(|i| format!("w{i} ")).collect();
+    let llm = StandInLlm::start(Script::new(words.clone(), Duration::from_millis(400)))
+        .await
+        .unwrap();
+    let app = TestStreamer::start_with(llm.base_url(), &["--token-linger-ms", "300"]).await;
+    let turn = app.send("conv-slow-linger", "count").await;
+    let frames = app.frames_until_done(&turn).await;
+    assert_eq!(text_of(&frames), words.concat());
+    let subject = bus::subject::chat_tok("conv-slow-linger", &turn).unwrap();
+    let stored = bus::replay::messages(&app.js, bus::streams::CHAT_TOK, &subject)
+        .await
+        .unwrap();
+    let seqs: Vec<Vec<u64>> = stored
+        .iter()
+        .map(|m| {
+            bus::batch::decode(&m.payload)
+                .iter()
+                .filter_map(ServerFrame::seq)
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        seqs[..4],
+        [vec![1], vec![2], vec![3], vec![4]],
+        "each token alone"
+    );
+    for pair in stored[..4].windows(2) {
+        let gap = pair[1].stored_at.duration_since(pair[0].stored_at).unwrap();
+        assert!(
+            gap < Duration::from_millis(600),
+            "{gap:?} between two tokens the model sent 400 ms apart: the linger delayed them"
+        );
+    }
+}
+
+#[tokio::test]
 async fn many_long_turns_at_once_do_not_exhaust_the_publish_ack_window() {
     // 200 turns x 200 tokens in flight at once: far more publishes than the
     // 5,000 un-awaited ones a JetStream context allows.
