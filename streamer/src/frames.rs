@@ -272,6 +272,9 @@ impl FrameWriter {
 /// one ack at a time, batched when they queue up.
 pub struct TokenPipe {
     tx: mpsc::UnboundedSender<String>,
+    /// Cancels `closing` when the pipe is finished or dropped: the end of
+    /// the turn ends a linger.
+    closing: tokio_util::sync::DropGuard,
     stopped: CancellationToken,
     task: tokio::task::JoinHandle<(FrameWriter, Result<(), WriteError>)>,
 }
@@ -282,8 +285,14 @@ impl TokenPipe {
     pub fn start(writer: FrameWriter, linger: std::time::Duration) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stopped = CancellationToken::new();
-        let task = tokio::spawn(pump(writer, rx, stopped.clone(), linger));
-        Self { tx, stopped, task }
+        let closing = CancellationToken::new();
+        let task = tokio::spawn(pump(writer, rx, closing.clone(), stopped.clone(), linger));
+        Self {
+            tx,
+            closing: closing.drop_guard(),
+            stopped,
+            task,
+        }
     }
 
     /// Queues a delta.
@@ -303,6 +312,7 @@ impl TokenPipe {
     /// Why writing stopped early.
     pub async fn finish(self) -> Result<FrameWriter, WriteError> {
         drop(self.tx);
+        drop(self.closing);
         let (writer, result) = self.task.await.context("the frame writer panicked")?;
         result.map(|()| writer)
     }
@@ -311,6 +321,7 @@ impl TokenPipe {
 async fn pump(
     mut writer: FrameWriter,
     mut rx: mpsc::UnboundedReceiver<String>,
+    closing: CancellationToken,
     stopped: CancellationToken,
     linger: std::time::Duration,
 ) -> (FrameWriter, Result<(), WriteError>) {
@@ -319,14 +330,16 @@ async fn pump(
     // once too, so a slow model pays nothing for the linger.
     let mut last_sent: Option<tokio::time::Instant> = None;
     while let Some(delta) = rx.recv().await {
-        let mut deltas = vec![delta];
         if let Some(sent) = last_sent.filter(|_| !linger.is_zero()) {
-            // The end of the turn (the sender dropped) ends the wait.
-            while let Ok(Some(more)) = tokio::time::timeout_at(sent + linger, rx.recv()).await {
-                deltas.push(more);
+            // Asleep through the linger rather than woken by every delta
+            // (a task wake per token); the end of the turn ends it.
+            tokio::select! {
+                () = tokio::time::sleep_until(sent + linger) => {}
+                () = closing.cancelled() => {}
             }
         }
         last_sent = Some(tokio::time::Instant::now());
+        let mut deltas = vec![delta];
         while let Ok(more) = rx.try_recv() {
             deltas.push(more);
         }

@@ -21,15 +21,17 @@ use axum::body::Bytes;
 use bytes::BytesMut;
 use sha2::Digest as _;
 
-/// Chunk size in the object store: async-nats' own default, well under the
-/// server's 1 MiB max payload.
-const OBJECT_CHUNK: usize = 128 * 1024;
+/// Chunk size in the object store. nats-server's cost of storing an image
+/// is mostly per message: 512 KiB chunks take less of it than async-nats'
+/// 128 KiB default (BENCHMARKS.md, the scan path), and stay well under the
+/// server's max payload (1 MiB by default, 8 MB in our config).
+const OBJECT_CHUNK: usize = 512 * 1024;
 /// Chunks published and not yet acknowledged, at most. The library waits
 /// for each ack before the next chunk (one round trip per chunk, most of a
 /// large upload's latency); a window keeps the pipe full while bounding
-/// what the client may hold unsent for one upload to `WINDOW` chunks, and
-/// it stops reading the request when the store falls behind.
-const WINDOW: usize = 8;
+/// what the client may hold unsent for one upload to `WINDOW` chunks
+/// (2 MiB), and it stops reading the request when the store falls behind.
+const WINDOW: usize = 4;
 
 /// One object being written, invisible until committed.
 pub(crate) struct ObjectWriter {
@@ -106,8 +108,8 @@ impl ObjectWriter {
         {
             oldest.await?;
         }
-        // Hashed here, a chunk at a time, on the request's task: 128 KiB is
-        // well under a millisecond, less than handing it to another thread.
+        // Hashed here, a chunk at a time, on the request's task: 512 KiB is
+        // about a millisecond, less than handing it to another thread.
         self.sha256.update(&chunk);
         self.size += chunk.len();
         self.chunks += 1;

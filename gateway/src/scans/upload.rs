@@ -14,9 +14,9 @@
 //! that a hundred concurrent 20 MB uploads do not need 2 GB: the
 //! inspector's copy of the image's start (at most 1 MiB, and only until the
 //! header parses, which for a camera's file is within the first few dozen
-//! KiB), the object chunk being filled (128 KiB) and the chunks the NATS
-//! client may not have sent yet (the writer's window, 1 MiB): about 2 MiB at
-//! worst, a few hundred KiB as a rule.
+//! KiB), the object chunk being filled (512 KiB) and the chunks the NATS
+//! client may not have sent yet (the writer's window, 2 MiB): about 3.5 MiB
+//! at worst, under 3 MiB as a rule.
 
 use std::{
     pin::Pin,
