@@ -38,6 +38,12 @@ pub const SERIES: &[Series] = &[
         labels: &[],
     },
     Series {
+        name: "gateway_accept_seconds",
+        kind: Kind::Histogram,
+        help: "From a new turn's frame or request to its acceptance: the claims and the request's publish on the bus.",
+        labels: &[],
+    },
+    Series {
         name: "gateway_ttft_seconds",
         kind: Kind::Histogram,
         help: "From accepting a turn to relaying its first token.",

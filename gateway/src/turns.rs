@@ -154,6 +154,7 @@ impl AppState {
     /// An `error` frame with a specific code; nothing is published then.
     pub async fn accept_turn(&self, user: &str, turn: NewTurn) -> Result<Accepted, ServerFrame> {
         check(&turn)?;
+        let started = std::time::Instant::now();
         let (turn_id, conversation_id) = ids(user, &turn)?;
         let mut request = ChatRequest {
             turn_id: turn_id.clone(),
@@ -234,6 +235,7 @@ impl AppState {
             return Err(frame);
         }
         metrics::counter!("gateway_turns_accepted_total").increment(1);
+        metrics::histogram!("gateway_accept_seconds").record(started.elapsed().as_secs_f64());
         Ok(Accepted {
             conversation_id,
             turn_id,
