@@ -454,10 +454,20 @@ async fn an_answer_too_big_for_one_bus_message_is_recorded_truncated_not_redeliv
 
 /// The bus messages that carried a turn's frames, each as its frames' seqs.
 async fn messages_of(app: &TestStreamer, conversation: &str, turn: &str) -> Vec<Vec<u64>> {
+    seqs_of(&stored_of(app, conversation, turn).await)
+}
+
+/// The bus messages that carried a turn's frames, as stored.
+async fn stored_of(app: &TestStreamer, conversation: &str, turn: &str) -> Vec<bus::replay::Stored> {
     let subject = bus::subject::chat_tok(conversation, turn).unwrap();
     bus::replay::messages(&app.js, bus::streams::CHAT_TOK, &subject)
         .await
         .unwrap()
+}
+
+/// Each message as its frames' seqs.
+fn seqs_of(stored: &[bus::replay::Stored]) -> Vec<Vec<u64>> {
+    stored
         .iter()
         .map(|m| {
             bus::batch::decode(&m.payload)
@@ -466,6 +476,24 @@ async fn messages_of(app: &TestStreamer, conversation: &str, turn: &str) -> Vec<
                 .collect()
         })
         .collect()
+}
+
+/// One turn of `words`, `interval` apart, through a streamer with a
+/// `linger_ms` linger: its text checked, its messages returned as stored.
+async fn lingered_turn(
+    conversation: &str,
+    words: &[String],
+    interval: Duration,
+    linger_ms: &str,
+) -> Vec<bus::replay::Stored> {
+    let llm = StandInLlm::start(Script::new(words.to_vec(), interval))
+        .await
+        .unwrap();
+    let app = TestStreamer::start_with(llm.base_url(), &["--token-linger-ms", linger_ms]).await;
+    let turn = app.send(conversation, "count").await;
+    let frames = app.frames_until_done(&turn).await;
+    assert_eq!(text_of(&frames), words.concat());
+    stored_of(&app, conversation, &turn).await
 }
 
 #[tokio::test]
@@ -523,14 +551,8 @@ async fn deltas_that_queue_behind_a_publish_travel_batched_each_its_own_frame() 
 async fn with_a_linger_the_first_token_goes_alone_and_at_once_and_later_ones_travel_together() {
     // 20 tokens 5 ms apart: without a linger each would be its own message.
     let words: Vec<String> = (0..20).map(|i| format!("w{i} ")).collect();
-    let llm = StandInLlm::start(Script::new(words.clone(), Duration::from_millis(5)))
-        .await
-        .unwrap();
-    let app = TestStreamer::start_with(llm.base_url(), &["--token-linger-ms", "40"]).await;
-    let turn = app.send("conv-linger", "count").await;
-    let frames = app.frames_until_done(&turn).await;
-    assert_eq!(text_of(&frames), words.concat());
-    let messages = messages_of(&app, "conv-linger", &turn).await;
+    let stored = lingered_turn("conv-linger", &words, Duration::from_millis(5), "40").await;
+    let messages = seqs_of(&stored);
     assert_eq!(messages[0], vec![1], "the first token travels alone");
     assert_eq!(
         messages.concat(),
@@ -553,28 +575,15 @@ async fn a_model_slower_than_the_linger_is_not_delayed_by_it() {
     // (Waiting a linger from each delta's arrival instead would put 700 ms
     // between the stored messages.)
     let words: Vec<String> = (0..4).map(|i| format!("w{i} ")).collect();
-    let llm = StandInLlm::start(Script::new(words.clone(), Duration::from_millis(400)))
-        .await
-        .unwrap();
-    let app = TestStreamer::start_with(llm.base_url(), &["--token-linger-ms", "300"]).await;
-    let turn = app.send("conv-slow-linger", "count").await;
-    let frames = app.frames_until_done(&turn).await;
-    assert_eq!(text_of(&frames), words.concat());
-    let subject = bus::subject::chat_tok("conv-slow-linger", &turn).unwrap();
-    let stored = bus::replay::messages(&app.js, bus::streams::CHAT_TOK, &subject)
-        .await
-        .unwrap();
-    let seqs: Vec<Vec<u64>> = stored
-        .iter()
-        .map(|m| {
-            bus::batch::decode(&m.payload)
-                .iter()
-                .filter_map(ServerFrame::seq)
-                .collect()
-        })
-        .collect();
+    let stored = lingered_turn(
+        "conv-slow-linger",
+        &words,
+        Duration::from_millis(400),
+        "300",
+    )
+    .await;
     assert_eq!(
-        seqs[..4],
+        seqs_of(&stored)[..4],
         [vec![1], vec![2], vec![3], vec![4]],
         "each token alone"
     );
